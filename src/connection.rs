@@ -1,0 +1,420 @@
+//! Per-connection state: the [`ConnectionHandle`] and why a connection closed.
+//!
+//! A layer value cannot hold per-connection state: hyper-util's `TowerToHyperService` clones the service
+//! for every request and axum's `Router::layer` applies a layer to each route separately. So the state is
+//! created once where the connection is accepted ([`KeepAliveLayer::connection`]) and reaches the layer with
+//! each request, either bound to the service ([`KeepAliveLayer::bind`]) or as a request extension.
+//!
+//! [`KeepAliveLayer::connection`]: crate::KeepAliveLayer::connection
+//! [`KeepAliveLayer::bind`]: crate::KeepAliveLayer::bind
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use crate::layer::Config;
+
+/// Why a connection was, or is being, closed.
+///
+/// The first decision is final: once a reason is recorded for a connection, later ones are ignored, and
+/// nothing turns a closing connection back into a persistent one.
+///
+/// # Example
+///
+/// ```
+/// use tower_keepalive::{CloseReason, KeepAliveLayer};
+///
+/// let handle = KeepAliveLayer::new().connection();
+/// assert_eq!(handle.close_reason(), None);
+/// handle.close(CloseReason::Drain);
+/// handle.close(CloseReason::Idle); // too late: drain was decided first
+/// assert_eq!(handle.close_reason(), Some(CloseReason::Drain));
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Nothing was in flight for longer than the idle timeout.
+    Idle,
+    /// The connection served its maximum number of requests.
+    MaxRequests,
+    /// The connection reached its maximum age.
+    MaxAge,
+    /// The client asked to close (`Connection: close`, an HTTP/1.0 request without `keep-alive`), or went away.
+    ClientClosed,
+    /// The inner service asked to close (its response said `Connection: close`), or its response to an
+    /// HTTP/1.0 client had no length known in advance, so only closing the connection can end it.
+    Service,
+    /// The server is shutting down.
+    Drain,
+    /// The connection failed: an I/O or protocol error, or an error from the inner service.
+    Error,
+    /// The connection was upgraded (`101 Switching Protocols`, a WebSocket): HTTP is over on it and the
+    /// upgraded protocol owns it from then on.
+    Upgraded,
+}
+
+impl CloseReason {
+    const ALL: [CloseReason; 8] = [
+        CloseReason::Idle,
+        CloseReason::MaxRequests,
+        CloseReason::MaxAge,
+        CloseReason::ClientClosed,
+        CloseReason::Service,
+        CloseReason::Drain,
+        CloseReason::Error,
+        CloseReason::Upgraded,
+    ];
+
+    /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::CloseReason::MaxAge.as_str(), "max_age");
+    /// ```
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Idle => "idle",
+            CloseReason::MaxRequests => "max_requests",
+            CloseReason::MaxAge => "max_age",
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::Service => "service",
+            CloseReason::Drain => "drain",
+            CloseReason::Error => "error",
+            CloseReason::Upgraded => "upgraded",
+        }
+    }
+
+    fn to_u8(self) -> u8 {
+        // 0 is "open"; reasons are stored one past their index.
+        self as u8 + 1
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        Self::ALL.get(usize::from(value).checked_sub(1)?).copied()
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The keep-alive state of one connection, shared by the layer and whoever drives the connection.
+///
+/// Create one per accepted connection with [`KeepAliveLayer::connection`], and give it to the layer either
+/// by binding it ([`KeepAliveLayer::bind`], no cost per request) or by inserting it into each request's
+/// extensions (for stacks such as axum's `Router::layer`, where the layer is built before any connection
+/// exists). Cloning is cheap: clones share the same state.
+///
+/// The handle counts requests, tracks what is in flight and since when the connection is idle (nothing in
+/// flight and every response body fully sent, or dropped), and records the first decision to close it.
+///
+/// # Example
+///
+/// ```
+/// use tower_keepalive::KeepAliveLayer;
+///
+/// let layer = KeepAliveLayer::new().max_requests(100);
+/// // In an accept loop: one handle per connection.
+/// let handle = layer.connection();
+/// assert_eq!(handle.requests(), 0);
+/// assert_eq!(handle.in_flight(), 0);
+/// assert!(handle.idle_since().is_some());
+/// ```
+///
+/// [`KeepAliveLayer::connection`]: crate::KeepAliveLayer::connection
+/// [`KeepAliveLayer::bind`]: crate::KeepAliveLayer::bind
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    opened: Instant,
+    /// This connection's maximum age with its jitter applied, in nanoseconds since `opened`; `u64::MAX` when
+    /// there is no maximum.
+    max_age_ns: u64,
+    requests: AtomicU64,
+    in_flight: AtomicU32,
+    /// Nanoseconds since `opened` at which `in_flight` last dropped to zero. Written before the decrement
+    /// that makes the connection idle, so whoever sees `in_flight == 0` also sees the matching time.
+    idle_since_ns: AtomicU64,
+    close: AtomicU8,
+    /// Wakes whoever drives the connection when a close is decided from inside (max requests on HTTP/2).
+    pub(crate) notify: Notify,
+}
+
+impl ConnectionHandle {
+    pub(crate) fn new(config: Arc<Config>) -> Self {
+        let opened = Instant::now();
+        let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
+            let jittered = jitter(age, config.max_age_jitter, seed(&opened));
+            u64::try_from(jittered.as_nanos()).unwrap_or(u64::MAX)
+        });
+        ConnectionHandle {
+            shared: Arc::new(Shared {
+                config,
+                opened,
+                max_age_ns,
+                requests: AtomicU64::new(0),
+                in_flight: AtomicU32::new(0),
+                idle_since_ns: AtomicU64::new(0),
+                close: AtomicU8::new(0),
+                notify: Notify::new(),
+            }),
+        }
+    }
+
+    /// Requests started on this connection so far.
+    ///
+    /// ```
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// assert_eq!(handle.requests(), 0);
+    /// ```
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(Ordering::Relaxed)
+    }
+
+    /// Requests whose response is not yet fully sent (HTTP/2: open streams).
+    ///
+    /// ```
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// assert_eq!(handle.in_flight(), 0);
+    /// ```
+    pub fn in_flight(&self) -> usize {
+        self.shared.in_flight.load(Ordering::Acquire) as usize
+    }
+
+    /// When the connection became idle, or `None` while a request is in flight. A new connection is idle
+    /// from the moment it was accepted.
+    ///
+    /// ```
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// assert!(handle.idle_since().is_some());
+    /// ```
+    pub fn idle_since(&self) -> Option<Instant> {
+        if self.shared.in_flight.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        let ns = self.shared.idle_since_ns.load(Ordering::Relaxed);
+        Some(self.shared.opened + Duration::from_nanos(ns))
+    }
+
+    /// When the connection was accepted (when this handle was created).
+    ///
+    /// ```
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// assert!(handle.opened_at() <= std::time::Instant::now());
+    /// ```
+    pub fn opened_at(&self) -> Instant {
+        self.shared.opened
+    }
+
+    /// When this connection reaches its maximum age (jitter included), if it has one.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_keepalive::KeepAliveLayer;
+    ///
+    /// let handle = KeepAliveLayer::new().max_age(Duration::from_secs(60)).connection();
+    /// let age = handle.max_age_at().unwrap() - handle.opened_at();
+    /// // +/- 10 % jitter by default
+    /// assert!(age >= Duration::from_secs(54) && age <= Duration::from_secs(66));
+    /// ```
+    pub fn max_age_at(&self) -> Option<Instant> {
+        (self.shared.max_age_ns != u64::MAX)
+            .then(|| self.shared.opened + Duration::from_nanos(self.shared.max_age_ns))
+    }
+
+    /// Why the connection is closing or closed, or `None` while it is kept alive.
+    ///
+    /// ```
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// assert_eq!(handle.close_reason(), None);
+    /// ```
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.shared.close.load(Ordering::Acquire))
+    }
+
+    /// Whether a close has been decided: the layer answers no more requests of this connection with
+    /// keep-alive.
+    ///
+    /// ```
+    /// use tower_keepalive::{CloseReason, KeepAliveLayer};
+    ///
+    /// let handle = KeepAliveLayer::new().connection();
+    /// handle.close(CloseReason::Drain);
+    /// assert!(handle.is_closing());
+    /// ```
+    pub fn is_closing(&self) -> bool {
+        self.shared.close.load(Ordering::Acquire) != 0
+    }
+
+    /// Decides to close this connection gracefully, for `reason`. Returns `true` if this was the first
+    /// decision, `false` if the connection was already closing (the first reason stays).
+    ///
+    /// The next HTTP/1 response says `Connection: close`; whoever drives the connection is woken to close
+    /// it (HTTP/2: GOAWAY) once nothing is in flight.
+    ///
+    /// ```
+    /// use tower_keepalive::{CloseReason, KeepAliveLayer};
+    ///
+    /// let handle = KeepAliveLayer::new().connection();
+    /// assert!(handle.close(CloseReason::MaxAge));
+    /// assert!(!handle.close(CloseReason::Drain));
+    /// ```
+    pub fn close(&self, reason: CloseReason) -> bool {
+        let first = self
+            .shared
+            .close
+            .compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if first {
+            self.shared.notify.notify_one();
+        }
+        first
+    }
+
+    /// Records `reason` without waking the driver: for decisions the protocol already carries out (a
+    /// `Connection: close` response makes hyper close the connection after it).
+    pub(crate) fn mark_closing(&self, reason: CloseReason) {
+        let _ = self.shared.close.compare_exchange(
+            0,
+            reason.to_u8(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// Whether the connection's maximum age has passed.
+    pub(crate) fn is_past_max_age(&self) -> bool {
+        self.shared.max_age_ns != u64::MAX && self.elapsed_ns() >= self.shared.max_age_ns
+    }
+
+    /// Counts a new request and marks it in flight. Returns the request's 1-based number on this connection.
+    pub(crate) fn start_request(&self) -> (u64, InFlight) {
+        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let n = self.shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        (
+            n,
+            InFlight {
+                handle: self.clone(),
+            },
+        )
+    }
+
+    fn elapsed_ns(&self) -> u64 {
+        u64::try_from(self.shared.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl fmt::Debug for ConnectionHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionHandle")
+            .field("requests", &self.requests())
+            .field("in_flight", &self.in_flight())
+            .field("idle_since", &self.idle_since())
+            .field("close_reason", &self.close_reason())
+            .finish()
+    }
+}
+
+/// One request in flight; dropping it (when the response body is finished or dropped) makes the
+/// connection idle again if it was the last.
+pub(crate) struct InFlight {
+    handle: ConnectionHandle,
+}
+
+impl InFlight {
+    pub(crate) fn handle(&self) -> &ConnectionHandle {
+        &self.handle
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let shared = &self.handle.shared;
+        // Store the time first: a reader that sees the count reach zero must see this time, not the time
+        // of an earlier idle period (which could close the connection right under the client).
+        shared
+            .idle_since_ns
+            .store(self.handle.elapsed_ns(), Ordering::Relaxed);
+        // No wake-up here: the driver's one timer finds the connection idle when it fires, so a request
+        // costs no lock or syscall.
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn seed(opened: &Instant) -> u64 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hash, Hasher};
+    let mut hasher = RandomState::new().build_hasher();
+    opened.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// `base` scaled by a factor uniformly spread over `[1 - fraction, 1 + fraction]`.
+fn jitter(base: Duration, fraction: f64, seed: u64) -> Duration {
+    if fraction <= 0.0 {
+        return base;
+    }
+    // 53 random bits to a float in [0, 1).
+    let unit = (seed >> 11) as f64 / (1u64 << 53) as f64;
+    let factor = 1.0 + fraction * (2.0 * unit - 1.0);
+    base.mul_f64(factor.max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeepAliveLayer;
+
+    #[test]
+    fn close_reason_round_trips_and_first_wins() {
+        for reason in CloseReason::ALL {
+            assert_eq!(CloseReason::from_u8(reason.to_u8()), Some(reason));
+        }
+        assert_eq!(CloseReason::from_u8(0), None);
+        assert_eq!(CloseReason::from_u8(200), None);
+
+        let handle = KeepAliveLayer::new().connection();
+        assert!(handle.close(CloseReason::Idle));
+        handle.mark_closing(CloseReason::Error);
+        assert_eq!(handle.close_reason(), Some(CloseReason::Idle));
+    }
+
+    #[test]
+    fn in_flight_and_idle_since_follow_guards() {
+        let handle = KeepAliveLayer::new().connection();
+        let before = handle.idle_since().unwrap();
+        let (n1, a) = handle.start_request();
+        let (n2, b) = handle.start_request();
+        assert_eq!((n1, n2), (1, 2));
+        assert_eq!(handle.in_flight(), 2);
+        assert_eq!(handle.idle_since(), None);
+        drop(a);
+        assert_eq!(handle.idle_since(), None);
+        drop(b);
+        assert_eq!(handle.in_flight(), 0);
+        assert!(handle.idle_since().unwrap() >= before);
+        assert_eq!(handle.requests(), 2);
+    }
+
+    #[test]
+    fn jitter_stays_within_bounds() {
+        let base = Duration::from_secs(100);
+        for seed in [0, 1, u64::MAX, 0x8000_0000_0000_0000, 12345] {
+            let d = jitter(base, 0.1, seed);
+            assert!(d >= Duration::from_secs(90) && d <= Duration::from_secs(110), "{d:?}");
+        }
+        assert_eq!(jitter(base, 0.0, 7), base);
+    }
+}

@@ -1,0 +1,113 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use http::Response;
+use http_body::Body;
+use pin_project_lite::pin_project;
+
+use crate::connection::InFlight;
+use crate::policy::{self, Plan};
+use crate::{CloseReason, ResponseBody};
+
+pin_project! {
+    /// Response future of [`KeepAlive`](crate::KeepAlive): rewrites the response's connection fields and
+    /// moves the request's in-flight mark into the response body.
+    ///
+    /// ```
+    /// use tower::{Service, ServiceExt};
+    /// use tower_keepalive::{KeepAlive, ResponseFuture};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut svc = KeepAlive::new(tower::service_fn(|_req: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+    /// }));
+    /// let future = svc.ready().await.unwrap().call(http::Request::new(()));
+    /// let res = future.await.unwrap();
+    /// assert_eq!(res.headers()["connection"], "keep-alive");
+    /// # }
+    /// ```
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: F,
+        plan: Option<Plan>,
+        guard: Option<InFlight>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(inner: F, plan: Plan, guard: Option<InFlight>) -> Self {
+        ResponseFuture {
+            inner,
+            plan: Some(plan),
+            guard,
+        }
+    }
+}
+
+impl<F> std::fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").field("plan", &self.plan).finish()
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let guard = this.guard.take();
+        let mut res = match result {
+            Ok(res) => res,
+            Err(err) => {
+                // hyper ends the connection on a service error.
+                if let Some(guard) = &guard {
+                    guard.handle().mark_closing(CloseReason::Error);
+                }
+                return Poll::Ready(Err(err));
+            }
+        };
+        match this.plan.take() {
+            Some(Plan::Http1 {
+                http10,
+                head,
+                close,
+                advert,
+            }) => {
+                let handle = guard.as_ref().map(InFlight::handle);
+                // A close decided meanwhile (drain, max age, another request) is final.
+                let close = close.or_else(|| handle.and_then(|h| h.close_reason()));
+                let delimited = policy::self_delimited(
+                    res.status(),
+                    head,
+                    res.headers(),
+                    res.body().size_hint().exact(),
+                );
+                let (parts, body) = res.into_parts();
+                let mut parts = parts;
+                let decided = policy::finish_http1(
+                    parts.status,
+                    &mut parts.headers,
+                    &mut parts.version,
+                    http10,
+                    close,
+                    delimited,
+                    advert,
+                );
+                if let (Some(reason), Some(h)) = (decided, handle) {
+                    h.mark_closing(reason);
+                }
+                res = Response::from_parts(parts, body);
+            }
+            Some(Plan::Strip) => policy::strip_connection_fields(res.headers_mut()),
+            Some(Plan::Pass) | None => {}
+        }
+        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, guard))))
+    }
+}

@@ -1,0 +1,386 @@
+use std::fmt;
+use std::io::Write;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use tower_layer::Layer;
+
+use crate::{ConnectionHandle, KeepAlive};
+
+/// Applies a server's keep-alive policy to every response, per connection.
+///
+/// See the [crate-level documentation](crate) for what goes over the wire.
+///
+/// Defaults: idle timeout 5 s (as Apache and Node.js), at most 1000 requests per connection (as nginx),
+/// advertised with a `Keep-Alive` header, HTTP/1.0 keep-alive honoured, no maximum connection age.
+///
+/// # Example
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{Request, Response};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_keepalive::KeepAliveLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), std::convert::Infallible> {
+/// let layer = KeepAliveLayer::new()
+///     .idle_timeout(Duration::from_secs(10))
+///     .max_requests(100);
+///
+/// // One handle per accepted connection; bind it to that connection's service.
+/// let handle = layer.connection();
+/// let svc = ServiceBuilder::new()
+///     .layer(layer.bind(handle.clone()))
+///     .service_fn(|_req: Request<Full<Bytes>>| async {
+///         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
+///     });
+///
+/// let res = svc.oneshot(Request::new(Full::default())).await?;
+/// assert_eq!(res.headers()["connection"], "keep-alive");
+/// assert_eq!(res.headers()["keep-alive"], "timeout=10, max=99");
+/// assert_eq!(handle.requests(), 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct KeepAliveLayer {
+    pub(crate) config: Arc<Config>,
+    pub(crate) handle: Option<ConnectionHandle>,
+}
+
+/// The policy, shared by a layer, its clones and the connection handles made from it.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_requests: Option<u64>,
+    pub(crate) advertise: bool,
+    pub(crate) http10: bool,
+    pub(crate) max_age: Option<Duration>,
+    pub(crate) max_age_jitter: f64,
+    adverts: OnceLock<Adverts>,
+}
+
+impl Default for KeepAliveLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl KeepAliveLayer {
+    /// The default policy: idle timeout 5 s, 1000 requests per connection, advertised.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// assert_eq!(layer.get_idle_timeout(), std::time::Duration::from_secs(5));
+    /// assert_eq!(layer.get_max_requests(), Some(1000));
+    /// ```
+    pub fn new() -> Self {
+        KeepAliveLayer {
+            config: Arc::new(Config {
+                idle_timeout: Duration::from_secs(5),
+                max_requests: Some(1000),
+                advertise: true,
+                http10: true,
+                max_age: None,
+                max_age_jitter: 0.1,
+                adverts: OnceLock::new(),
+            }),
+            handle: None,
+        }
+    }
+
+    fn update(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        let config = Arc::make_mut(&mut self.config);
+        f(config);
+        config.adverts = OnceLock::new();
+        self
+    }
+
+    /// How long a connection may stay idle (nothing in flight, every response body sent) before it is
+    /// closed. Advertised in whole seconds, rounded down, so that the advertised value is never more
+    /// than what is enforced: a timeout under one second advertises `timeout=0`, which tells clients not
+    /// to reuse the connection. `Duration::ZERO` turns keep-alive off: every response says
+    /// `Connection: close`.
+    ///
+    /// The layer advertises the timeout; closing idle connections is the job of whoever drives the
+    /// connection (the crate's serve path, or your accept loop with the connection handle).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_keepalive::KeepAliveLayer::new().idle_timeout(Duration::from_secs(75));
+    /// assert_eq!(layer.get_idle_timeout(), Duration::from_secs(75));
+    /// ```
+    pub fn idle_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.idle_timeout = timeout)
+    }
+
+    /// The most requests one connection serves (at least 1). The response to the last one says
+    /// `Connection: close` (HTTP/1) or the connection gets GOAWAY after it (HTTP/2).
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().max_requests(100);
+    /// assert_eq!(layer.get_max_requests(), Some(100));
+    /// ```
+    pub fn max_requests(self, max: u64) -> Self {
+        self.update(|c| c.max_requests = Some(max.max(1)))
+    }
+
+    /// No limit on the requests one connection serves; `Keep-Alive` then carries no `max=`.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().unlimited_requests();
+    /// assert_eq!(layer.get_max_requests(), None);
+    /// ```
+    pub fn unlimited_requests(self) -> Self {
+        self.update(|c| c.max_requests = None)
+    }
+
+    /// Whether HTTP/1.x responses carry `Keep-Alive: timeout=T, max=R` (default `true`). `Connection`
+    /// is written either way.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().advertise(false);
+    /// ```
+    pub fn advertise(self, advertise: bool) -> Self {
+        self.update(|c| c.advertise = advertise)
+    }
+
+    /// Whether an HTTP/1.0 client that asks for `Connection: keep-alive` gets it (default `true`).
+    /// HTTP/1.0 connections are persistent only on request (RFC 9112 section 9.3); with `false` they
+    /// always close after one response.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().http10_keep_alive(false);
+    /// ```
+    pub fn http10_keep_alive(self, enabled: bool) -> Self {
+        self.update(|c| c.http10 = enabled)
+    }
+
+    /// The most time one connection may live (off by default). Once reached, the connection closes
+    /// gracefully at its next request boundary: HTTP/1 with `Connection: close` on the next response, or
+    /// at once if idle; HTTP/2 with GOAWAY. Each connection's age is spread by the jitter
+    /// ([`max_age_jitter`](Self::max_age_jitter)) so that connections opened together do not all
+    /// reconnect together. This rebalances long-lived clients across instances behind a load balancer.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_keepalive::KeepAliveLayer::new().max_age(Duration::from_secs(300));
+    /// assert_eq!(layer.get_max_age(), Some(Duration::from_secs(300)));
+    /// ```
+    pub fn max_age(self, max_age: Duration) -> Self {
+        self.update(|c| c.max_age = Some(max_age))
+    }
+
+    /// The spread of each connection's maximum age, as a fraction: `0.1` (the default, as gRPC) gives
+    /// each connection an age uniformly spread in ±10 % of [`max_age`](Self::max_age). Clamped to
+    /// `0.0..=1.0`.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().max_age_jitter(0.0);
+    /// ```
+    pub fn max_age_jitter(self, fraction: f64) -> Self {
+        let fraction = if fraction.is_nan() {
+            0.0
+        } else {
+            fraction.clamp(0.0, 1.0)
+        };
+        self.update(|c| c.max_age_jitter = fraction)
+    }
+
+    /// The idle timeout.
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::KeepAliveLayer::new().get_idle_timeout().as_secs(), 5);
+    /// ```
+    pub fn get_idle_timeout(&self) -> Duration {
+        self.config.idle_timeout
+    }
+
+    /// The maximum requests per connection, `None` when unlimited.
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::KeepAliveLayer::new().get_max_requests(), Some(1000));
+    /// ```
+    pub fn get_max_requests(&self) -> Option<u64> {
+        self.config.max_requests
+    }
+
+    /// The maximum connection age before jitter, `None` when unlimited.
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::KeepAliveLayer::new().get_max_age(), None);
+    /// ```
+    pub fn get_max_age(&self) -> Option<Duration> {
+        self.config.max_age
+    }
+
+    /// Creates the state of one new connection. Call it once per accepted connection, then bind the
+    /// handle to that connection's service ([`bind`](Self::bind)) or insert it into its requests'
+    /// extensions.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let a = layer.connection();
+    /// let b = layer.connection();
+    /// // Two connections, two separate counts.
+    /// assert_eq!(a.requests() + b.requests(), 0);
+    /// ```
+    pub fn connection(&self) -> ConnectionHandle {
+        ConnectionHandle::new(self.config.clone())
+    }
+
+    /// This layer bound to one connection: the services it makes use `handle` for every request, with no
+    /// lookup in request extensions. The handle's own policy (from the layer that made it) applies.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let handle = layer.connection();
+    /// let per_connection = layer.bind(handle);
+    /// ```
+    pub fn bind(&self, handle: ConnectionHandle) -> Self {
+        KeepAliveLayer {
+            config: handle.shared.config.clone(),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl fmt::Debug for KeepAliveLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepAliveLayer")
+            .field("config", &self.config)
+            .field("bound", &self.handle.is_some())
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("idle_timeout", &self.idle_timeout)
+            .field("max_requests", &self.max_requests)
+            .field("advertise", &self.advertise)
+            .field("http10", &self.http10)
+            .field("max_age", &self.max_age)
+            .field("max_age_jitter", &self.max_age_jitter)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for KeepAliveLayer {
+    type Service = KeepAlive<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeepAlive::from_layer(inner, self.clone())
+    }
+}
+
+/// `Keep-Alive` values for the last [`ADVERT_TABLE`] counts of a connection, formatted once into one
+/// buffer so that a response takes its value as a slice of shared bytes instead of allocating.
+#[derive(Clone)]
+struct Adverts {
+    buf: Bytes,
+    /// `ends[r]` is where the value for `max=r` ends; it starts where `max=r-1` ended.
+    ends: Box<[u32]>,
+}
+
+const ADVERT_TABLE: u64 = 4096;
+
+impl Config {
+    pub(crate) fn keep_alive_enabled(&self) -> bool {
+        !self.idle_timeout.is_zero()
+    }
+
+    /// The `Keep-Alive` value for a response after which the connection accepts `remaining` more
+    /// requests (`None`: unlimited).
+    pub(crate) fn advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
+        let adverts = self.adverts.get_or_init(|| self.build_adverts());
+        let index = match (remaining, self.max_requests) {
+            (None, None) => 0,
+            (Some(r), Some(_)) if r < adverts.ends.len() as u64 => r as usize,
+            // Beyond the table, or no count to go with a limit (no handle): formatted on the spot.
+            _ => return self.format_advert(remaining),
+        };
+        let start = index
+            .checked_sub(1)
+            .map_or(0, |i| adverts.ends[i] as usize);
+        let end = adverts.ends[index] as usize;
+        HeaderValue::from_maybe_shared(adverts.buf.slice(start..end)).ok()
+    }
+
+    fn build_adverts(&self) -> Adverts {
+        let mut buf = Vec::new();
+        let mut ends = Vec::new();
+        let mut push = |remaining: Option<u64>| {
+            write_advert(&mut buf, self.idle_timeout.as_secs(), remaining);
+            ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
+        };
+        match self.max_requests {
+            None => push(None),
+            Some(max) => (0..max.min(ADVERT_TABLE)).for_each(|r| push(Some(r))),
+        }
+        Adverts {
+            buf: Bytes::from(buf),
+            ends: ends.into_boxed_slice(),
+        }
+    }
+
+    fn format_advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
+        let mut buf = Vec::with_capacity(40);
+        write_advert(&mut buf, self.idle_timeout.as_secs(), remaining);
+        HeaderValue::from_maybe_shared(Bytes::from(buf)).ok()
+    }
+}
+
+fn write_advert(buf: &mut Vec<u8>, timeout: u64, remaining: Option<u64>) {
+    // Writing into a Vec cannot fail.
+    let _ = match remaining {
+        Some(r) => write!(buf, "timeout={timeout}, max={r}"),
+        None => write!(buf, "timeout={timeout}"),
+    };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adverts_come_from_the_table_and_beyond_it() {
+        let layer = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_millis(7900))
+            .max_requests(10_000);
+        let c = &layer.config;
+        assert_eq!(c.advert(Some(0)).unwrap(), "timeout=7, max=0");
+        assert_eq!(c.advert(Some(1)).unwrap(), "timeout=7, max=1");
+        assert_eq!(c.advert(Some(4095)).unwrap(), "timeout=7, max=4095");
+        assert_eq!(c.advert(Some(4096)).unwrap(), "timeout=7, max=4096");
+        assert_eq!(c.advert(Some(9999)).unwrap(), "timeout=7, max=9999");
+
+        let unlimited = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_millis(300))
+            .unlimited_requests();
+        assert_eq!(unlimited.config.advert(None).unwrap(), "timeout=0");
+    }
+
+    #[test]
+    fn builder_changes_reset_the_table() {
+        let layer = KeepAliveLayer::new().max_requests(3);
+        assert_eq!(layer.config.advert(Some(2)).unwrap(), "timeout=5, max=2");
+        let layer = layer.idle_timeout(Duration::from_secs(9));
+        assert_eq!(layer.config.advert(Some(2)).unwrap(), "timeout=9, max=2");
+    }
+
+    #[test]
+    fn max_requests_is_at_least_one_and_jitter_is_clamped() {
+        let layer = KeepAliveLayer::new().max_requests(0).max_age_jitter(f64::NAN);
+        assert_eq!(layer.get_max_requests(), Some(1));
+        assert_eq!(layer.config.max_age_jitter, 0.0);
+        let layer = layer.max_age_jitter(5.0);
+        assert_eq!(layer.config.max_age_jitter, 1.0);
+    }
+}

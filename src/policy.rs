@@ -1,0 +1,301 @@
+//! The persistence decision: what a request asks for, what a response allows, and the header rewrite.
+//!
+//! Pure functions over header maps, so that the rules can be tested and fuzzed without a connection.
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE,
+};
+use http::{Method, StatusCode, Version};
+
+use crate::CloseReason;
+
+pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+pub(crate) static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+const CLOSE_VALUE: HeaderValue = HeaderValue::from_static("close");
+const KEEP_ALIVE_VALUE: HeaderValue = HeaderValue::from_static("keep-alive");
+
+/// The connection options of a message (RFC 9110 section 7.6.1): the tokens of every `Connection` field
+/// line, case-insensitive, comma-separated, optional whitespace and empty elements allowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct ConnectionTokens {
+    pub(crate) close: bool,
+    pub(crate) keep_alive: bool,
+    pub(crate) upgrade: bool,
+    /// Any other token: a field name the sender wants removed at the next hop.
+    pub(crate) other: bool,
+}
+
+impl ConnectionTokens {
+    pub(crate) fn parse(headers: &HeaderMap) -> Self {
+        let mut tokens = ConnectionTokens::default();
+        for value in headers.get_all(CONNECTION) {
+            for token in split_tokens(value.as_bytes()) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    tokens.close = true;
+                } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                    tokens.keep_alive = true;
+                } else if token.eq_ignore_ascii_case(b"upgrade") {
+                    tokens.upgrade = true;
+                } else {
+                    tokens.other = true;
+                }
+            }
+        }
+        tokens
+    }
+}
+
+/// The non-empty elements of a comma-separated list, without their surrounding whitespace.
+pub(crate) fn split_tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(|t| t.trim_ascii())
+        .filter(|t| !t.is_empty())
+}
+
+/// What the request side decided, carried to the response.
+#[derive(Debug)]
+pub(crate) enum Plan {
+    /// HTTP/1.0 or HTTP/1.1.
+    Http1 {
+        http10: bool,
+        head: bool,
+        /// `None`: persistent so far, `Some(reason)`: this response is the last.
+        close: Option<CloseReason>,
+        advert: Option<HeaderValue>,
+    },
+    /// HTTP/2 and HTTP/3: connection-specific fields never leave (RFC 9113 section 8.2.2).
+    Strip,
+    /// HTTP/0.9 and anything unknown: left alone.
+    Pass,
+}
+
+/// Whether the client asks for a persistent connection (RFC 9112 section 9.3), and if not, why.
+pub(crate) fn request_persistence(
+    version: Version,
+    headers: &HeaderMap,
+    http10_allowed: bool,
+) -> Result<(), CloseReason> {
+    let tokens = ConnectionTokens::parse(headers);
+    let persistent = match version {
+        Version::HTTP_11 => !tokens.close,
+        Version::HTTP_10 => http10_allowed && tokens.keep_alive && !tokens.close,
+        _ => false,
+    };
+    if persistent {
+        Ok(())
+    } else {
+        Err(CloseReason::ClientClosed)
+    }
+}
+
+/// Whether the response's end is known without closing the connection: an HTTP/1.0 peer cannot read
+/// chunked coding, so without a length the body ends only when the connection does (RFC 9112 section 6.3).
+pub(crate) fn self_delimited(
+    status: StatusCode,
+    head: bool,
+    headers: &HeaderMap,
+    exact_len: Option<u64>,
+) -> bool {
+    head || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || exact_len.is_some()
+        || headers.contains_key(CONTENT_LENGTH)
+}
+
+/// Rewrites an HTTP/1 response's connection fields. `close` is the decision so far (request side, the
+/// connection's state); the response may still turn it into a close, never back. Returns the final
+/// decision: `None` persistent, `Some(reason)` closing (`CloseReason::Upgraded` for a protocol switch,
+/// left untouched).
+pub(crate) fn finish_http1(
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    version: &mut Version,
+    http10: bool,
+    mut close: Option<CloseReason>,
+    self_delimited: bool,
+    advert: Option<HeaderValue>,
+) -> Option<CloseReason> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Some(CloseReason::Upgraded);
+    }
+    let tokens = ConnectionTokens::parse(headers);
+    if close.is_none() && tokens.close {
+        close = Some(CloseReason::Service);
+    }
+    if close.is_none() && http10 && !self_delimited {
+        close = Some(CloseReason::Service);
+    }
+    match close {
+        None => {
+            if !tokens.keep_alive {
+                headers.append(CONNECTION, KEEP_ALIVE_VALUE);
+            }
+            match advert {
+                Some(value) => headers.insert(KEEP_ALIVE.clone(), value),
+                None => headers.remove(&KEEP_ALIVE),
+            };
+        }
+        Some(_) => {
+            headers.remove(&KEEP_ALIVE);
+            set_close(headers, tokens);
+            if http10 {
+                // hyper keeps an HTTP/1.0 keep-alive connection open unless the response says HTTP/1.0
+                // as well as `close`.
+                *version = Version::HTTP_10;
+            }
+        }
+    }
+    close
+}
+
+/// `Connection: close`, keeping any other token the response carried (`upgrade`, field names).
+fn set_close(headers: &mut HeaderMap, tokens: ConnectionTokens) {
+    if !tokens.other && !tokens.upgrade {
+        headers.insert(CONNECTION, CLOSE_VALUE);
+        return;
+    }
+    let mut value = b"close".to_vec();
+    for line in headers.get_all(CONNECTION) {
+        for token in split_tokens(line.as_bytes()) {
+            if !token.eq_ignore_ascii_case(b"close") && !token.eq_ignore_ascii_case(b"keep-alive") {
+                value.extend_from_slice(b", ");
+                value.extend_from_slice(token);
+            }
+        }
+    }
+    let value = HeaderValue::from_bytes(&value).unwrap_or(CLOSE_VALUE);
+    headers.insert(CONNECTION, value);
+}
+
+/// Removes every connection-specific field (RFC 9113 section 8.2.2, RFC 9110 section 7.6.1): those named
+/// in `Connection`, then `Connection`, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`
+/// and `TE`.
+pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|line| split_tokens(line.as_bytes()))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &TE] {
+        headers.remove(name);
+    }
+}
+
+/// Whether a request's method makes the response bodiless on the wire.
+pub(crate) fn is_head(method: &Method) -> bool {
+    method == Method::HEAD
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        for (name, value) in lines {
+            headers.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        headers
+    }
+
+    #[test]
+    fn tokens_are_case_insensitive_lists_over_several_lines() {
+        let t = ConnectionTokens::parse(&map(&[
+            ("connection", " , Keep-Alive ,,"),
+            ("connection", ""),
+            ("connection", "X-Foo,\tCLOSE"),
+        ]));
+        assert_eq!(
+            t,
+            ConnectionTokens {
+                close: true,
+                keep_alive: true,
+                upgrade: false,
+                other: true
+            }
+        );
+        assert_eq!(ConnectionTokens::parse(&HeaderMap::new()), ConnectionTokens::default());
+        // A token is a whole list element, not a substring.
+        let t = ConnectionTokens::parse(&map(&[("connection", "closed, keep-alive-ish")]));
+        assert!(!t.close && !t.keep_alive && t.other);
+    }
+
+    #[test]
+    fn close_wins_over_keep_alive_in_either_order() {
+        for value in ["keep-alive, close", "close, keep-alive"] {
+            let h = map(&[("connection", value)]);
+            assert!(request_persistence(Version::HTTP_11, &h, true).is_err());
+            assert!(request_persistence(Version::HTTP_10, &h, true).is_err());
+        }
+    }
+
+    #[test]
+    fn http10_is_persistent_only_on_request() {
+        let none = HeaderMap::new();
+        let ka = map(&[("connection", "keep-alive")]);
+        assert!(request_persistence(Version::HTTP_10, &none, true).is_err());
+        assert!(request_persistence(Version::HTTP_10, &ka, true).is_ok());
+        assert!(request_persistence(Version::HTTP_10, &ka, false).is_err());
+        assert!(request_persistence(Version::HTTP_11, &none, true).is_ok());
+    }
+
+    #[test]
+    fn response_close_is_final_and_keeps_other_tokens() {
+        let mut h = map(&[("connection", "keep-alive, X-Foo"), ("keep-alive", "timeout=99")]);
+        let mut v = Version::HTTP_11;
+        let out = finish_http1(StatusCode::OK, &mut h, &mut v, false, Some(CloseReason::Drain), true, None);
+        assert_eq!(out, Some(CloseReason::Drain));
+        assert_eq!(h.get_all(CONNECTION).iter().collect::<Vec<_>>(), ["close, X-Foo"]);
+        assert!(!h.contains_key(&KEEP_ALIVE));
+    }
+
+    #[test]
+    fn switching_protocols_is_untouched() {
+        let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
+        let before = h.clone();
+        let mut v = Version::HTTP_11;
+        let out = finish_http1(StatusCode::SWITCHING_PROTOCOLS, &mut h, &mut v, false, None, true, None);
+        assert_eq!(out, Some(CloseReason::Upgraded));
+        assert_eq!(h, before);
+    }
+
+    #[test]
+    fn http10_without_length_closes_with_version_10() {
+        let mut h = HeaderMap::new();
+        let mut v = Version::HTTP_11;
+        let out = finish_http1(StatusCode::OK, &mut h, &mut v, true, None, false, None);
+        assert_eq!(out, Some(CloseReason::Service));
+        assert_eq!(h[CONNECTION], "close");
+        assert_eq!(v, Version::HTTP_10);
+    }
+
+    #[test]
+    fn strip_removes_named_and_connection_specific_fields() {
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("content-type", "text/plain"),
+        ]);
+        strip_connection_fields(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("content-type"));
+    }
+}

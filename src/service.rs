@@ -1,0 +1,218 @@
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response, Version};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::layer::Config;
+use crate::policy::{self, Plan};
+use crate::{CloseReason, ConnectionHandle, KeepAliveLayer, ResponseBody, ResponseFuture};
+
+/// Middleware that applies a keep-alive policy to every response of a connection.
+///
+/// Built by [`KeepAliveLayer`]; see the [crate-level documentation](crate) for what it does on the wire.
+///
+/// # Example
+///
+/// ```
+/// use http::{Request, Response, Version};
+/// use http_body_util::Full;
+/// use bytes::Bytes;
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_keepalive::KeepAliveLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), std::convert::Infallible> {
+/// let layer = KeepAliveLayer::new().max_requests(2);
+/// let handle = layer.connection();
+/// let svc = ServiceBuilder::new()
+///     .layer(layer.bind(handle))
+///     .service_fn(|_req: Request<Full<Bytes>>| async {
+///         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
+///     });
+///
+/// let res = svc.clone().oneshot(Request::new(Full::default())).await?;
+/// assert_eq!(res.headers()["keep-alive"], "timeout=5, max=1");
+///
+/// // The second request uses up the limit: the connection closes after it.
+/// let res = svc.oneshot(Request::new(Full::default())).await?;
+/// assert_eq!(res.headers()["connection"], "close");
+/// assert!(res.headers().get("keep-alive").is_none());
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct KeepAlive<S> {
+    inner: S,
+    config: Arc<Config>,
+    handle: Option<ConnectionHandle>,
+}
+
+impl<S> KeepAlive<S> {
+    /// Wraps `inner` with the default policy. The connection's handle is looked up in each request's
+    /// extensions.
+    ///
+    /// ```
+    /// use tower_keepalive::KeepAlive;
+    /// let svc = KeepAlive::new(tower::service_fn(|_req: http::Request<()>| async {
+    ///     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+    /// }));
+    /// ```
+    pub fn new(inner: S) -> Self {
+        Self::from_layer(inner, KeepAliveLayer::new())
+    }
+
+    /// A [`KeepAliveLayer`] with the default policy.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAlive::<()>::layer();
+    /// ```
+    pub fn layer() -> KeepAliveLayer {
+        KeepAliveLayer::new()
+    }
+
+    pub(crate) fn from_layer(inner: S, layer: KeepAliveLayer) -> Self {
+        KeepAlive {
+            inner,
+            config: layer.config,
+            handle: layer.handle,
+        }
+    }
+
+    /// The inner service.
+    ///
+    /// ```
+    /// let svc = tower_keepalive::KeepAlive::new(());
+    /// let () = *svc.get_ref();
+    /// ```
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    ///
+    /// ```
+    /// let mut svc = tower_keepalive::KeepAlive::new(1);
+    /// *svc.get_mut() += 1;
+    /// ```
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    ///
+    /// ```
+    /// let svc = tower_keepalive::KeepAlive::new(7);
+    /// assert_eq!(svc.into_inner(), 7);
+    /// ```
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for KeepAlive<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let handle = match &self.handle {
+            Some(handle) => Some(handle.clone()),
+            None => {
+                let found = req.extensions().get::<ConnectionHandle>().cloned();
+                if found.is_none() {
+                    warn_no_handle_once();
+                }
+                found
+            }
+        };
+        let (plan, guard) = plan(&req, handle.as_ref(), &self.config);
+        ResponseFuture::new(self.inner.call(req), plan, guard)
+    }
+}
+
+/// Decides on the request side: counts the request, and for HTTP/1 whether this response may keep the
+/// connection alive so far.
+fn plan<B>(
+    req: &Request<B>,
+    handle: Option<&ConnectionHandle>,
+    own: &Config,
+) -> (Plan, Option<crate::connection::InFlight>) {
+    // The policy the connection was made with governs it; the layer's own only without a handle.
+    let config = handle.map_or(own, |h| h.config());
+    let version = req.version();
+    let (count, guard) = match handle {
+        Some(h) => {
+            let (n, guard) = h.start_request();
+            (Some(n), Some(guard))
+        }
+        None => (None, None),
+    };
+
+    if version == Version::HTTP_2 || version == Version::HTTP_3 {
+        if let (Some(h), Some(n)) = (handle, count) {
+            if config.max_requests.is_some_and(|max| n >= max) {
+                h.close(CloseReason::MaxRequests);
+            } else if h.is_past_max_age() {
+                h.close(CloseReason::MaxAge);
+            }
+        }
+        return (Plan::Strip, guard);
+    }
+    if version != Version::HTTP_11 && version != Version::HTTP_10 {
+        return (Plan::Pass, guard);
+    }
+
+    let http10 = version == Version::HTTP_10;
+    let mut close = policy::request_persistence(version, req.headers(), config.http10).err();
+    if close.is_none() && !config.keep_alive_enabled() {
+        close = Some(CloseReason::Idle);
+    }
+    let remaining = match (config.max_requests, count) {
+        (Some(max), Some(n)) => {
+            if n >= max && close.is_none() {
+                close = Some(CloseReason::MaxRequests);
+            }
+            Some(max.saturating_sub(n))
+        }
+        _ => None,
+    };
+    if let Some(h) = handle {
+        if close.is_none() && h.is_past_max_age() {
+            close = Some(CloseReason::MaxAge);
+        }
+    }
+    let advert = match close {
+        None if config.advertise => config.advert(remaining),
+        _ => None,
+    };
+    let plan = Plan::Http1 {
+        http10,
+        head: policy::is_head(req.method()),
+        close,
+        advert,
+    };
+    (plan, guard)
+}
+
+fn warn_no_handle_once() {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            "tower-keepalive: a request reached KeepAlive without a ConnectionHandle; headers are \
+             still rewritten, but requests are not counted and idle connections are not closed. Bind a \
+             handle per connection (KeepAliveLayer::bind) or insert one into request extensions."
+        );
+    }
+}
