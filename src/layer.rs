@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use tower_layer::Layer;
 
-use crate::{ConnectionHandle, KeepAlive};
+use crate::{ConnectionHandle, KeepAlive, KeepAliveHeader};
 
 /// Applies a server's keep-alive policy to every response, per connection.
 ///
@@ -317,7 +317,8 @@ impl Config {
         let mut buf = Vec::new();
         let mut ends = Vec::new();
         let mut push = |remaining: Option<u64>| {
-            write_advert(&mut buf, self.idle_timeout.as_secs(), remaining);
+            // Writing into a Vec cannot fail.
+            let _ = write!(buf, "{}", advert_header(self.idle_timeout, remaining));
             ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
         };
         match self.max_requests {
@@ -331,18 +332,16 @@ impl Config {
     }
 
     fn format_advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
-        let mut buf = Vec::with_capacity(40);
-        write_advert(&mut buf, self.idle_timeout.as_secs(), remaining);
-        HeaderValue::from_maybe_shared(Bytes::from(buf)).ok()
+        Some(advert_header(self.idle_timeout, remaining).to_header_value())
     }
 }
 
-fn write_advert(buf: &mut Vec<u8>, timeout: u64, remaining: Option<u64>) {
-    // Writing into a Vec cannot fail.
-    let _ = match remaining {
-        Some(r) => write!(buf, "timeout={timeout}, max={r}"),
-        None => write!(buf, "timeout={timeout}"),
-    };
+fn advert_header(timeout: Duration, remaining: Option<u64>) -> KeepAliveHeader {
+    let header = KeepAliveHeader::new().with_timeout(timeout);
+    match remaining {
+        Some(r) => header.with_max(r),
+        None => header,
+    }
 }
 
 #[cfg(test)]
