@@ -91,6 +91,8 @@
 //!
 //! # Feature flags
 //!
+//! - `serve`: the serve path ([`serve()`], [`ConnectionHandle::drive`], [`serve::Drain`]): the
+//!   connection lifecycle over hyper-util (idle timeout, maximum age, GOAWAY, drain).
 //! - `headers`: [`KeepAliveHeader`] implements `headers::Header`.
 
 #![deny(missing_docs, unreachable_pub, rust_2018_idioms, missing_debug_implementations)]
@@ -103,6 +105,9 @@ mod future;
 pub mod header;
 mod layer;
 mod policy;
+#[cfg(feature = "serve")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
+pub mod serve;
 mod service;
 
 pub use body::ResponseBody;
@@ -111,3 +116,7 @@ pub use future::ResponseFuture;
 pub use header::{InvalidKeepAlive, KeepAliveHeader};
 pub use layer::KeepAliveLayer;
 pub use service::KeepAlive;
+
+#[cfg(feature = "serve")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
+pub use serve::serve;

@@ -1,0 +1,433 @@
+//! Driving one connection through its lifecycle: idle timeout, maximum age, graceful close, drain.
+
+use std::future::Future;
+use std::pin::{pin, Pin};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep_until, Instant};
+
+use crate::{CloseReason, ConnectionHandle};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a connection that was told to close gracefully, and has nothing in flight, may take to go.
+/// Past it the connection is dropped: this is what ends a client that never finishes its request head
+/// (hyper waits for a started head before it honours a graceful shutdown).
+const GRACE: Duration = Duration::from_secs(1);
+
+/// With keep-alive off (a zero idle timeout) a connection still gets this long to send its request.
+const FIRST_REQUEST_WHEN_DISABLED: Duration = Duration::from_secs(5);
+
+/// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
+/// hyper-util's auto connections.
+///
+/// hyper-util has a trait of the same shape for its `GracefulShutdown`, but it is sealed; this one is
+/// implemented for the same types.
+///
+/// # Example
+///
+/// ```
+/// use tower_keepalive::serve::GracefulConnection;
+///
+/// fn assert_graceful<C: GracefulConnection>() {}
+/// assert_graceful::<
+///     hyper_util::server::conn::auto::UpgradeableConnection<
+///         'static,
+///         hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+///         hyper::service::ServiceFn<
+///             fn(http::Request<hyper::body::Incoming>) -> std::future::Ready<Result<http::Response<String>, std::convert::Infallible>>,
+///             hyper::body::Incoming,
+///         >,
+///         hyper_util::rt::TokioExecutor,
+///     >,
+/// >();
+/// ```
+pub trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
+    /// The error the connection ends with.
+    type Error: Into<BoxError>;
+
+    /// Starts a graceful close: HTTP/1 closes once the current response is written (at once when idle),
+    /// HTTP/2 sends GOAWAY and closes after its open streams.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = hyper::Error;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = BoxError;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper_util::server::conn::auto::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, B, S, E> GracefulConnection
+    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
+    S::Error: Into<BoxError>,
+    S::Future: 'static,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    type Error = BoxError;
+
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+/// What the server-wide drain signal says.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DrainState {
+    Serving,
+    /// Keep nothing alive: idle connections close now, busy ones after their in-flight work.
+    Draining,
+    /// The drain deadline passed: drop what is left.
+    Abort,
+}
+
+/// Server-wide drain: tells every watched connection to close gracefully, and waits until they have.
+///
+/// One `watch` channel both broadcasts the signal and counts the live connections (each holds a
+/// receiver), so draining costs nothing per request.
+///
+/// # Example
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use hyper_util::rt::{TokioExecutor, TokioIo};
+/// use hyper_util::server::conn::auto;
+/// use hyper_util::service::TowerToHyperService;
+/// use tower::ServiceBuilder;
+/// use tower_keepalive::{serve::Drain, KeepAliveLayer};
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let keep_alive = KeepAliveLayer::new();
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// let drain = Drain::new();
+/// let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
+/// loop {
+///     let (io, _) = tokio::select! {
+///         accepted = listener.accept() => accepted?,
+///         _ = &mut shutdown => break,
+///     };
+///     let handle = keep_alive.connection();
+///     let svc = ServiceBuilder::new()
+///         .layer(keep_alive.bind(handle.clone()))
+///         .service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+///         });
+///     let watcher = drain.watcher();
+///     tokio::spawn(async move {
+///         let builder = auto::Builder::new(TokioExecutor::new());
+///         let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
+///         let reason = watcher.drive(handle, conn).await;
+///         println!("connection closed: {reason}");
+///     });
+/// }
+/// drain.drain(Some(Duration::from_secs(30))).await;
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct Drain {
+    tx: watch::Sender<DrainState>,
+}
+
+impl Default for Drain {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drain {
+    /// A drain signal with no connections yet.
+    ///
+    /// ```
+    /// let drain = tower_keepalive::serve::Drain::new();
+    /// assert_eq!(drain.connections(), 0);
+    /// ```
+    pub fn new() -> Self {
+        Drain {
+            tx: watch::channel(DrainState::Serving).0,
+        }
+    }
+
+    /// A watcher for one new connection; it counts as live until its [`DrainWatcher::drive`] future ends
+    /// (or the watcher is dropped).
+    ///
+    /// ```
+    /// let drain = tower_keepalive::serve::Drain::new();
+    /// let watcher = drain.watcher();
+    /// assert_eq!(drain.connections(), 1);
+    /// drop(watcher);
+    /// assert_eq!(drain.connections(), 0);
+    /// ```
+    pub fn watcher(&self) -> DrainWatcher {
+        DrainWatcher {
+            rx: self.tx.subscribe(),
+        }
+    }
+
+    /// The connections being watched.
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::serve::Drain::new().connections(), 0);
+    /// ```
+    pub fn connections(&self) -> usize {
+        self.tx.receiver_count()
+    }
+
+    /// Drains: no connection is kept alive any more. Idle connections close at once; requests in flight
+    /// finish, their HTTP/1 responses say `Connection: close`, HTTP/2 connections get GOAWAY. Returns when
+    /// every watched connection is gone, or once `deadline` has passed, after dropping the connections
+    /// still open. Returns the number of connections so dropped.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let drain = tower_keepalive::serve::Drain::new();
+    /// assert_eq!(drain.drain(None).await, 0);
+    /// # }
+    /// ```
+    pub async fn drain(self, deadline: Option<Duration>) -> usize {
+        self.tx.send_replace(DrainState::Draining);
+        let Some(deadline) = deadline else {
+            self.tx.closed().await;
+            return 0;
+        };
+        if tokio::time::timeout(deadline, self.tx.closed()).await.is_ok() {
+            return 0;
+        }
+        let left = self.tx.receiver_count();
+        tracing::debug!(connections = left, "drain deadline passed; dropping connections");
+        self.tx.send_replace(DrainState::Abort);
+        self.tx.closed().await;
+        left
+    }
+}
+
+/// One connection's view of a [`Drain`]. See [`Drain::watcher`].
+///
+/// ```
+/// let drain = tower_keepalive::serve::Drain::new();
+/// let watcher: tower_keepalive::serve::DrainWatcher = drain.watcher();
+/// ```
+#[derive(Debug)]
+pub struct DrainWatcher {
+    rx: watch::Receiver<DrainState>,
+}
+
+impl DrainWatcher {
+    /// Drives `conn` through its lifecycle (see [`ConnectionHandle::drive`]) and closes it gracefully
+    /// when the server drains. Resolves with the reason the connection closed.
+    ///
+    /// ```no_run
+    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let drain = tower_keepalive::serve::Drain::new();
+    /// let reason = drain.watcher().drive(layer.connection(), conn).await;
+    /// # }
+    /// ```
+    pub async fn drive<C: GracefulConnection>(self, handle: ConnectionHandle, conn: C) -> CloseReason {
+        run(handle, conn, Some(self.rx)).await
+    }
+}
+
+impl ConnectionHandle {
+    /// Drives `conn`, the hyper connection this handle was made for, through its lifecycle, and resolves
+    /// with the reason it closed:
+    ///
+    /// - idle timeout: once nothing has been in flight for the idle timeout, the connection is closed
+    ///   (HTTP/1 at once, HTTP/2 with GOAWAY); a connection that never sends a request is closed after
+    ///   the timeout too, and one that has started a request head but not finished it is dropped shortly
+    ///   after;
+    /// - maximum age: the connection closes gracefully at its next request boundary;
+    /// - a close decided by the layer (HTTP/2 maximum requests) is carried out with GOAWAY.
+    ///
+    /// One timer per connection; nothing runs while the connection is idle but that timer. A request in
+    /// flight is never cut.
+    ///
+    /// ```no_run
+    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let handle = layer.connection();
+    /// // ... bind `handle` to the service that `conn` serves ...
+    /// let reason = handle.drive(conn).await;
+    /// # }
+    /// ```
+    pub async fn drive<C: GracefulConnection>(self, conn: C) -> CloseReason {
+        run(self, conn, None).await
+    }
+}
+
+async fn run<C: GracefulConnection>(
+    handle: ConnectionHandle,
+    conn: C,
+    mut drain: Option<watch::Receiver<DrainState>>,
+) -> CloseReason {
+    let mut conn = pin!(conn);
+    let config = handle.config();
+    let idle_timeout = if config.keep_alive_enabled() {
+        config.idle_timeout
+    } else {
+        FIRST_REQUEST_WHEN_DISABLED
+    };
+    let max_age_at = handle.max_age_at().map(Instant::from_std);
+    let mut timer = pin!(sleep_until(next_deadline(&handle, idle_timeout, max_age_at)));
+    let mut shutting_down = false;
+
+    // A connection accepted while the server was already draining.
+    let draining = drain
+        .as_mut()
+        .map(|rx| *rx.borrow_and_update())
+        .unwrap_or(DrainState::Serving);
+    if draining != DrainState::Serving {
+        // Picked up by the `notified` branch: a graceful close before anything else.
+        handle.close(CloseReason::Drain);
+    }
+
+    loop {
+        tokio::select! {
+            biased;
+            result = conn.as_mut() => return finished(&handle, result),
+            () = handle.shared.notify.notified(), if !shutting_down => {
+                conn.as_mut().graceful_shutdown();
+                shutting_down = true;
+                timer.as_mut().reset(Instant::now() + GRACE);
+            }
+            state = drain_changed(&mut drain) => {
+                handle.close(CloseReason::Drain);
+                if state == DrainState::Abort {
+                    return handle.close_reason().unwrap_or(CloseReason::Drain);
+                }
+                if !shutting_down {
+                    conn.as_mut().graceful_shutdown();
+                    shutting_down = true;
+                    timer.as_mut().reset(Instant::now() + GRACE);
+                }
+            }
+            () = timer.as_mut() => {
+                let now = Instant::now();
+                if shutting_down {
+                    if handle.in_flight() == 0 {
+                        // Told to close, nothing in flight, still open: a head that never completes.
+                        tracing::debug!("connection did not close within the grace period; dropping it");
+                        return handle.close_reason().unwrap_or(CloseReason::Idle);
+                    }
+                    timer.as_mut().reset(now + GRACE);
+                    continue;
+                }
+                if max_age_at.is_some_and(|at| at <= now) {
+                    handle.close(CloseReason::MaxAge);
+                } else if handle.idle_since().is_some_and(|since| Instant::from_std(since) + idle_timeout <= now) {
+                    handle.close(CloseReason::Idle);
+                } else if handle.is_closing() && handle.in_flight() == 0 {
+                    // Closing for a reason the protocol did not carry out (the connection is idle).
+                    handle.shared.notify.notify_one();
+                }
+                // A close decided above wakes the `notified` branch on the next turn.
+                timer.as_mut().reset(next_deadline(&handle, idle_timeout, max_age_at));
+            }
+        }
+    }
+}
+
+/// The one timer's next deadline: the end of the idle period if idle, else a re-check one timeout from
+/// now (cheaper than waking on every request); never past the maximum age.
+fn next_deadline(
+    handle: &ConnectionHandle,
+    idle_timeout: Duration,
+    max_age_at: Option<Instant>,
+) -> Instant {
+    let idle = match handle.idle_since() {
+        Some(since) => Instant::from_std(since) + idle_timeout,
+        None => Instant::now() + idle_timeout,
+    };
+    max_age_at.map_or(idle, |at| at.min(idle))
+}
+
+async fn drain_changed(drain: &mut Option<watch::Receiver<DrainState>>) -> DrainState {
+    if let Some(rx) = drain {
+        if rx.changed().await.is_ok() {
+            return *rx.borrow_and_update();
+        }
+    }
+    // No drain, or its sender is gone: nothing will ever come.
+    std::future::pending().await
+}
+
+fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>) -> CloseReason {
+    match result {
+        Ok(()) => handle.mark_closing(CloseReason::ClientClosed),
+        Err(err) => {
+            let err = err.into();
+            tracing::debug!(error = %err, "connection error");
+            handle.mark_closing(CloseReason::Error);
+        }
+    }
+    let reason = handle.close_reason().unwrap_or(CloseReason::ClientClosed);
+    tracing::debug!(
+        reason = reason.as_str(),
+        requests = handle.requests(),
+        "connection closed"
+    );
+    reason
+}

@@ -1,0 +1,314 @@
+//! The serve path: an accept loop that gives every connection the keep-alive lifecycle.
+//!
+//! [`serve`] runs HTTP/1.1 and h2c (prior knowledge) on one listener over hyper-util's auto builder,
+//! for an axum `Router` or any tower `Service`. Each accepted connection gets its own
+//! [`ConnectionHandle`]; the keep-alive layer is applied to the whole service by the serve path itself, so
+//! idle enforcement sees every request (a layer forgotten on some routes cannot get a busy connection
+//! closed under a request), and the connection is driven through its lifecycle:
+//!
+//! - **idle timeout**: a connection with nothing in flight and every response body sent is closed once it
+//!   has been idle for the timeout: HTTP/1 by closing it, HTTP/2 with GOAWAY. Never before the advertised
+//!   `timeout=`. A connection that is accepted and never sends a byte, or that dribbles its request head,
+//!   is closed too (hyper-util's protocol detection runs no timer of its own);
+//! - **maximum requests**: HTTP/1 says `Connection: close` on the last response; HTTP/2 gets GOAWAY after
+//!   the last stream (RFC 9113 section 6.8), and the streams in flight finish;
+//! - **maximum age** (off by default, jittered per connection): a graceful close at the next request
+//!   boundary;
+//! - **drain** on a shutdown signal: idle connections close at once, requests in flight finish with
+//!   `Connection: close` (HTTP/1) or after GOAWAY (HTTP/2); the serve future returns once every connection
+//!   is gone, or when the drain deadline passes;
+//! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
+//!   above applies to it.
+//!
+//! At most one timer per connection, no task per connection besides the one driving it, and nothing but
+//! that timer runs while a connection sits idle.
+//!
+//! For a hand-written hyper-util accept loop, the same lifecycle is [`ConnectionHandle::drive`] (one
+//! connection) and [`Drain`] (server-wide shutdown).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower_keepalive::KeepAliveLayer;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let app = Router::new().route("/", get(|| async { "hello" }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! tower_keepalive::serve(listener, app)
+//!     .keep_alive(KeepAliveLayer::new().idle_timeout(Duration::from_secs(10)).max_requests(1000))
+//!     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+//!     .drain_timeout(Duration::from_secs(30))
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod drive;
+mod listener;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{Future, IntoFuture};
+use std::io;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower_service::Service;
+
+pub use drive::{Drain, DrainWatcher, GracefulConnection};
+pub use listener::Listener;
+
+use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type OnClose = Arc<dyn Fn(&ConnectionHandle, CloseReason) + Send + Sync>;
+
+/// Serves `service` on `listener` with the keep-alive lifecycle. See the [module docs](self).
+///
+/// The returned [`Serve`] is configured with its builder methods and runs when awaited.
+///
+/// # Example
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+/// tower_keepalive::serve(listener, app).await?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
+    Serve {
+        listener,
+        service,
+        layer: KeepAliveLayer::new(),
+        signal: std::future::pending(),
+        drain_timeout: None,
+        on_close: None,
+    }
+}
+
+/// A server being configured; runs when awaited. Built by [`serve`].
+///
+/// ```no_run
+/// # async fn run() -> std::io::Result<()> {
+/// # let app = axum::Router::new();
+/// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let server: tower_keepalive::serve::Serve<_, _, _> = tower_keepalive::serve(listener, app);
+/// server.await?;
+/// # Ok(())
+/// # }
+/// ```
+#[must_use = "a server does nothing until awaited"]
+pub struct Serve<L, S, F = std::future::Pending<()>> {
+    listener: L,
+    service: S,
+    layer: KeepAliveLayer,
+    signal: F,
+    drain_timeout: Option<Duration>,
+    on_close: Option<OnClose>,
+}
+
+impl<L, S, F> Serve<L, S, F> {
+    /// The keep-alive policy of every connection (default: [`KeepAliveLayer::new`]). The serve path
+    /// applies it to the whole service itself: do not add the layer to the service as well.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// use tower_keepalive::KeepAliveLayer;
+    /// tower_keepalive::serve(listener, app)
+    ///     .keep_alive(KeepAliveLayer::new().max_requests(100))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn keep_alive(mut self, layer: KeepAliveLayer) -> Self {
+        // A layer bound to some connection would make every connection share its count.
+        self.layer = KeepAliveLayer {
+            config: layer.config,
+            handle: None,
+        };
+        self
+    }
+
+    /// Drains and returns once `signal` completes. See [`Drain::drain`] for what draining does.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn with_graceful_shutdown<G>(self, signal: G) -> Serve<L, S, G>
+    where
+        G: Future<Output = ()> + Send + 'static,
+    {
+        Serve {
+            listener: self.listener,
+            service: self.service,
+            layer: self.layer,
+            signal,
+            drain_timeout: self.drain_timeout,
+            on_close: self.on_close,
+        }
+    }
+
+    /// How long a drain may take before the connections still open are dropped (default: no limit).
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .drain_timeout(std::time::Duration::from_secs(30))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn drain_timeout(mut self, timeout: Duration) -> Self {
+        self.drain_timeout = Some(timeout);
+        self
+    }
+
+    /// Called once for each connection when it has closed, with its handle (request count, age) and the
+    /// reason. Runs on the connection's task: keep it short.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .on_close(|conn, reason| println!("closed after {} requests: {reason}", conn.requests()))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_close(
+        mut self,
+        f: impl Fn(&ConnectionHandle, CloseReason) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_close = Some(Arc::new(f));
+        self
+    }
+}
+
+impl<L, S, F> fmt::Debug for Serve<L, S, F>
+where
+    L: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serve")
+            .field("listener", &self.listener)
+            .field("layer", &self.layer)
+            .field("drain_timeout", &self.drain_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L, S, B, F> IntoFuture for Serve<L, S, F>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    type Output = io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.run())
+    }
+}
+
+impl<L, S, B, F> Serve<L, S, F>
+where
+    L: Listener,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    F: Future<Output = ()> + Send + 'static,
+{
+    async fn run(self) -> io::Result<()> {
+        let Serve {
+            mut listener,
+            service,
+            layer,
+            signal,
+            drain_timeout,
+            on_close,
+        } = self;
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would
+        // close a connection before the advertised timeout, and without a timer hyper warns on each one.
+        builder.http1().header_read_timeout(None);
+        let builder = Arc::new(builder);
+        let drain = Drain::new();
+        let mut signal = pin!(signal);
+        let mut backoff = listener::Backoff::default();
+
+        loop {
+            let (io, _addr) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => {
+                        backoff.reset();
+                        accepted
+                    }
+                    Err(err) => {
+                        if let Some(pause) = backoff.on_error(&err) {
+                            tokio::select! {
+                                () = tokio::time::sleep(pause) => {}
+                                () = &mut signal => break,
+                            }
+                        }
+                        continue;
+                    }
+                },
+                () = &mut signal => break,
+            };
+            let handle = layer.connection();
+            let svc = KeepAlive::from_layer(service.clone(), layer.bind(handle.clone()));
+            let watcher = drain.watcher();
+            let builder = builder.clone();
+            let on_close = on_close.clone();
+            tokio::spawn(async move {
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
+                let reason = watcher.drive(handle.clone(), conn).await;
+                if let Some(on_close) = on_close {
+                    on_close(&handle, reason);
+                }
+            });
+        }
+
+        // Stop accepting: new clients are refused rather than left in the backlog during the drain.
+        drop(listener);
+        tracing::debug!(connections = drain.connections(), "draining");
+        drain.drain(drain_timeout).await;
+        Ok(())
+    }
+}
