@@ -93,12 +93,17 @@
 //!
 //! - `serve`: the serve path ([`serve()`], [`ConnectionHandle::drive`], [`serve::Drain`]): the
 //!   connection lifecycle over hyper-util (idle timeout, maximum age, GOAWAY, drain).
+//! - `axum`: [`axum::KeepAliveListener`] and [`axum::into_make_service`], the same lifecycle for apps
+//!   that keep `axum::serve`.
 //! - `headers`: [`KeepAliveHeader`] implements `headers::Header`.
 
 #![deny(missing_docs, unreachable_pub, rust_2018_idioms, missing_debug_implementations)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
 mod body;
 mod connection;
 mod future;

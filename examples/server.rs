@@ -1,0 +1,182 @@
+//! A server for trying tower-keepalive by hand and from scripts.
+//!
+//! ```text
+//! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--no-advertise]
+//! ```
+//!
+//! The first line on stdout is `listening on http://ADDR`. HTTP/1.x and h2c (prior knowledge) on the
+//! same port. Routes:
+//!
+//! - `/`: a short text body;
+//! - `/slow?ms=N`: answers after N ms;
+//! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
+//! - `/ws`: a WebSocket echo.
+//!
+//! On SIGINT or SIGTERM it drains and exits 0. Each connection's close reason is logged (set `RUST_LOG`
+//! to change the level; `info` by default).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::Query;
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use futures_util::stream;
+use tower_keepalive::KeepAliveLayer;
+
+struct Args {
+    addr: SocketAddr,
+    layer: KeepAliveLayer,
+    drain_timeout: Duration,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
+         [--no-advertise] [--drain-timeout SECS]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+        layer: KeepAliveLayer::new(),
+        drain_timeout: Duration::from_secs(30),
+    };
+    let mut it = std::env::args().skip(1);
+    let secs = |v: Option<String>| -> Duration {
+        match v.as_deref().map(str::parse::<f64>) {
+            Some(Ok(s)) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            _ => usage(),
+        }
+    };
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--addr" => args.addr = it.next().and_then(|a| a.parse().ok()).unwrap_or_else(|| usage()),
+            "--idle-timeout" => args.layer = args.layer.idle_timeout(secs(it.next())),
+            "--max-requests" => {
+                let n: u64 = it.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| usage());
+                args.layer = if n == 0 {
+                    args.layer.unlimited_requests()
+                } else {
+                    args.layer.max_requests(n)
+                };
+            }
+            "--max-age" => args.layer = args.layer.max_age(secs(it.next())),
+            "--no-advertise" => args.layer = args.layer.advertise(false),
+            "--drain-timeout" => args.drain_timeout = secs(it.next()),
+            "-h" | "--help" => usage(),
+            _ => usage(),
+        }
+    }
+    args
+}
+
+fn app() -> Router {
+    Router::new()
+        .route("/", get(|| async { "hello from tower-keepalive\n" }))
+        .route("/slow", get(slow))
+        .route("/stream", get(stream_body))
+        .route("/ws", get(ws))
+}
+
+fn param(q: &HashMap<String, String>, name: &str, default: u64) -> u64 {
+    q.get(name).and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+async fn slow(Query(q): Query<HashMap<String, String>>) -> String {
+    let ms = param(&q, "ms", 1000).min(600_000);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    format!("slept {ms} ms\n")
+}
+
+async fn stream_body(Query(q): Query<HashMap<String, String>>) -> Response {
+    let chunks = param(&q, "chunks", 5).min(100_000);
+    let ms = param(&q, "ms", 200).min(60_000);
+    let body = stream::unfold(0, move |i| async move {
+        if i == chunks {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+        Some((Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n"))), i + 1))
+    });
+    Response::new(Body::from_stream(body))
+}
+
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(echo)
+}
+
+async fn echo(mut socket: WebSocket) {
+    while let Some(Ok(msg)) = socket.recv().await {
+        let reply = match msg {
+            Message::Text(_) | Message::Binary(_) => msg,
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        if socket.send(reply).await.is_err() {
+            break;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown signal received; draining");
+}
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = parse_args();
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+    tracing::info!(policy = ?args.layer, "serving");
+
+    tower_keepalive::serve(listener, app())
+        .keep_alive(args.layer)
+        .with_graceful_shutdown(shutdown_signal())
+        .drain_timeout(args.drain_timeout)
+        .on_close(|conn, reason| {
+            tracing::info!(
+                reason = reason.as_str(),
+                requests = conn.requests(),
+                age_ms = conn.opened_at().elapsed().as_millis() as u64,
+                "connection closed"
+            );
+        })
+        .await?;
+    tracing::info!("drained; bye");
+    Ok(())
+}

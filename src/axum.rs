@@ -1,0 +1,451 @@
+//! Keep-alive for apps that keep `axum::serve`.
+//!
+//! `axum::serve` drives its connections itself and offers two hooks: the [`Listener`] it accepts from,
+//! and the make-service it calls once per connection. This module uses both:
+//!
+//! - [`KeepAliveListener`] wraps any axum listener. Each accepted connection gets its
+//!   [`ConnectionHandle`] and one timer, carried by its IO ([`KeepAliveIo`]). When the connection has been
+//!   idle for the timeout (nothing in flight, every response body sent), or has passed its maximum age,
+//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
+//!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
+//!   request head, is closed the same way.
+//! - [`into_make_service`] applies the keep-alive layer to the whole router per connection, bound to that
+//!   connection's handle, so every request is tracked: nothing busy is ever closed.
+//! - [`KeepAliveListener::on_shutdown`] wraps the future you give to axum's `with_graceful_shutdown`, so
+//!   that from the signal on, responses say `Connection: close` instead of advertising keep-alive.
+//!
+//! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
+//! alone.
+//!
+//! Compared with the crate's own [`serve`](crate::serve()), an idle HTTP/2 connection is closed without
+//! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
+//! request. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use axum::{routing::get, Router};
+//! use tower_keepalive::axum::{into_make_service, KeepAliveListener};
+//! use tower_keepalive::KeepAliveLayer;
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let app = Router::new().route("/", get(|| async { "hello" }));
+//! let tcp = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
+//! let listener = KeepAliveListener::new(tcp, KeepAliveLayer::new().idle_timeout(Duration::from_secs(10)));
+//! let shutdown = listener.on_shutdown(async { let _ = tokio::signal::ctrl_c().await; });
+//! axum::serve(listener, into_make_service(app))
+//!     .with_graceful_shutdown(shutdown)
+//!     .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::{Future, Ready};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use ::axum::body::Body;
+use ::axum::extract::Request;
+use ::axum::response::Response;
+use ::axum::serve::{IncomingStream, Listener};
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::{Instant, Sleep};
+use tower_service::Service;
+
+use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
+
+/// With keep-alive off (a zero idle timeout) a connection still gets this long to send its request.
+const FIRST_REQUEST_WHEN_DISABLED: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
+/// See the [module docs](self).
+///
+/// ```
+/// use tower_keepalive::{axum::KeepAliveListener, KeepAliveLayer};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> std::io::Result<()> {
+/// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let listener = KeepAliveListener::new(tcp, KeepAliveLayer::new());
+/// # Ok(())
+/// # }
+/// ```
+pub struct KeepAliveListener<L> {
+    inner: L,
+    layer: KeepAliveLayer,
+    draining: Arc<AtomicBool>,
+}
+
+impl<L> KeepAliveListener<L> {
+    /// Wraps `inner`; `layer` is the policy of every connection.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let listener = tower_keepalive::axum::KeepAliveListener::new(tcp, Default::default());
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn new(inner: L, layer: KeepAliveLayer) -> Self {
+        KeepAliveListener {
+            inner,
+            layer: KeepAliveLayer {
+                config: layer.config,
+                handle: None,
+            },
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Wraps the shutdown `signal` you give to axum's `with_graceful_shutdown`: once it completes, no
+    /// connection of this listener is kept alive (responses say `Connection: close`), and axum's graceful
+    /// shutdown does the rest.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let listener = tower_keepalive::axum::KeepAliveListener::new(tcp, Default::default());
+    /// let shutdown = listener.on_shutdown(async {});
+    /// shutdown.await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_shutdown<F>(&self, signal: F) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let draining = self.draining.clone();
+        async move {
+            signal.await;
+            draining.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl<L: fmt::Debug> fmt::Debug for KeepAliveListener<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepAliveListener")
+            .field("inner", &self.inner)
+            .field("layer", &self.layer)
+            .finish()
+    }
+}
+
+impl<L: Listener> Listener for KeepAliveListener<L> {
+    type Io = KeepAliveIo<L::Io>;
+    type Addr = L::Addr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = self.inner.accept().await;
+        let handle = self.layer.connection();
+        (KeepAliveIo::new(io, handle, self.draining.clone()), addr)
+    }
+
+    fn local_addr(&self) -> io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+pin_project! {
+    /// A connection accepted by [`KeepAliveListener`]: the IO, its [`ConnectionHandle`], and the one
+    /// timer that ends it once idle.
+    ///
+    /// ```
+    /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
+    /// println!("{} requests so far", io.handle().requests());
+    /// # }
+    /// ```
+    pub struct KeepAliveIo<I> {
+        #[pin]
+        inner: I,
+        handle: ConnectionHandle,
+        draining: Arc<AtomicBool>,
+        // Boxed: axum needs the IO to be `Unpin`.
+        timer: Pin<Box<Sleep>>,
+        // Once end-of-file has been given, it is given again: the connection is over.
+        closed: bool,
+    }
+}
+
+impl<I> KeepAliveIo<I> {
+    fn new(inner: I, handle: ConnectionHandle, draining: Arc<AtomicBool>) -> Self {
+        let deadline = next_deadline(&handle);
+        KeepAliveIo {
+            inner,
+            handle,
+            draining,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            closed: false,
+        }
+    }
+
+    /// The connection's keep-alive state.
+    ///
+    /// ```
+    /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
+    /// assert!(io.handle().requests() >= 0);
+    /// # }
+    /// ```
+    pub fn handle(&self) -> &ConnectionHandle {
+        &self.handle
+    }
+
+    /// The wrapped IO.
+    ///
+    /// ```
+    /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
+    /// let peer = io.get_ref().peer_addr();
+    /// # }
+    /// ```
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+}
+
+impl<I: fmt::Debug> fmt::Debug for KeepAliveIo<I> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeepAliveIo")
+            .field("inner", &self.inner)
+            .field("handle", &self.handle)
+            .finish()
+    }
+}
+
+fn idle_timeout(handle: &ConnectionHandle) -> std::time::Duration {
+    let config = handle.config();
+    if config.keep_alive_enabled() {
+        config.idle_timeout
+    } else {
+        FIRST_REQUEST_WHEN_DISABLED
+    }
+}
+
+fn next_deadline(handle: &ConnectionHandle) -> Instant {
+    let timeout = idle_timeout(handle);
+    let idle = match handle.idle_since() {
+        Some(since) => Instant::from_std(since) + timeout,
+        None => Instant::now() + timeout,
+    };
+    match handle.max_age_at() {
+        Some(at) => idle.min(Instant::from_std(at)),
+        None => idle,
+    }
+}
+
+impl<I> KeepAliveIo<I> {
+    /// Whether the connection should end now. Registers the timer's wake-up otherwise.
+    fn should_end(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = self.project();
+        if *this.closed {
+            return true;
+        }
+        let handle = &*this.handle;
+        if handle.close_reason() == Some(CloseReason::Upgraded) {
+            // The upgraded protocol owns the IO now.
+            return false;
+        }
+        let idle = handle.in_flight() == 0;
+        if idle && (handle.is_closing() || this.draining.load(Ordering::Acquire)) {
+            handle.close(CloseReason::Drain);
+            *this.closed = true;
+            return true;
+        }
+        while this.timer.as_mut().poll(cx).is_ready() {
+            let now = Instant::now();
+            let reason = if handle.max_age_at().is_some_and(|at| Instant::from_std(at) <= now) {
+                Some(CloseReason::MaxAge)
+            } else if handle
+                .idle_since()
+                .is_some_and(|since| Instant::from_std(since) + idle_timeout(handle) <= now)
+            {
+                Some(CloseReason::Idle)
+            } else {
+                None
+            };
+            match reason {
+                Some(reason) if handle.in_flight() == 0 => {
+                    handle.close(reason);
+                    *this.closed = true;
+                    return true;
+                }
+                Some(reason) => {
+                    // Past its age but busy: the layer says `close` on the next response.
+                    handle.close(reason);
+                    this.timer.as_mut().reset(now + idle_timeout(handle));
+                }
+                None => this.timer.as_mut().reset(next_deadline(handle)),
+            }
+        }
+        false
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.as_mut().should_end(cx) {
+            // End-of-file: hyper closes an idle connection quietly.
+            return Poll::Ready(Ok(()));
+        }
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for KeepAliveIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The make-service for `axum::serve` over a [`KeepAliveListener`]: every connection's service is
+/// `service` with the keep-alive layer bound to that connection. See the [module docs](self).
+///
+/// ```
+/// let app = axum::Router::new();
+/// let make_service = tower_keepalive::axum::into_make_service(app);
+/// ```
+pub fn into_make_service<S>(service: S) -> IntoMakeService<S> {
+    IntoMakeService { service }
+}
+
+/// Made by [`into_make_service`].
+///
+/// ```
+/// let make_service: tower_keepalive::axum::IntoMakeService<axum::Router> =
+///     tower_keepalive::axum::into_make_service(axum::Router::new());
+/// ```
+#[derive(Clone, Debug)]
+pub struct IntoMakeService<S> {
+    service: S,
+}
+
+impl<S, L, I> Service<IncomingStream<'_, L>> for IntoMakeService<S>
+where
+    S: Clone,
+    L: Listener<Io = KeepAliveIo<I>>,
+{
+    type Response = ConnectionService<S>;
+    type Error = Infallible;
+    type Future = Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, stream: IncomingStream<'_, L>) -> Self::Future {
+        let io = stream.io();
+        let handle = io.handle.clone();
+        let layer = KeepAliveLayer {
+            config: handle.shared.config.clone(),
+            handle: Some(handle.clone()),
+        };
+        std::future::ready(Ok(ConnectionService {
+            inner: KeepAlive::from_layer(self.service.clone(), layer),
+            handle,
+            draining: io.draining.clone(),
+        }))
+    }
+}
+
+/// One connection's service under `axum::serve`: the app with the keep-alive layer bound to the
+/// connection. Made by [`IntoMakeService`].
+///
+/// ```
+/// fn is_service<S: tower::Service<axum::extract::Request>>() {}
+/// is_service::<tower_keepalive::axum::ConnectionService<axum::Router>>();
+/// ```
+#[derive(Clone, Debug)]
+pub struct ConnectionService<S> {
+    inner: KeepAlive<S>,
+    handle: ConnectionHandle,
+    draining: Arc<AtomicBool>,
+}
+
+impl<S> Service<Request> for ConnectionService<S>
+where
+    S: Service<Request, Response = Response, Error = Infallible>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = ConnectionFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        if self.draining.load(Ordering::Acquire) {
+            self.handle.mark_closing(CloseReason::Drain);
+        }
+        ConnectionFuture {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`ConnectionService`].
+    ///
+    /// ```
+    /// fn is_future<F: std::future::Future>() {}
+    /// is_future::<tower_keepalive::axum::ConnectionFuture<std::future::Ready<Result<axum::response::Response, std::convert::Infallible>>>>();
+    /// ```
+    pub struct ConnectionFuture<F> {
+        #[pin]
+        inner: crate::ResponseFuture<F>,
+    }
+}
+
+impl<F> fmt::Debug for ConnectionFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnectionFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F> Future for ConnectionFuture<F>
+where
+    F: Future<Output = Result<Response, Infallible>>,
+{
+    type Output = Result<Response, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = ready!(self.project().inner.poll(cx))?;
+        Poll::Ready(Ok(res.map(Body::new)))
+    }
+}
