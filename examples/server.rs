@@ -58,10 +58,18 @@ fn parse_args() -> Args {
     };
     while let Some(flag) = it.next() {
         match flag.as_str() {
-            "--addr" => args.addr = it.next().and_then(|a| a.parse().ok()).unwrap_or_else(|| usage()),
+            "--addr" => {
+                args.addr = it
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or_else(|| usage())
+            }
             "--idle-timeout" => args.layer = args.layer.idle_timeout(secs(it.next())),
             "--max-requests" => {
-                let n: u64 = it.next().and_then(|n| n.parse().ok()).unwrap_or_else(|| usage());
+                let n: u64 = it
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or_else(|| usage());
                 args.layer = if n == 0 {
                     args.layer.unlimited_requests()
                 } else {
@@ -106,7 +114,10 @@ async fn stream_body(Query(q): Query<HashMap<String, String>>) -> Response {
         if i > 0 {
             tokio::time::sleep(Duration::from_millis(ms)).await;
         }
-        Some((Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n"))), i + 1))
+        Some((
+            Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n"))),
+            i + 1,
+        ))
     });
     Response::new(Body::from_stream(body))
 }
@@ -154,8 +165,7 @@ async fn shutdown_signal() {
 async fn main() -> std::io::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();

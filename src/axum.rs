@@ -261,7 +261,10 @@ impl<I> KeepAliveIo<I> {
         }
         while this.timer.as_mut().poll(cx).is_ready() {
             let now = Instant::now();
-            let reason = if handle.max_age_at().is_some_and(|at| Instant::from_std(at) <= now) {
+            let reason = if handle
+                .max_age_at()
+                .is_some_and(|at| Instant::from_std(at) <= now)
+            {
                 Some(CloseReason::MaxAge)
             } else if handle
                 .idle_since()

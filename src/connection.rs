@@ -354,11 +354,9 @@ impl Drop for InFlight {
 }
 
 fn seed(opened: &Instant) -> u64 {
-    use std::collections::hash_map::RandomState;
-    use std::hash::{BuildHasher, Hash, Hasher};
-    let mut hasher = RandomState::new().build_hasher();
-    opened.hash(&mut hasher);
-    hasher.finish()
+    use std::hash::BuildHasher;
+    // RandomState is seeded per process and varies per instance: enough to spread ages apart.
+    std::collections::hash_map::RandomState::new().hash_one(opened)
 }
 
 /// `base` scaled by a factor uniformly spread over `[1 - fraction, 1 + fraction]`.
@@ -413,7 +411,10 @@ mod tests {
         let base = Duration::from_secs(100);
         for seed in [0, 1, u64::MAX, 0x8000_0000_0000_0000, 12345] {
             let d = jitter(base, 0.1, seed);
-            assert!(d >= Duration::from_secs(90) && d <= Duration::from_secs(110), "{d:?}");
+            assert!(
+                d >= Duration::from_secs(90) && d <= Duration::from_secs(110),
+                "{d:?}"
+            );
         }
         assert_eq!(jitter(base, 0.0, 7), base);
     }

@@ -48,7 +48,9 @@ impl<F> ResponseFuture<F> {
 
 impl<F> std::fmt::Debug for ResponseFuture<F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseFuture").field("plan", &self.plan).finish()
+        f.debug_struct("ResponseFuture")
+            .field("plan", &self.plan)
+            .finish()
     }
 }
 

@@ -4,7 +4,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use tower_layer::Layer;
 
 use crate::{ConnectionHandle, KeepAlive, KeepAliveHeader};
@@ -62,6 +62,8 @@ pub(crate) struct Config {
     pub(crate) http10: bool,
     pub(crate) max_age: Option<Duration>,
     pub(crate) max_age_jitter: f64,
+    pub(crate) strip_request: bool,
+    pub(crate) protected: Arc<[HeaderName]>,
     adverts: OnceLock<Adverts>,
 }
 
@@ -88,6 +90,11 @@ impl KeepAliveLayer {
                 http10: true,
                 max_age: None,
                 max_age_jitter: 0.1,
+                strip_request: false,
+                protected: crate::policy::PROTECTED_REQUEST_FIELDS
+                    .iter()
+                    .map(|name| HeaderName::from_static(name))
+                    .collect(),
                 adverts: OnceLock::new(),
             }),
             handle: None,
@@ -192,6 +199,51 @@ impl KeepAliveLayer {
         self.update(|c| c.max_age_jitter = fraction)
     }
 
+    /// Whether to remove the hop-by-hop fields of each request before the inner service sees it (default
+    /// `false`): for proxies, which must not forward them (RFC 9110 section 7.6.1). Removed: every field
+    /// named in `Connection`, then `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
+    /// `Transfer-Encoding`, `Upgrade` and `Proxy-Authorization`; this happens before anything the inner
+    /// service adds, such as `X-Forwarded-For`.
+    ///
+    /// A client cannot get a protected field removed by naming it in `Connection`; see
+    /// [`protect_request_fields`](Self::protect_request_fields) for the list.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().strip_request_hop_by_hop(true);
+    /// ```
+    pub fn strip_request_hop_by_hop(self, strip: bool) -> Self {
+        self.update(|c| c.strip_request = strip)
+    }
+
+    /// Replaces the request fields that hop-by-hop stripping never removes. The default list protects what
+    /// an app bases trust decisions on: `Host`, `Authorization`, `Cookie`, `Content-Length`,
+    /// `Content-Type`, `Content-Encoding`, `Forwarded`, `X-Forwarded-For`, `X-Forwarded-Host`,
+    /// `X-Forwarded-Proto`, `X-Forwarded-Port`, `X-Real-IP` and `Via`. Apache's CVE-2022-31813 and Go's
+    /// CVE-2021-33197 came from letting a client's `Connection` remove such fields.
+    ///
+    /// ```
+    /// use http::header::{HeaderName, AUTHORIZATION, COOKIE, HOST};
+    ///
+    /// let layer = tower_keepalive::KeepAliveLayer::new()
+    ///     .strip_request_hop_by_hop(true)
+    ///     .protect_request_fields([HOST, AUTHORIZATION, COOKIE, HeaderName::from_static("x-tenant")]);
+    /// assert_eq!(layer.get_protected_request_fields().len(), 4);
+    /// ```
+    pub fn protect_request_fields(self, fields: impl IntoIterator<Item = HeaderName>) -> Self {
+        let fields: Arc<[HeaderName]> = fields.into_iter().collect();
+        self.update(|c| c.protected = fields)
+    }
+
+    /// The request fields that hop-by-hop stripping never removes.
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// assert!(layer.get_protected_request_fields().contains(&http::header::HOST));
+    /// ```
+    pub fn get_protected_request_fields(&self) -> &[HeaderName] {
+        &self.config.protected
+    }
+
     /// The idle timeout.
     ///
     /// ```
@@ -268,7 +320,8 @@ impl fmt::Debug for Config {
             .field("http10", &self.http10)
             .field("max_age", &self.max_age)
             .field("max_age_jitter", &self.max_age_jitter)
-            .finish()
+            .field("strip_request", &self.strip_request)
+            .finish_non_exhaustive()
     }
 }
 
@@ -306,9 +359,7 @@ impl Config {
             // Beyond the table, or no count to go with a limit (no handle): formatted on the spot.
             _ => return self.format_advert(remaining),
         };
-        let start = index
-            .checked_sub(1)
-            .map_or(0, |i| adverts.ends[i] as usize);
+        let start = index.checked_sub(1).map_or(0, |i| adverts.ends[i] as usize);
         let end = adverts.ends[index] as usize;
         HeaderValue::from_maybe_shared(adverts.buf.slice(start..end)).ok()
     }
@@ -376,7 +427,9 @@ mod tests {
 
     #[test]
     fn max_requests_is_at_least_one_and_jitter_is_clamped() {
-        let layer = KeepAliveLayer::new().max_requests(0).max_age_jitter(f64::NAN);
+        let layer = KeepAliveLayer::new()
+            .max_requests(0)
+            .max_age_jitter(f64::NAN);
         assert_eq!(layer.get_max_requests(), Some(1));
         assert_eq!(layer.config.max_age_jitter, 0.0);
         let layer = layer.max_age_jitter(5.0);

@@ -97,7 +97,12 @@
 //!   that keep `axum::serve`.
 //! - `headers`: [`KeepAliveHeader`] implements `headers::Header`.
 
-#![deny(missing_docs, unreachable_pub, rust_2018_idioms, missing_debug_implementations)]
+#![deny(
+    missing_docs,
+    unreachable_pub,
+    rust_2018_idioms,
+    missing_debug_implementations
+)]
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 

@@ -186,8 +186,74 @@ pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
         }
         headers.remove(CONNECTION);
     }
-    for name in [&KEEP_ALIVE, &PROXY_CONNECTION, &TRANSFER_ENCODING, &UPGRADE, &TE] {
+    for name in [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &TE,
+    ] {
         headers.remove(name);
+    }
+}
+
+/// The fields a request's `Connection` may not get removed by default: an attacker who could strip them
+/// on the way to the app could get around its trust decisions (Apache CVE-2022-31813 dropped
+/// `X-Forwarded-*` this way, Go CVE-2021-33197 any field).
+pub(crate) const PROTECTED_REQUEST_FIELDS: [&str; 13] = [
+    "host",
+    "authorization",
+    "cookie",
+    "content-length",
+    "content-type",
+    "content-encoding",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-real-ip",
+    "via",
+];
+
+/// The request fields that are hop-by-hop whatever `Connection` says (RFC 9110 section 7.6.1), plus
+/// `Proxy-Authorization`, which is meant for the proxy itself (RFC 9110 section 11.7.2).
+fn standard_hop_by_hop() -> [&'static HeaderName; 7] {
+    static PROXY_AUTHORIZATION: HeaderName = http::header::PROXY_AUTHORIZATION;
+    [
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TE,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &PROXY_AUTHORIZATION,
+        &CONNECTION_NAME,
+    ]
+}
+
+static CONNECTION_NAME: HeaderName = CONNECTION;
+
+/// Removes a request's hop-by-hop fields before it is forwarded (RFC 9110 section 7.6.1): every field
+/// named in `Connection`, then the standard set and `Connection` itself, sparing the `protected` names.
+pub(crate) fn strip_request_hop_by_hop(headers: &mut HeaderMap, protected: &[HeaderName]) {
+    if ConnectionTokens::parse(headers).other {
+        // Only names that are present and not protected: the list stays as short as the header map,
+        // whatever the length of `Connection`.
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .flat_map(|line| split_tokens(line.as_bytes()))
+            .filter_map(|token| HeaderName::from_bytes(token).ok())
+            .filter(|name| headers.contains_key(name) && !protected.contains(name))
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in standard_hop_by_hop() {
+        if !protected.contains(name) {
+            headers.remove(name);
+        }
     }
 }
 
@@ -227,7 +293,10 @@ mod tests {
                 other: true
             }
         );
-        assert_eq!(ConnectionTokens::parse(&HeaderMap::new()), ConnectionTokens::default());
+        assert_eq!(
+            ConnectionTokens::parse(&HeaderMap::new()),
+            ConnectionTokens::default()
+        );
         // A token is a whole list element, not a substring.
         let t = ConnectionTokens::parse(&map(&[("connection", "closed, keep-alive-ish")]));
         assert!(!t.close && !t.keep_alive && t.other);
@@ -254,11 +323,25 @@ mod tests {
 
     #[test]
     fn response_close_is_final_and_keeps_other_tokens() {
-        let mut h = map(&[("connection", "keep-alive, X-Foo"), ("keep-alive", "timeout=99")]);
+        let mut h = map(&[
+            ("connection", "keep-alive, X-Foo"),
+            ("keep-alive", "timeout=99"),
+        ]);
         let mut v = Version::HTTP_11;
-        let out = finish_http1(StatusCode::OK, &mut h, &mut v, false, Some(CloseReason::Drain), true, None);
+        let out = finish_http1(
+            StatusCode::OK,
+            &mut h,
+            &mut v,
+            false,
+            Some(CloseReason::Drain),
+            true,
+            None,
+        );
         assert_eq!(out, Some(CloseReason::Drain));
-        assert_eq!(h.get_all(CONNECTION).iter().collect::<Vec<_>>(), ["close, X-Foo"]);
+        assert_eq!(
+            h.get_all(CONNECTION).iter().collect::<Vec<_>>(),
+            ["close, X-Foo"]
+        );
         assert!(!h.contains_key(&KEEP_ALIVE));
     }
 
@@ -267,7 +350,15 @@ mod tests {
         let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
         let before = h.clone();
         let mut v = Version::HTTP_11;
-        let out = finish_http1(StatusCode::SWITCHING_PROTOCOLS, &mut h, &mut v, false, None, true, None);
+        let out = finish_http1(
+            StatusCode::SWITCHING_PROTOCOLS,
+            &mut h,
+            &mut v,
+            false,
+            None,
+            true,
+            None,
+        );
         assert_eq!(out, Some(CloseReason::Upgraded));
         assert_eq!(h, before);
     }
@@ -280,6 +371,48 @@ mod tests {
         assert_eq!(out, Some(CloseReason::Service));
         assert_eq!(h[CONNECTION], "close");
         assert_eq!(v, Version::HTTP_10);
+    }
+
+    #[test]
+    fn request_strip_spares_protected_fields() {
+        let protected: Vec<HeaderName> = PROTECTED_REQUEST_FIELDS
+            .iter()
+            .map(|n| HeaderName::from_static(n))
+            .collect();
+        let mut h = map(&[
+            (
+                "connection",
+                "keep-alive, X-Forwarded-For, Authorization, x-hop, Host, Cookie",
+            ),
+            ("connection", "content-length, forwarded"),
+            ("host", "example.com"),
+            ("authorization", "Bearer t"),
+            ("cookie", "a=b"),
+            ("content-length", "3"),
+            ("forwarded", "for=1.2.3.4"),
+            ("x-forwarded-for", "1.2.3.4"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "Basic x"),
+            ("accept", "*/*"),
+        ]);
+        strip_request_hop_by_hop(&mut h, &protected);
+        let mut left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "accept",
+                "authorization",
+                "content-length",
+                "cookie",
+                "forwarded",
+                "host",
+                "x-forwarded-for"
+            ]
+        );
     }
 
     #[test]

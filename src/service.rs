@@ -137,7 +137,12 @@ where
                 found
             }
         };
+        let mut req = req;
         let (plan, guard) = plan(&req, handle.as_ref(), &self.config);
+        let config = handle.as_ref().map_or(&*self.config, |h| h.config());
+        if config.strip_request {
+            policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
+        }
         ResponseFuture::new(self.inner.call(req), plan, guard)
     }
 }

@@ -253,11 +253,17 @@ impl Drain {
             self.tx.closed().await;
             return 0;
         };
-        if tokio::time::timeout(deadline, self.tx.closed()).await.is_ok() {
+        if tokio::time::timeout(deadline, self.tx.closed())
+            .await
+            .is_ok()
+        {
             return 0;
         }
         let left = self.tx.receiver_count();
-        tracing::debug!(connections = left, "drain deadline passed; dropping connections");
+        tracing::debug!(
+            connections = left,
+            "drain deadline passed; dropping connections"
+        );
         self.tx.send_replace(DrainState::Abort);
         self.tx.closed().await;
         left
@@ -286,7 +292,11 @@ impl DrainWatcher {
     /// let reason = drain.watcher().drive(layer.connection(), conn).await;
     /// # }
     /// ```
-    pub async fn drive<C: GracefulConnection>(self, handle: ConnectionHandle, conn: C) -> CloseReason {
+    pub async fn drive<C: GracefulConnection>(
+        self,
+        handle: ConnectionHandle,
+        conn: C,
+    ) -> CloseReason {
         run(handle, conn, Some(self.rx)).await
     }
 }
@@ -331,7 +341,11 @@ async fn run<C: GracefulConnection>(
         FIRST_REQUEST_WHEN_DISABLED
     };
     let max_age_at = handle.max_age_at().map(Instant::from_std);
-    let mut timer = pin!(sleep_until(next_deadline(&handle, idle_timeout, max_age_at)));
+    let mut timer = pin!(sleep_until(next_deadline(
+        &handle,
+        idle_timeout,
+        max_age_at
+    )));
     let mut shutting_down = false;
 
     // A connection accepted while the server was already draining.

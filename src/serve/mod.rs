@@ -296,8 +296,10 @@ where
             let builder = builder.clone();
             let on_close = on_close.clone();
             tokio::spawn(async move {
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
+                let conn = builder.serve_connection_with_upgrades(
+                    TokioIo::new(io),
+                    TowerToHyperService::new(svc),
+                );
                 let reason = watcher.drive(handle.clone(), conn).await;
                 if let Some(on_close) = on_close {
                     on_close(&handle, reason);
