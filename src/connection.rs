@@ -57,7 +57,8 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    const ALL: [CloseReason; 8] = [
+    pub(crate) const COUNT: usize = 8;
+    pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
         CloseReason::MaxAge,
@@ -84,6 +85,10 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Upgraded => "upgraded",
         }
+    }
+
+    pub(crate) fn index(self) -> usize {
+        self as usize
     }
 
     fn to_u8(self) -> u8 {
@@ -151,6 +156,7 @@ pub(crate) struct Shared {
 impl ConnectionHandle {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         let opened = Instant::now();
+        config.stats.connection_opened();
         let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
             let jittered = jitter(age, config.max_age_jitter, seed(&opened));
             u64::try_from(jittered.as_nanos()).unwrap_or(u64::MAX)
@@ -301,7 +307,8 @@ impl ConnectionHandle {
 
     /// Counts a new request and marks it in flight. Returns the request's 1-based number on this connection.
     pub(crate) fn start_request(&self) -> (u64, InFlight) {
-        self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        let before = self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.shared.config.stats.request_started(before == 0);
         let n = self.shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
         (
             n,
@@ -349,7 +356,19 @@ impl Drop for InFlight {
             .store(self.handle.elapsed_ns(), Ordering::Relaxed);
         // No wake-up here: the driver's one timer finds the connection idle when it fires, so a request
         // costs no lock or syscall.
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        let before = shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.config.stats.request_finished(before == 1);
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // The last clone of the handle is gone: so is the connection.
+        let reason =
+            CloseReason::from_u8(*self.close.get_mut()).unwrap_or(CloseReason::ClientClosed);
+        self.config
+            .stats
+            .connection_closed(reason, *self.requests.get_mut());
     }
 }
 

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use tower_layer::Layer;
 
+use crate::stats::{Counters, Stats};
 use crate::{ConnectionHandle, KeepAlive, KeepAliveHeader};
 
 /// Applies a server's keep-alive policy to every response, per connection.
@@ -64,6 +65,7 @@ pub(crate) struct Config {
     pub(crate) max_age_jitter: f64,
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
+    pub(crate) stats: Arc<Counters>,
     adverts: OnceLock<Adverts>,
 }
 
@@ -95,6 +97,7 @@ impl KeepAliveLayer {
                     .iter()
                     .map(|name| HeaderName::from_static(name))
                     .collect(),
+                stats: Arc::default(),
                 adverts: OnceLock::new(),
             }),
             handle: None,
@@ -105,6 +108,8 @@ impl KeepAliveLayer {
         let config = Arc::make_mut(&mut self.config);
         f(config);
         config.adverts = OnceLock::new();
+        // A layer built from another one counts its own connections.
+        config.stats = Arc::default();
         self
     }
 
@@ -269,6 +274,21 @@ impl KeepAliveLayer {
     /// ```
     pub fn get_max_age(&self) -> Option<Duration> {
         self.config.max_age
+    }
+
+    /// The counters of every connection made from this layer and its clones: connections open and idle,
+    /// requests in flight and served, closes by reason, requests per connection. See [`Stats`].
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let stats = layer.stats();
+    /// let _conn = layer.connection();
+    /// assert_eq!(stats.snapshot().connections_open(), 1);
+    /// ```
+    pub fn stats(&self) -> Stats {
+        Stats {
+            counters: self.config.stats.clone(),
+        }
     }
 
     /// Creates the state of one new connection. Call it once per accepted connection, then bind the

@@ -119,6 +119,7 @@ mod policy;
 #[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
 pub mod serve;
 mod service;
+pub mod stats;
 
 pub use body::ResponseBody;
 pub use connection::{CloseReason, ConnectionHandle};
@@ -126,6 +127,7 @@ pub use future::ResponseFuture;
 pub use header::{InvalidKeepAlive, KeepAliveHeader};
 pub use layer::KeepAliveLayer;
 pub use service::KeepAlive;
+pub use stats::{Stats, StatsSnapshot};
 
 #[cfg(feature = "serve")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serve")))]

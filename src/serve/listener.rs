@@ -23,8 +23,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub trait Listener: Send + 'static {
     /// The connection type.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The peer address type.
-    type Addr: Send;
+    /// The peer address type; logged in each connection's `tracing` span.
+    type Addr: Send + std::fmt::Debug;
 
     /// Accepts the next connection. An error ends nothing: the serve loop backs off and goes on.
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;

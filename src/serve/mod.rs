@@ -272,7 +272,7 @@ where
         let mut backoff = listener::Backoff::default();
 
         loop {
-            let (io, _addr) = tokio::select! {
+            let (io, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => {
                         backoff.reset();

@@ -1,0 +1,296 @@
+//! Server-wide counters: connections open and idle, requests in flight and served, closes by reason, and
+//! the distribution of requests per connection.
+//!
+//! Kept by every [`ConnectionHandle`] made from one [`KeepAliveLayer`] (and its clones), with relaxed
+//! atomic counters: a few atomic additions per request, no lock, no allocation. Read them with
+//! [`KeepAliveLayer::stats`] and [`Stats::snapshot`], for logs or a metrics endpoint.
+//!
+//! # Example
+//!
+//! ```
+//! use tower_keepalive::{CloseReason, KeepAliveLayer};
+//!
+//! let layer = KeepAliveLayer::new();
+//! let stats = layer.stats();
+//! let handle = layer.connection();
+//! assert_eq!(stats.snapshot().connections_open(), 1);
+//! handle.close(CloseReason::Drain);
+//! drop(handle);
+//! let snapshot = stats.snapshot();
+//! assert_eq!(snapshot.connections_open(), 0);
+//! assert_eq!(snapshot.closed(CloseReason::Drain), 1);
+//! ```
+//!
+//! [`ConnectionHandle`]: crate::ConnectionHandle
+//! [`KeepAliveLayer`]: crate::KeepAliveLayer
+//! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use crate::CloseReason;
+
+/// Buckets of the requests-per-connection distribution: `0`, `1`, `2..=3`, `4..=7`, ... up to
+/// `2^(BUCKETS-2)..` (powers of two).
+const BUCKETS: usize = 18;
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    opened: AtomicU64,
+    closed: AtomicU64,
+    busy: AtomicU64,
+    started: AtomicU64,
+    finished: AtomicU64,
+    by_reason: [AtomicU64; CloseReason::COUNT],
+    per_connection: [AtomicU64; BUCKETS],
+}
+
+impl Counters {
+    pub(crate) fn connection_opened(&self) {
+        self.opened.fetch_add(1, Relaxed);
+    }
+
+    pub(crate) fn connection_closed(&self, reason: CloseReason, requests: u64) {
+        self.by_reason[reason.index()].fetch_add(1, Relaxed);
+        self.per_connection[bucket(requests)].fetch_add(1, Relaxed);
+        // Last, so that a snapshot never sees a connection closed but not yet counted by reason.
+        self.closed.fetch_add(1, Relaxed);
+    }
+
+    /// A request started; `was_idle` when the connection had nothing in flight.
+    pub(crate) fn request_started(&self, was_idle: bool) {
+        self.started.fetch_add(1, Relaxed);
+        if was_idle {
+            self.busy.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A request finished; `now_idle` when it was the connection's last in flight.
+    pub(crate) fn request_finished(&self, now_idle: bool) {
+        if now_idle {
+            self.busy.fetch_sub(1, Relaxed);
+        }
+        self.finished.fetch_add(1, Relaxed);
+    }
+}
+
+fn bucket(requests: u64) -> usize {
+    let log = (u64::BITS - requests.leading_zeros()) as usize;
+    log.min(BUCKETS - 1)
+}
+
+/// A live view of one layer's counters. Cheap to clone; see the [module docs](self).
+///
+/// ```
+/// let stats = tower_keepalive::KeepAliveLayer::new().stats();
+/// assert_eq!(stats.snapshot().requests(), 0);
+/// ```
+#[derive(Clone)]
+pub struct Stats {
+    pub(crate) counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.snapshot(), f)
+    }
+}
+
+impl Stats {
+    /// The counters as they are now. Each is read on its own, so under load a snapshot may be off by the
+    /// requests that moved while it was read; it never shows fewer connections open than idle.
+    ///
+    /// ```
+    /// let stats = tower_keepalive::KeepAliveLayer::new().stats();
+    /// let now = stats.snapshot();
+    /// assert_eq!(now.connections_open(), now.connections_idle());
+    /// ```
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let c = &*self.counters;
+        let closed = c.closed.load(Relaxed);
+        let finished = c.finished.load(Relaxed);
+        let busy = c.busy.load(Relaxed);
+        let opened = c.opened.load(Relaxed);
+        let started = c.started.load(Relaxed);
+        let open = opened.saturating_sub(closed);
+        StatsSnapshot {
+            connections_opened: opened,
+            connections_open: open,
+            connections_idle: open.saturating_sub(busy),
+            in_flight: started.saturating_sub(finished),
+            requests: started,
+            by_reason: std::array::from_fn(|i| c.by_reason[i].load(Relaxed)),
+            per_connection: std::array::from_fn(|i| c.per_connection[i].load(Relaxed)),
+        }
+    }
+}
+
+/// The counters of a [`Stats`] at one moment.
+///
+/// ```
+/// let snapshot = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+/// println!("{} open, {} idle", snapshot.connections_open(), snapshot.connections_idle());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    connections_opened: u64,
+    connections_open: u64,
+    connections_idle: u64,
+    in_flight: u64,
+    requests: u64,
+    by_reason: [u64; CloseReason::COUNT],
+    per_connection: [u64; BUCKETS],
+}
+
+impl StatsSnapshot {
+    /// Connections accepted since the layer was built.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.connections_opened(), 0);
+    /// ```
+    pub fn connections_opened(&self) -> u64 {
+        self.connections_opened
+    }
+
+    /// Connections open now.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.connections_open(), 0);
+    /// ```
+    pub fn connections_open(&self) -> u64 {
+        self.connections_open
+    }
+
+    /// Connections open now with nothing in flight (including those yet to send a first request).
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.connections_idle(), 0);
+    /// ```
+    pub fn connections_idle(&self) -> u64 {
+        self.connections_idle
+    }
+
+    /// Requests whose response is not yet fully sent.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.in_flight(), 0);
+    /// ```
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight
+    }
+
+    /// Requests started since the layer was built.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.requests(), 0);
+    /// ```
+    pub fn requests(&self) -> u64 {
+        self.requests
+    }
+
+    /// Connections closed for `reason`.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.closed(tower_keepalive::CloseReason::Idle), 0);
+    /// ```
+    pub fn closed(&self, reason: CloseReason) -> u64 {
+        self.by_reason[reason.index()]
+    }
+
+    /// Every close reason with its count.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// for (reason, count) in s.closes() {
+    ///     println!("{reason}: {count}");
+    /// }
+    /// ```
+    pub fn closes(&self) -> impl Iterator<Item = (CloseReason, u64)> + '_ {
+        CloseReason::ALL.iter().map(|&r| (r, self.closed(r)))
+    }
+
+    /// The distribution of requests per closed connection, as `(upper bound, count)` pairs: the count of
+    /// connections that served at most `upper bound` requests and more than the previous bound; the last
+    /// bound is `u64::MAX`. Bounds: 0, 1, 3, 7, 15, ... (powers of two less one).
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// let (bound, count) = s.requests_per_connection().next().unwrap();
+    /// assert_eq!((bound, count), (0, 0));
+    /// ```
+    pub fn requests_per_connection(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.per_connection.iter().enumerate().map(|(i, &count)| {
+            let bound = if i == BUCKETS - 1 {
+                u64::MAX
+            } else {
+                (1u64 << i) - 1
+            };
+            (bound, count)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_powers_of_two() {
+        assert_eq!(bucket(0), 0);
+        assert_eq!(bucket(1), 1);
+        assert_eq!(bucket(2), 2);
+        assert_eq!(bucket(3), 2);
+        assert_eq!(bucket(4), 3);
+        assert_eq!(bucket(u64::MAX), BUCKETS - 1);
+        let s = Stats {
+            counters: Arc::default(),
+        }
+        .snapshot();
+        let bounds: Vec<u64> = s.requests_per_connection().map(|(b, _)| b).collect();
+        assert_eq!(&bounds[..4], [0, 1, 3, 7]);
+        assert_eq!(*bounds.last().unwrap(), u64::MAX);
+        // Each bucket holds the values its bound admits.
+        for (i, &b) in bounds.iter().enumerate().take(BUCKETS - 1) {
+            assert_eq!(bucket(b), i);
+        }
+    }
+
+    #[test]
+    fn connections_and_requests_are_counted() {
+        let layer = crate::KeepAliveLayer::new();
+        let stats = layer.stats();
+        let a = layer.connection();
+        let b = layer.connection();
+        let (_, g1) = a.start_request();
+        let (_, g2) = a.start_request();
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.connections_open(), s.connections_idle(), s.in_flight()),
+            (2, 1, 2)
+        );
+        drop(g1);
+        assert_eq!(stats.snapshot().connections_idle(), 1);
+        drop(g2);
+        let s = stats.snapshot();
+        assert_eq!(
+            (s.connections_idle(), s.in_flight(), s.requests()),
+            (2, 0, 2)
+        );
+        a.close(CloseReason::MaxRequests);
+        drop(a);
+        drop(b);
+        let s = stats.snapshot();
+        assert_eq!(s.connections_open(), 0);
+        assert_eq!(s.closed(CloseReason::MaxRequests), 1);
+        assert_eq!(s.closed(CloseReason::ClientClosed), 1);
+        let per: Vec<(u64, u64)> = s.requests_per_connection().take(3).collect();
+        assert_eq!(per, [(0, 1), (1, 0), (3, 1)]);
+    }
+}
