@@ -295,7 +295,8 @@ where
             let watcher = drain.watcher();
             let builder = builder.clone();
             let on_close = on_close.clone();
-            tokio::spawn(async move {
+            let span = tracing::debug_span!("connection", peer = ?addr);
+            let task = async move {
                 let conn = builder.serve_connection_with_upgrades(
                     TokioIo::new(io),
                     TowerToHyperService::new(svc),
@@ -304,7 +305,8 @@ where
                 if let Some(on_close) = on_close {
                     on_close(&handle, reason);
                 }
-            });
+            };
+            tokio::spawn(tracing::Instrument::instrument(task, span));
         }
 
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
