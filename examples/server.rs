@@ -1,7 +1,7 @@
 //! A server for trying tower-keepalive by hand and from scripts.
 //!
 //! ```text
-//! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--no-advertise]
+//! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--no-advertise] [--max-connections N]
 //! ```
 //!
 //! The first line on stdout is `listening on http://ADDR`. HTTP/1.x and h2c (prior knowledge) on the
@@ -33,12 +33,13 @@ struct Args {
     addr: SocketAddr,
     layer: KeepAliveLayer,
     drain_timeout: Duration,
+    max_connections: Option<usize>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
-         [--no-advertise] [--drain-timeout SECS]"
+         [--no-advertise] [--drain-timeout SECS] [--max-connections N]"
     );
     std::process::exit(2)
 }
@@ -48,6 +49,7 @@ fn parse_args() -> Args {
         addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
         layer: KeepAliveLayer::new(),
         drain_timeout: Duration::from_secs(30),
+        max_connections: None,
     };
     let mut it = std::env::args().skip(1);
     let secs = |v: Option<String>| -> Duration {
@@ -79,6 +81,13 @@ fn parse_args() -> Args {
             "--max-age" => args.layer = args.layer.max_age(secs(it.next())),
             "--no-advertise" => args.layer = args.layer.advertise(false),
             "--drain-timeout" => args.drain_timeout = secs(it.next()),
+            "--max-connections" => {
+                args.max_connections = Some(
+                    it.next()
+                        .and_then(|n| n.parse().ok())
+                        .unwrap_or_else(|| usage()),
+                );
+            }
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -174,8 +183,12 @@ async fn main() -> std::io::Result<()> {
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(policy = ?args.layer, "serving");
 
-    tower_keepalive::serve(listener, app())
-        .keep_alive(args.layer)
+    let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
+    if let Some(max) = args.max_connections {
+        // Soft limit at three quarters: above it idle connections yield to new clients.
+        server = server.max_connections(max);
+    }
+    server
         .with_graceful_shutdown(shutdown_signal())
         .drain_timeout(args.drain_timeout)
         .on_close(|conn, reason| {

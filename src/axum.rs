@@ -61,9 +61,6 @@ use tower_service::Service;
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
-/// With keep-alive off (a zero idle timeout) a connection still gets this long to send its request.
-const FIRST_REQUEST_WHEN_DISABLED: std::time::Duration = std::time::Duration::from_secs(5);
-
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
 /// See the [module docs](self).
 ///
@@ -178,7 +175,7 @@ pin_project! {
 
 impl<I> KeepAliveIo<I> {
     fn new(inner: I, handle: ConnectionHandle, draining: Arc<AtomicBool>) -> Self {
-        let deadline = next_deadline(&handle);
+        let deadline = next_check(&handle);
         KeepAliveIo {
             inner,
             handle,
@@ -220,25 +217,8 @@ impl<I: fmt::Debug> fmt::Debug for KeepAliveIo<I> {
     }
 }
 
-fn idle_timeout(handle: &ConnectionHandle) -> std::time::Duration {
-    let config = handle.config();
-    if config.keep_alive_enabled() {
-        config.idle_timeout
-    } else {
-        FIRST_REQUEST_WHEN_DISABLED
-    }
-}
-
-fn next_deadline(handle: &ConnectionHandle) -> Instant {
-    let timeout = idle_timeout(handle);
-    let idle = match handle.idle_since() {
-        Some(since) => Instant::from_std(since) + timeout,
-        None => Instant::now() + timeout,
-    };
-    match handle.max_age_at() {
-        Some(at) => idle.min(Instant::from_std(at)),
-        None => idle,
-    }
+fn next_check(handle: &ConnectionHandle) -> Instant {
+    Instant::from_std(handle.next_check(std::time::Instant::now()))
 }
 
 impl<I> KeepAliveIo<I> {
@@ -260,32 +240,19 @@ impl<I> KeepAliveIo<I> {
             return true;
         }
         while this.timer.as_mut().poll(cx).is_ready() {
-            let now = Instant::now();
-            let reason = if handle
-                .max_age_at()
-                .is_some_and(|at| Instant::from_std(at) <= now)
-            {
-                Some(CloseReason::MaxAge)
-            } else if handle
-                .idle_since()
-                .is_some_and(|since| Instant::from_std(since) + idle_timeout(handle) <= now)
-            {
-                Some(CloseReason::Idle)
-            } else {
-                None
-            };
-            match reason {
+            let now = std::time::Instant::now();
+            match handle.due(now) {
                 Some(reason) if handle.in_flight() == 0 => {
                     handle.close(reason);
                     *this.closed = true;
                     return true;
                 }
+                // Past its age but busy: the layer says `close` on the next response.
                 Some(reason) => {
-                    // Past its age but busy: the layer says `close` on the next response.
                     handle.close(reason);
-                    this.timer.as_mut().reset(now + idle_timeout(handle));
+                    this.timer.as_mut().reset(next_check(handle));
                 }
-                None => this.timer.as_mut().reset(next_deadline(handle)),
+                None => this.timer.as_mut().reset(next_check(handle)),
             }
         }
         false

@@ -9,7 +9,7 @@
 //! [`KeepAliveLayer::bind`]: crate::KeepAliveLayer::bind
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,10 +54,13 @@ pub enum CloseReason {
     /// The connection was upgraded (`101 Switching Protocols`, a WebSocket): HTTP is over on it and the
     /// upgraded protocol owns it from then on.
     Upgraded,
+    /// The server was short of connections (above its soft connection limit): idle connections were
+    /// closed early, longest idle first, to admit new clients.
+    Pressure,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 8;
+    pub(crate) const COUNT: usize = 9;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -67,6 +70,7 @@ impl CloseReason {
         CloseReason::Drain,
         CloseReason::Error,
         CloseReason::Upgraded,
+        CloseReason::Pressure,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -84,6 +88,7 @@ impl CloseReason {
             CloseReason::Drain => "drain",
             CloseReason::Error => "error",
             CloseReason::Upgraded => "upgraded",
+            CloseReason::Pressure => "pressure",
         }
     }
 
@@ -148,6 +153,16 @@ pub(crate) struct Shared {
     /// Nanoseconds since `opened` at which `in_flight` last dropped to zero. Written before the decrement
     /// that makes the connection idle, so whoever sees `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
+    /// Whether the connection's last write found the socket full: the response bodies are done, but
+    /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
+    /// Set by the serve path's IO wrapper (`serve::watched`); always `false` without it.
+    write_blocked: AtomicBool,
+    /// Nanoseconds since `opened` of the first write that went through after the socket was full:
+    /// the earliest the buffered response could have been fully sent. Idle time counts from here too.
+    unblocked_ns: AtomicU64,
+    /// Nanoseconds since `opened` of the last write of any kind (a connection told to close that is
+    /// still writing is not dropped at the end of its grace period).
+    last_write_ns: AtomicU64,
     close: AtomicU8,
     /// Wakes whoever drives the connection when a close is decided from inside (max requests on HTTP/2).
     pub(crate) notify: Notify,
@@ -169,6 +184,9 @@ impl ConnectionHandle {
                 requests: AtomicU64::new(0),
                 in_flight: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(0),
+                write_blocked: AtomicBool::new(false),
+                unblocked_ns: AtomicU64::new(0),
+                last_write_ns: AtomicU64::new(0),
                 close: AtomicU8::new(0),
                 notify: Notify::new(),
             }),
@@ -195,8 +213,9 @@ impl ConnectionHandle {
         self.shared.in_flight.load(Ordering::Acquire) as usize
     }
 
-    /// When the connection became idle, or `None` while a request is in flight. A new connection is idle
-    /// from the moment it was accepted.
+    /// When the connection became idle, or `None` while a request is in flight or, on the crate's serve
+    /// path, while a response is still being written to a full socket. A new connection is idle from the
+    /// moment it was accepted.
     ///
     /// ```
     /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
@@ -206,8 +225,40 @@ impl ConnectionHandle {
         if self.shared.in_flight.load(Ordering::Acquire) != 0 {
             return None;
         }
-        let ns = self.shared.idle_since_ns.load(Ordering::Relaxed);
+        if self.shared.write_blocked.load(Ordering::Acquire) {
+            return None;
+        }
+        let ns = self
+            .shared
+            .idle_since_ns
+            .load(Ordering::Relaxed)
+            .max(self.shared.unblocked_ns.load(Ordering::Relaxed));
         Some(self.shared.opened + Duration::from_nanos(ns))
+    }
+
+    /// Since when the connection has been idle and has written nothing at all: whoever drives a
+    /// connection told to close drops it once this is older than its grace period.
+    pub(crate) fn quiet_since(&self) -> Option<Instant> {
+        let idle = self.idle_since()?;
+        let wrote = self.shared.opened
+            + Duration::from_nanos(self.shared.last_write_ns.load(Ordering::Relaxed));
+        Some(idle.max(wrote))
+    }
+
+    /// Records a write on the connection's socket: `blocked` when the socket was full.
+    pub(crate) fn note_write(&self, blocked: bool) {
+        let shared = &self.shared;
+        if blocked {
+            shared.write_blocked.store(true, Ordering::Release);
+            return;
+        }
+        let now = self.elapsed_ns();
+        shared.last_write_ns.store(now, Ordering::Relaxed);
+        if shared.write_blocked.load(Ordering::Relaxed) {
+            // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
+            shared.unblocked_ns.store(now, Ordering::Relaxed);
+            shared.write_blocked.store(false, Ordering::Release);
+        }
     }
 
     /// When the connection was accepted (when this handle was created).
@@ -318,6 +369,46 @@ impl ConnectionHandle {
         )
     }
 
+    /// The idle time after which the connection closes: the idle timeout, shortened under connection
+    /// pressure. With keep-alive off, the time a new connection gets to send its one request.
+    pub(crate) fn idle_limit(&self) -> Duration {
+        let config = self.config();
+        if config.keep_alive_enabled() {
+            config.effective_idle_timeout()
+        } else {
+            FIRST_REQUEST_WHEN_DISABLED
+        }
+    }
+
+    /// Why the connection should close at `now`, if it should: past its maximum age, or idle past its
+    /// idle limit (`Pressure` when only the pressure-shortened limit is passed).
+    pub(crate) fn due(&self, now: Instant) -> Option<CloseReason> {
+        if self.max_age_at().is_some_and(|at| at <= now) {
+            return Some(CloseReason::MaxAge);
+        }
+        let idle = now.saturating_duration_since(self.idle_since()?);
+        let limit = self.idle_limit();
+        if idle < limit {
+            None
+        } else if idle < self.config().idle_timeout {
+            Some(CloseReason::Pressure)
+        } else {
+            Some(CloseReason::Idle)
+        }
+    }
+
+    /// When [`due`](Self::due) may next say something: the end of the idle period if idle; while busy, a
+    /// re-check later (cheaper than a wake-up on every request); never past the maximum age.
+    pub(crate) fn next_check(&self, now: Instant) -> Instant {
+        let limit = self.idle_limit();
+        let at = match self.idle_since() {
+            Some(since) => since + limit,
+            // Not sooner than every 1/16 of the timeout, even when pressure shrinks the limit to nothing.
+            None => now + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
+        };
+        self.max_age_at().map_or(at, |age| age.min(at))
+    }
+
     fn elapsed_ns(&self) -> u64 {
         u64::try_from(self.shared.opened.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -333,6 +424,12 @@ impl fmt::Debug for ConnectionHandle {
             .finish()
     }
 }
+
+/// With keep-alive off (a zero idle timeout) a connection still gets this long to send its request.
+const FIRST_REQUEST_WHEN_DISABLED: Duration = Duration::from_secs(5);
+
+/// The shortest interval at which a busy connection's timer looks again.
+const MIN_RECHECK: Duration = Duration::from_millis(10);
 
 /// One request in flight; dropping it (when the response body is finished or dropped) makes the
 /// connection idle again if it was the last.

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 use tower_layer::Layer;
 
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, Stats, PRESSURE_STEPS};
 use crate::{ConnectionHandle, KeepAlive, KeepAliveHeader};
 
 /// Applies a server's keep-alive policy to every response, per connection.
@@ -369,9 +369,20 @@ impl Config {
         !self.idle_timeout.is_zero()
     }
 
+    /// The idle timeout in force now: shortened in proportion to the server's connection pressure.
+    pub(crate) fn effective_idle_timeout(&self) -> Duration {
+        scaled_timeout(self.idle_timeout, self.stats.pressure())
+    }
+
     /// The `Keep-Alive` value for a response after which the connection accepts `remaining` more
     /// requests (`None`: unlimited).
     pub(crate) fn advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
+        let pressure = self.stats.pressure();
+        if pressure > 0 {
+            // Under pressure the advertised timeout shrinks with the enforced one; rare, so formatted.
+            let timeout = scaled_timeout(self.idle_timeout, pressure);
+            return Some(advert_header(timeout, remaining).to_header_value());
+        }
         let adverts = self.adverts.get_or_init(|| self.build_adverts());
         let index = match (remaining, self.max_requests) {
             (None, None) => 0,
@@ -403,8 +414,23 @@ impl Config {
     }
 
     fn format_advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
-        Some(advert_header(self.idle_timeout, remaining).to_header_value())
+        // Formatted on the stack, so that the value's own bytes are the one allocation (a `String`
+        // growing digit by digit, then shrunk into `Bytes`, took four). The longest value,
+        // `timeout=<u64>, max=<u64>`, is 54 bytes.
+        let mut buf = [0u8; 64];
+        let mut out = &mut buf[..];
+        write!(out, "{}", advert_header(self.idle_timeout, remaining)).ok()?;
+        let len = 64 - out.len();
+        HeaderValue::from_bytes(&buf[..len]).ok()
     }
+}
+
+/// `timeout` shortened by `pressure` steps out of [`PRESSURE_STEPS`]. Never below one step: at the hard
+/// limit a connection idle for a sixteenth of the timeout yields, one that has just been answered does
+/// not (its client may be sending the next request right now).
+pub(crate) fn scaled_timeout(timeout: Duration, pressure: u32) -> Duration {
+    let left = PRESSURE_STEPS.saturating_sub(pressure).max(1);
+    timeout * left / PRESSURE_STEPS
 }
 
 fn advert_header(timeout: Duration, remaining: Option<u64>) -> KeepAliveHeader {
@@ -435,6 +461,16 @@ mod tests {
             .idle_timeout(Duration::from_millis(300))
             .unlimited_requests();
         assert_eq!(unlimited.config.advert(None).unwrap(), "timeout=0");
+    }
+
+    #[test]
+    fn pressure_shrinks_the_timeout_to_a_sixteenth() {
+        let t = Duration::from_secs(16);
+        assert_eq!(scaled_timeout(t, 0), t);
+        assert_eq!(scaled_timeout(t, 8), Duration::from_secs(8));
+        assert_eq!(scaled_timeout(t, 15), Duration::from_secs(1));
+        assert_eq!(scaled_timeout(t, 16), Duration::from_secs(1));
+        assert_eq!(scaled_timeout(t, 99), Duration::from_secs(1));
     }
 
     #[test]

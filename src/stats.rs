@@ -26,7 +26,7 @@
 //! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::CloseReason;
@@ -44,9 +44,23 @@ pub(crate) struct Counters {
     finished: AtomicU64,
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
+    /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
+    pressure: AtomicU32,
 }
 
+/// Resolution of the connection pressure: the idle timeout shrinks in this many steps between the soft
+/// and the hard connection limit.
+pub(crate) const PRESSURE_STEPS: u32 = 16;
+
 impl Counters {
+    pub(crate) fn pressure(&self) -> u32 {
+        self.pressure.load(Relaxed)
+    }
+
+    pub(crate) fn set_pressure(&self, level: u32) {
+        self.pressure.store(level.min(PRESSURE_STEPS), Relaxed);
+    }
+
     pub(crate) fn connection_opened(&self) {
         self.opened.fetch_add(1, Relaxed);
     }
@@ -122,6 +136,7 @@ impl Stats {
             requests: started,
             by_reason: std::array::from_fn(|i| c.by_reason[i].load(Relaxed)),
             per_connection: std::array::from_fn(|i| c.per_connection[i].load(Relaxed)),
+            pressure: c.pressure(),
         }
     }
 }
@@ -141,9 +156,21 @@ pub struct StatsSnapshot {
     requests: u64,
     by_reason: [u64; CloseReason::COUNT],
     per_connection: [u64; BUCKETS],
+    pressure: u32,
 }
 
 impl StatsSnapshot {
+    /// How short of connections the server is, from `0.0` (below its soft limit) to `1.0` (at its hard
+    /// limit). Idle timeouts shrink in proportion. Only the serve path with a connection budget sets it.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.pressure(), 0.0);
+    /// ```
+    pub fn pressure(&self) -> f64 {
+        f64::from(self.pressure) / f64::from(PRESSURE_STEPS)
+    }
+
     /// Connections accepted since the layer was built.
     ///
     /// ```

@@ -16,9 +16,6 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (hyper waits for a started head before it honours a graceful shutdown).
 const GRACE: Duration = Duration::from_secs(1);
 
-/// With keep-alive off (a zero idle timeout) a connection still gets this long to send its request.
-const FIRST_REQUEST_WHEN_DISABLED: Duration = Duration::from_secs(5);
-
 /// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
 /// hyper-util's auto connections.
 ///
@@ -133,7 +130,13 @@ where
     }
 }
 
-/// What the server-wide drain signal says.
+/// What the server tells every connection: whether it drains, and how short of connections it is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct ServerSignal {
+    drain: DrainState,
+    pressure: u32,
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DrainState {
     Serving,
@@ -188,7 +191,7 @@ enum DrainState {
 /// ```
 #[derive(Debug)]
 pub struct Drain {
-    tx: watch::Sender<DrainState>,
+    tx: watch::Sender<ServerSignal>,
 }
 
 impl Default for Drain {
@@ -206,7 +209,11 @@ impl Drain {
     /// ```
     pub fn new() -> Self {
         Drain {
-            tx: watch::channel(DrainState::Serving).0,
+            tx: watch::channel(ServerSignal {
+                drain: DrainState::Serving,
+                pressure: 0,
+            })
+            .0,
         }
     }
 
@@ -223,6 +230,13 @@ impl Drain {
     pub fn watcher(&self) -> DrainWatcher {
         DrainWatcher {
             rx: self.tx.subscribe(),
+        }
+    }
+
+    /// A sender of connection-pressure updates to every watched connection.
+    pub(crate) fn pressure_sender(&self) -> PressureSender {
+        PressureSender {
+            tx: self.tx.clone(),
         }
     }
 
@@ -248,7 +262,7 @@ impl Drain {
     /// # }
     /// ```
     pub async fn drain(self, deadline: Option<Duration>) -> usize {
-        self.tx.send_replace(DrainState::Draining);
+        self.tx.send_modify(|s| s.drain = DrainState::Draining);
         let Some(deadline) = deadline else {
             self.tx.closed().await;
             return 0;
@@ -264,9 +278,25 @@ impl Drain {
             connections = left,
             "drain deadline passed; dropping connections"
         );
-        self.tx.send_replace(DrainState::Abort);
+        self.tx.send_modify(|s| s.drain = DrainState::Abort);
         self.tx.closed().await;
         left
+    }
+}
+
+/// Tells every watched connection that the server's connection pressure changed: their idle limits
+/// shrink or grow with it.
+pub(crate) struct PressureSender {
+    tx: watch::Sender<ServerSignal>,
+}
+
+impl PressureSender {
+    pub(crate) fn set(&self, level: u32) {
+        self.tx.send_if_modified(|s| {
+            let changed = s.pressure != level;
+            s.pressure = level;
+            changed
+        });
     }
 }
 
@@ -278,7 +308,7 @@ impl Drain {
 /// ```
 #[derive(Debug)]
 pub struct DrainWatcher {
-    rx: watch::Receiver<DrainState>,
+    rx: watch::Receiver<ServerSignal>,
 }
 
 impl DrainWatcher {
@@ -331,29 +361,17 @@ impl ConnectionHandle {
 async fn run<C: GracefulConnection>(
     handle: ConnectionHandle,
     conn: C,
-    mut drain: Option<watch::Receiver<DrainState>>,
+    mut server: Option<watch::Receiver<ServerSignal>>,
 ) -> CloseReason {
     let mut conn = pin!(conn);
-    let config = handle.config();
-    let idle_timeout = if config.keep_alive_enabled() {
-        config.idle_timeout
-    } else {
-        FIRST_REQUEST_WHEN_DISABLED
-    };
-    let max_age_at = handle.max_age_at().map(Instant::from_std);
-    let mut timer = pin!(sleep_until(next_deadline(
-        &handle,
-        idle_timeout,
-        max_age_at
-    )));
+    let mut timer = pin!(sleep_until(next_check(&handle)));
     let mut shutting_down = false;
 
     // A connection accepted while the server was already draining.
-    let draining = drain
+    let draining = server
         .as_mut()
-        .map(|rx| *rx.borrow_and_update())
-        .unwrap_or(DrainState::Serving);
-    if draining != DrainState::Serving {
+        .is_some_and(|rx| rx.borrow_and_update().drain != DrainState::Serving);
+    if draining {
         // Picked up by the `notified` branch: a graceful close before anything else.
         handle.close(CloseReason::Drain);
     }
@@ -367,64 +385,60 @@ async fn run<C: GracefulConnection>(
                 shutting_down = true;
                 timer.as_mut().reset(Instant::now() + GRACE);
             }
-            state = drain_changed(&mut drain) => {
-                handle.close(CloseReason::Drain);
-                if state == DrainState::Abort {
+            signal = server_changed(&mut server) => match signal.drain {
+                DrainState::Abort => {
+                    handle.close(CloseReason::Drain);
                     return handle.close_reason().unwrap_or(CloseReason::Drain);
                 }
-                if !shutting_down {
-                    conn.as_mut().graceful_shutdown();
-                    shutting_down = true;
-                    timer.as_mut().reset(Instant::now() + GRACE);
+                DrainState::Draining => {
+                    handle.close(CloseReason::Drain);
+                    if !shutting_down {
+                        conn.as_mut().graceful_shutdown();
+                        shutting_down = true;
+                        timer.as_mut().reset(Instant::now() + GRACE);
+                    }
                 }
-            }
+                // Connection pressure changed: the idle limit with it.
+                DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(&handle)),
+                DrainState::Serving => {}
+            },
             () = timer.as_mut() => {
                 let now = Instant::now();
                 if shutting_down {
-                    if handle.in_flight() == 0 {
-                        // Told to close, nothing in flight, still open: a head that never completes.
+                    // Told to close, nothing in flight and nothing written for the grace period, still
+                    // open: a head that never completes. A response hyper is still writing out (to a
+                    // full socket, or as HTTP/2 flow control lets it) is not cut.
+                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + GRACE <= now) {
                         tracing::debug!("connection did not close within the grace period; dropping it");
                         return handle.close_reason().unwrap_or(CloseReason::Idle);
                     }
                     timer.as_mut().reset(now + GRACE);
                     continue;
                 }
-                if max_age_at.is_some_and(|at| at <= now) {
-                    handle.close(CloseReason::MaxAge);
-                } else if handle.idle_since().is_some_and(|since| Instant::from_std(since) + idle_timeout <= now) {
-                    handle.close(CloseReason::Idle);
+                if let Some(reason) = handle.due(now.into_std()) {
+                    // Wakes the `notified` branch on the next turn.
+                    handle.close(reason);
                 } else if handle.is_closing() && handle.in_flight() == 0 {
                     // Closing for a reason the protocol did not carry out (the connection is idle).
                     handle.shared.notify.notify_one();
                 }
-                // A close decided above wakes the `notified` branch on the next turn.
-                timer.as_mut().reset(next_deadline(&handle, idle_timeout, max_age_at));
+                timer.as_mut().reset(next_check(&handle));
             }
         }
     }
 }
 
-/// The one timer's next deadline: the end of the idle period if idle, else a re-check one timeout from
-/// now (cheaper than waking on every request); never past the maximum age.
-fn next_deadline(
-    handle: &ConnectionHandle,
-    idle_timeout: Duration,
-    max_age_at: Option<Instant>,
-) -> Instant {
-    let idle = match handle.idle_since() {
-        Some(since) => Instant::from_std(since) + idle_timeout,
-        None => Instant::now() + idle_timeout,
-    };
-    max_age_at.map_or(idle, |at| at.min(idle))
+fn next_check(handle: &ConnectionHandle) -> Instant {
+    Instant::from_std(handle.next_check(std::time::Instant::now()))
 }
 
-async fn drain_changed(drain: &mut Option<watch::Receiver<DrainState>>) -> DrainState {
-    if let Some(rx) = drain {
+async fn server_changed(server: &mut Option<watch::Receiver<ServerSignal>>) -> ServerSignal {
+    if let Some(rx) = server {
         if rx.changed().await.is_ok() {
             return *rx.borrow_and_update();
         }
     }
-    // No drain, or its sender is gone: nothing will ever come.
+    // No server signal, or its sender is gone: nothing will ever come.
     std::future::pending().await
 }
 

@@ -45,7 +45,9 @@
 //! # }
 //! ```
 
+mod budget;
 mod drive;
+mod watched;
 mod listener;
 
 use std::convert::Infallible;
@@ -65,6 +67,8 @@ use tower_service::Service;
 
 pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
+
+use budget::{Budget, Limits};
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -93,6 +97,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         signal: std::future::pending(),
         drain_timeout: None,
         on_close: None,
+        limits: Limits::from_fd_limit(),
     }
 }
 
@@ -115,6 +120,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     signal: F,
     drain_timeout: Option<Duration>,
     on_close: Option<OnClose>,
+    limits: Option<Limits>,
 }
 
 impl<L, S, F> Serve<L, S, F> {
@@ -164,7 +170,62 @@ impl<L, S, F> Serve<L, S, F> {
             signal,
             drain_timeout: self.drain_timeout,
             on_close: self.on_close,
+            limits: self.limits,
         }
+    }
+
+    /// The connection budget: at most `hard` connections open at once, with the soft limit at three
+    /// quarters of it. See [`connection_limits`](Self::connection_limits).
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).max_connections(10_000).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_connections(self, hard: usize) -> Self {
+        self.connection_limits(hard.saturating_mul(3) / 4, hard)
+    }
+
+    /// The connection budget, with a soft and a hard limit. Below `soft` open connections nothing
+    /// changes. Above it, keep-alive yields: the idle timeout, advertised and enforced, shrinks in
+    /// proportion to how far the server is between `soft` and `hard`, so the longest-idle connections
+    /// close first (close reason [`CloseReason::Pressure`], HTTP/2 with GOAWAY) and new clients are
+    /// admitted; at `hard` no idle connection is kept, and new connections wait in the listener's accept
+    /// queue rather than being accepted and dropped. A request in flight is never cut.
+    ///
+    /// By default the budget comes from the process's file-descriptor limit (`RLIMIT_NOFILE`, less a
+    /// tenth of it and at least 32 for the rest of the process; soft at three quarters), so the accept
+    /// loop sheds idle connections instead of running into `EMFILE`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).connection_limits(8_000, 10_000).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn connection_limits(mut self, soft: usize, hard: usize) -> Self {
+        self.limits = Some(Limits::new(soft, hard));
+        self
+    }
+
+    /// No connection budget: every connection is accepted and keeps its full idle timeout.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).unlimited_connections().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn unlimited_connections(mut self) -> Self {
+        self.limits = None;
+        self
     }
 
     /// How long a drain may take before the connections still open are dropped (default: no limit).
@@ -215,6 +276,7 @@ where
             .field("listener", &self.listener)
             .field("layer", &self.layer)
             .field("drain_timeout", &self.drain_timeout)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
@@ -261,6 +323,7 @@ where
             signal,
             drain_timeout,
             on_close,
+            limits,
         } = self;
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would
@@ -268,10 +331,25 @@ where
         builder.http1().header_read_timeout(None);
         let builder = Arc::new(builder);
         let drain = Drain::new();
+        let budget = limits.map(|limits| {
+            Arc::new(Budget::new(
+                limits,
+                layer.config.stats.clone(),
+                drain.pressure_sender(),
+            ))
+        });
         let mut signal = pin!(signal);
         let mut backoff = listener::Backoff::default();
 
         loop {
+            // At the hard limit, wait here: new clients stay in the accept queue.
+            let permit = match &budget {
+                Some(budget) => tokio::select! {
+                    permit = budget.admit() => permit,
+                    () = &mut signal => break,
+                },
+                None => None,
+            };
             let (io, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => {
@@ -290,6 +368,10 @@ where
                 },
                 () = &mut signal => break,
             };
+            if let Some(budget) = &budget {
+                budget.update();
+            }
+            let budget = budget.clone();
             let handle = layer.connection();
             let svc = KeepAlive::from_layer(service.clone(), layer.bind(handle.clone()));
             let watcher = drain.watcher();
@@ -298,12 +380,16 @@ where
             let span = tracing::debug_span!("connection", peer = ?addr);
             let task = async move {
                 let conn = builder.serve_connection_with_upgrades(
-                    TokioIo::new(io),
+                    TokioIo::new(watched::WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
                 );
                 let reason = watcher.drive(handle.clone(), conn).await;
                 if let Some(on_close) = on_close {
                     on_close(&handle, reason);
+                }
+                drop(permit);
+                if let Some(budget) = budget {
+                    budget.update();
                 }
             };
             tokio::spawn(tracing::Instrument::instrument(task, span));

@@ -1,0 +1,121 @@
+//! The server-wide connection budget: admission at the hard limit, shrinking idle timeouts above the soft
+//! one.
+
+use std::sync::Arc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::drive::PressureSender;
+use crate::stats::{Counters, PRESSURE_STEPS};
+
+/// Connection limits: below `soft` nothing changes; between `soft` and `hard` the idle timeout (advertised
+/// and enforced) shrinks in proportion, so the longest-idle connections close first; at `hard` new
+/// connections wait in the listener's accept queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Limits {
+    pub(crate) soft: usize,
+    pub(crate) hard: usize,
+}
+
+impl Limits {
+    pub(crate) fn new(soft: usize, hard: usize) -> Self {
+        let hard = hard.max(1);
+        Limits {
+            soft: soft.min(hard - 1),
+            hard,
+        }
+    }
+
+    /// From the process's file-descriptor limit, keeping a tenth of it (at least 32) for everything
+    /// else the process opens; the soft limit at three quarters of the hard one. `None` where the limit
+    /// is unknown or unlimited.
+    pub(crate) fn from_fd_limit() -> Option<Self> {
+        let fds = fd_limit()?;
+        let hard = fds.saturating_sub((fds / 10).max(32));
+        (hard >= 4).then(|| Limits::new(hard * 3 / 4, hard))
+    }
+
+    /// The pressure at `open` connections, in steps of 1/[`PRESSURE_STEPS`].
+    pub(crate) fn pressure(&self, open: usize) -> u32 {
+        if open <= self.soft {
+            return 0;
+        }
+        let span = (self.hard - self.soft) as u64;
+        let over = (open - self.soft) as u64;
+        // Rounded up: the first connection over the soft limit already counts.
+        let level = (over * u64::from(PRESSURE_STEPS)).div_ceil(span);
+        level.min(u64::from(PRESSURE_STEPS)) as u32
+    }
+}
+
+#[cfg(unix)]
+fn fd_limit() -> Option<usize> {
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
+    usize::try_from(limit.current?).ok()
+}
+
+#[cfg(not(unix))]
+fn fd_limit() -> Option<usize> {
+    None
+}
+
+/// The live budget of one server.
+pub(crate) struct Budget {
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    counters: Arc<Counters>,
+    signal: PressureSender,
+}
+
+impl Budget {
+    pub(crate) fn new(limits: Limits, counters: Arc<Counters>, signal: PressureSender) -> Self {
+        Budget {
+            limits,
+            permits: Arc::new(Semaphore::new(limits.hard)),
+            counters,
+            signal,
+        }
+    }
+
+    /// Waits for room for one more connection.
+    pub(crate) async fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        self.permits.clone().acquire_owned().await.ok()
+    }
+
+    /// Recomputes the pressure after a connection came or went; wakes the connections only when it
+    /// changed.
+    pub(crate) fn update(&self) {
+        let open = self.limits.hard - self.permits.available_permits();
+        let level = self.limits.pressure(open);
+        if self.counters.pressure() != level {
+            self.counters.set_pressure(level);
+            self.signal.set(level);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pressure_grows_from_soft_to_hard() {
+        let limits = Limits::new(75, 100);
+        assert_eq!(limits.pressure(0), 0);
+        assert_eq!(limits.pressure(75), 0);
+        assert_eq!(limits.pressure(76), 1);
+        assert_eq!(limits.pressure(88), 9);
+        assert_eq!(limits.pressure(100), PRESSURE_STEPS);
+        assert_eq!(limits.pressure(1000), PRESSURE_STEPS);
+    }
+
+    #[test]
+    fn limits_are_sane_for_any_input() {
+        assert_eq!(Limits::new(10, 0), Limits { soft: 0, hard: 1 });
+        assert_eq!(Limits::new(50, 10), Limits { soft: 9, hard: 10 });
+        assert_eq!(Limits::new(0, 1).pressure(1), PRESSURE_STEPS);
+        if let Some(limits) = Limits::from_fd_limit() {
+            assert!(limits.soft < limits.hard);
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! The connection's socket, watched for writes.
+//!
+//! The keep-alive layer sees a response as done when its body has yielded its last frame; hyper may
+//! still hold that frame (all of a large body given in one piece) and be writing it out to a slow client.
+//! Cutting the connection then would truncate the response, so the serve path tells the connection's
+//! handle when writes find the socket full and when they go through again.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::ConnectionHandle;
+
+pin_project! {
+    /// `inner`, reporting its writes to `handle`.
+    pub(crate) struct WatchedIo<I> {
+        #[pin]
+        inner: I,
+        handle: ConnectionHandle,
+    }
+}
+
+impl<I> WatchedIo<I> {
+    pub(crate) fn new(inner: I, handle: ConnectionHandle) -> Self {
+        WatchedIo { inner, handle }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for WatchedIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write(cx, buf);
+        this.handle.note_write(poll.is_pending());
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let poll = this.inner.poll_write_vectored(cx, bufs);
+        this.handle.note_write(poll.is_pending());
+        poll
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let poll = this.inner.poll_flush(cx);
+        // A stream with its own buffer (TLS) may be the one still writing.
+        if poll.is_pending() {
+            this.handle.note_write(true);
+        }
+        poll
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
