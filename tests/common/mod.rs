@@ -1,0 +1,453 @@
+//! Shared by the integration tests: a hand-written hyper-util accept loop on 127.0.0.1 (HTTP/1 and h2c on
+//! one port), a test app, and a raw HTTP/1 client that checks the bytes on the wire.
+
+// Each test file uses its own part of this module.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tower::util::BoxCloneService;
+use tower::{Layer, Service, ServiceExt};
+use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
+
+/// The bound on every wait: generous, the test machine is shared.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+/// Awaits `fut` for at most [`WAIT`], panicking with `what` if it takes longer.
+pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(WAIT, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+pub type Body = BoxBody<Bytes, Infallible>;
+pub type App = BoxCloneService<Request<Incoming>, Response<Body>, Infallible>;
+
+/// A server on 127.0.0.1 serving HTTP/1 and h2c (prior knowledge) on one port; every accepted connection's
+/// handle is sent to the test, in accept order.
+pub struct Server {
+    pub addr: SocketAddr,
+    conns: mpsc::UnboundedReceiver<ConnectionHandle>,
+    accept: JoinHandle<()>,
+}
+
+impl Server {
+    /// The handle of the next connection the server accepts.
+    pub async fn next_conn(&mut self) -> ConnectionHandle {
+        within("the server to accept a connection", self.conns.recv())
+            .await
+            .expect("accept loop ended")
+    }
+
+    /// Connects a raw HTTP/1 client and returns it with the server side's handle of that connection.
+    pub async fn connect(&mut self) -> (RawClient, ConnectionHandle) {
+        let client = RawClient::connect(self.addr).await;
+        let handle = self.next_conn().await;
+        (client, handle)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// Serves `app` behind `layer`, bound per connection with [`KeepAliveLayer::bind`].
+pub async fn start_server(layer: KeepAliveLayer, app: App) -> Server {
+    let make_layer = layer.clone();
+    serve(layer, move |handle| {
+        make_layer.bind(handle).layer(app.clone())
+    })
+    .await
+}
+
+/// Serves `app`, which carries the layer itself (an axum `Router::layer`): each connection's handle reaches
+/// it as a request extension. `layer` only makes the handles.
+pub async fn start_server_with_extensions<S, B>(layer: KeepAliveLayer, app: S) -> Server
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve(layer, move |handle| {
+        app.clone().map_request(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(handle.clone());
+            req
+        })
+    })
+    .await
+}
+
+/// Serves `app` as it is: no layer added and no handle given to it. For the control case that shows what
+/// hyper does alone, or an app whose layer gets no handle. The handles sent to the test are never used.
+pub async fn start_server_without_handles<S, B>(app: S) -> Server
+where
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve(KeepAliveLayer::new(), move |_handle| app.clone()).await
+}
+
+async fn serve<M, S, B>(layer: KeepAliveLayer, make: M) -> Server
+where
+    M: Fn(ConnectionHandle) -> S + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, conns) = mpsc::unbounded_channel();
+    let accept = tokio::spawn(async move {
+        loop {
+            let Ok((io, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = layer.connection();
+            let svc = TowerToHyperService::new(make(handle.clone()));
+            let _ = tx.send(handle);
+            tokio::spawn(async move {
+                // No timer: hyper's own header read timeout stays off, so nothing but the layer's
+                // decisions (and the client) ends a connection in these tests.
+                let builder = auto::Builder::new(TokioExecutor::new());
+                let _ = builder
+                    .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                    .await;
+            });
+        }
+    });
+    Server {
+        addr,
+        conns,
+        accept,
+    }
+}
+
+/// The test app.
+///
+/// - `/`: `hello`, length known in advance.
+/// - `/stream`: `hello world` in two chunks, length unknown.
+/// - `/close`: the app itself says `Connection: close`.
+/// - `/hop`: connection-specific fields of every kind, two `Connection` field lines naming `X-Custom` and
+///   `X-Other`, plus `X-Kept` and `Content-Type` that must survive.
+/// - `/ka99`: the app sends its own `Keep-Alive: timeout=99, max=1000`.
+/// - `/ka99-conn`: the same with `Connection: Keep-Alive`.
+pub fn app() -> App {
+    BoxCloneService::new(tower::service_fn(|req: Request<Incoming>| async move {
+        Ok::<_, Infallible>(route(req.uri().path()))
+    }))
+}
+
+pub fn route(path: &str) -> Response<Body> {
+    let full = |s: &'static str| Full::new(Bytes::from_static(s.as_bytes())).boxed();
+    match path {
+        "/" => Response::new(full("hello")),
+        "/stream" => {
+            let chunks = [Bytes::from_static(b"hello "), Bytes::from_static(b"world")]
+                .map(|chunk| Ok::<_, Infallible>(Frame::data(chunk)));
+            Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
+        }
+        "/close" => with_headers(full("bye"), &[("connection", "close")]),
+        "/hop" => with_headers(
+            full("hop"),
+            &[
+                ("connection", "X-Custom"),
+                ("connection", "X-Other"),
+                ("x-custom", "1"),
+                ("x-other", "2"),
+                ("keep-alive", "timeout=99"),
+                ("proxy-connection", "keep-alive"),
+                ("upgrade", "foo"),
+                ("te", "trailers"),
+                ("x-kept", "yes"),
+                ("content-type", "text/plain"),
+            ],
+        ),
+        "/ka99" => with_headers(full("hello"), &[("keep-alive", "timeout=99, max=1000")]),
+        "/ka99-conn" => with_headers(
+            full("hello"),
+            &[
+                ("connection", "Keep-Alive"),
+                ("keep-alive", "timeout=99, max=1000"),
+            ],
+        ),
+        _ => {
+            let mut res = Response::new(full("not found"));
+            *res.status_mut() = StatusCode::NOT_FOUND;
+            res
+        }
+    }
+}
+
+fn with_headers(body: Body, headers: &[(&'static str, &'static str)]) -> Response<Body> {
+    let mut res = Response::new(body);
+    for (name, value) in headers {
+        res.headers_mut().append(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
+    res
+}
+
+/// A GET request's bytes: `GET {path} {version}`, a Host line, then `lines`, each one field line.
+pub fn http_get(path: &str, version: &str, lines: &[&str]) -> String {
+    let mut req = format!("GET {path} {version}\r\nHost: 127.0.0.1\r\n");
+    for line in lines {
+        req.push_str(line);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// One response as read off the wire.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status_line: String,
+    /// Field lines in the order received, names as sent.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Every value of `name` (case-insensitive), one per field line, in order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The value of `name`, which must appear on at most one field line.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let values = self.values(name);
+        assert!(
+            values.len() <= 1,
+            "{name} sent on {} field lines: {values:?}\n{self:#?}",
+            values.len()
+        );
+        values.first().copied()
+    }
+
+    /// The field lines other than `date`, which changes every second.
+    pub fn headers_without_date(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("date"))
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect()
+    }
+
+    pub fn body_str(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("body is not UTF-8")
+    }
+}
+
+/// A raw HTTP/1 client: writes exact bytes, parses responses itself.
+pub struct RawClient {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    eof: bool,
+}
+
+impl RawClient {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+        RawClient {
+            stream,
+            buf: Vec::new(),
+            eof: false,
+        }
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        within("write", self.stream.write_all(bytes.as_ref()))
+            .await
+            .unwrap();
+    }
+
+    /// Sends `request` and reads one response to it.
+    pub async fn request(&mut self, request: impl AsRef<[u8]>) -> RawResponse {
+        self.send(request).await;
+        self.read_response().await
+    }
+
+    /// Reads more bytes into the buffer; returns how many (0: the server closed its side).
+    async fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 4096];
+        let n = within("bytes from the server", self.stream.read(&mut chunk))
+            .await
+            .expect("read failed");
+        if n == 0 {
+            self.eof = true;
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await > 0,
+                "EOF after {} of {n} bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn take_line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                return String::from_utf8(line[..i].to_vec()).expect("line is not UTF-8");
+            }
+            assert!(
+                self.fill().await > 0,
+                "EOF inside a line: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+
+    /// Reads one response to a GET: the head, then the body by `Transfer-Encoding: chunked`,
+    /// `Content-Length`, or up to EOF when it has neither.
+    pub async fn read_response(&mut self) -> RawResponse {
+        self.read(false).await
+    }
+
+    /// Reads one response to a HEAD request: a head with no body.
+    pub async fn read_head_response(&mut self) -> RawResponse {
+        self.read(true).await
+    }
+
+    async fn read(&mut self, head_only: bool) -> RawResponse {
+        let status_line = self.take_line().await;
+        let mut headers = Vec::new();
+        loop {
+            let line = self.take_line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("malformed field line {line:?}"));
+            headers.push((name.to_string(), value.trim().to_string()));
+        }
+        let mut res = RawResponse {
+            status_line,
+            headers,
+            body: Vec::new(),
+        };
+        let status: u16 = res
+            .status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("malformed status line {:?}", res.status_line));
+        if head_only || status < 200 || status == 204 || status == 304 {
+            return res;
+        }
+        let chunked = res
+            .values("transfer-encoding")
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            assert!(
+                res.header("content-length").is_none(),
+                "both lengths: {res:#?}"
+            );
+            loop {
+                let size_line = self.take_line().await;
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+                    .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
+                if size == 0 {
+                    // No trailers expected: the empty line that ends the message.
+                    assert_eq!(self.take_line().await, "", "trailers after the last chunk");
+                    break;
+                }
+                let data = self.take(size).await;
+                res.body.extend_from_slice(&data);
+                assert_eq!(self.take_line().await, "", "chunk not followed by CRLF");
+            }
+        } else if let Some(len) = res.header("content-length") {
+            let len: usize = len.parse().expect("bad content-length");
+            res.body = self.take(len).await;
+        } else {
+            // Close-delimited (RFC 9112 section 6.3): the body is everything up to EOF.
+            while self.fill().await > 0 {}
+            res.body = std::mem::take(&mut self.buf);
+        }
+        res
+    }
+
+    /// Asserts that the server closes the connection (a read returns 0) with nothing more sent.
+    pub async fn expect_eof(&mut self) {
+        assert!(
+            self.buf.is_empty(),
+            "unexpected bytes before EOF: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        if !self.eof {
+            let n = self.fill().await;
+            assert_eq!(
+                n,
+                0,
+                "expected EOF, got {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+
+    /// Whether the server has closed the connection (EOF read).
+    pub fn saw_eof(&self) -> bool {
+        self.eof
+    }
+
+    /// The underlying stream, for a client that takes over the connection (WebSocket).
+    pub fn into_stream(self) -> TcpStream {
+        assert!(self.buf.is_empty(), "unread bytes");
+        self.stream
+    }
+}
+
+/// Asserts a response's status line and its field lines (other than `date`, sent once) exactly and in order.
+#[track_caller]
+pub fn assert_head(res: &RawResponse, status_line: &str, headers: &[(&str, &str)]) {
+    assert_eq!(res.status_line, status_line, "{res:#?}");
+    assert_eq!(res.headers_without_date(), headers, "{res:#?}");
+    assert_eq!(res.values("date").len(), 1, "{res:#?}");
+}
