@@ -46,8 +46,6 @@ use std::fmt;
 use std::future::{Future, Ready};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use ::axum::body::Body;
@@ -77,7 +75,6 @@ use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 pub struct KeepAliveListener<L> {
     inner: L,
     layer: KeepAliveLayer,
-    draining: Arc<AtomicBool>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -98,7 +95,6 @@ impl<L> KeepAliveListener<L> {
                 config: layer.config,
                 handle: None,
             },
-            draining: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -120,10 +116,10 @@ impl<L> KeepAliveListener<L> {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let draining = self.draining.clone();
+        let state = self.layer.config.stats.clone();
         async move {
             signal.await;
-            draining.store(true, Ordering::Release);
+            state.set_draining();
         }
     }
 }
@@ -144,7 +140,7 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = self.inner.accept().await;
         let handle = self.layer.connection();
-        (KeepAliveIo::new(io, handle, self.draining.clone()), addr)
+        (KeepAliveIo::new(io, handle), addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -165,7 +161,6 @@ pin_project! {
         #[pin]
         inner: I,
         handle: ConnectionHandle,
-        draining: Arc<AtomicBool>,
         // Boxed: axum needs the IO to be `Unpin`.
         timer: Pin<Box<Sleep>>,
         // Once end-of-file has been given, it is given again: the connection is over.
@@ -174,12 +169,11 @@ pin_project! {
 }
 
 impl<I> KeepAliveIo<I> {
-    fn new(inner: I, handle: ConnectionHandle, draining: Arc<AtomicBool>) -> Self {
+    fn new(inner: I, handle: ConnectionHandle) -> Self {
         let deadline = next_check(&handle);
         KeepAliveIo {
             inner,
             handle,
-            draining,
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             closed: false,
         }
@@ -234,7 +228,7 @@ impl<I> KeepAliveIo<I> {
             return false;
         }
         let idle = handle.in_flight() == 0;
-        if idle && (handle.is_closing() || this.draining.load(Ordering::Acquire)) {
+        if idle && handle.pending_close().is_some() {
             handle.close(CloseReason::Drain);
             *this.closed = true;
             return true;
@@ -347,8 +341,6 @@ where
         };
         std::future::ready(Ok(ConnectionService {
             inner: KeepAlive::from_layer(self.service.clone(), layer),
-            handle,
-            draining: io.draining.clone(),
         }))
     }
 }
@@ -363,8 +355,6 @@ where
 #[derive(Clone, Debug)]
 pub struct ConnectionService<S> {
     inner: KeepAlive<S>,
-    handle: ConnectionHandle,
-    draining: Arc<AtomicBool>,
 }
 
 impl<S> Service<Request> for ConnectionService<S>
@@ -380,9 +370,6 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
-        if self.draining.load(Ordering::Acquire) {
-            self.handle.mark_closing(CloseReason::Drain);
-        }
         ConnectionFuture {
             inner: self.inner.call(req),
         }

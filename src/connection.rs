@@ -336,6 +336,16 @@ impl ConnectionHandle {
         first
     }
 
+    /// The close decided for this connection, or for the whole server (drain), if any.
+    pub(crate) fn pending_close(&self) -> Option<CloseReason> {
+        self.close_reason().or_else(|| {
+            self.config()
+                .stats
+                .is_draining()
+                .then_some(CloseReason::Drain)
+        })
+    }
+
     /// Records `reason` without waking the driver: for decisions the protocol already carries out (a
     /// `Connection: close` response makes hyper close the connection after it).
     pub(crate) fn mark_closing(&self, reason: CloseReason) {

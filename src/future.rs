@@ -8,7 +8,7 @@ use pin_project_lite::pin_project;
 
 use crate::connection::InFlight;
 use crate::policy::{self, Plan};
-use crate::{CloseReason, ResponseBody};
+use crate::{CloseReason, ConnectionHandle, ResponseBody};
 
 pin_project! {
     /// Response future of [`KeepAlive`](crate::KeepAlive): rewrites the response's connection fields and
@@ -84,7 +84,7 @@ where
             }) => {
                 let handle = guard.as_ref().map(InFlight::handle);
                 // A close decided meanwhile (drain, max age, another request) is final.
-                let close = close.or_else(|| handle.and_then(|h| h.close_reason()));
+                let close = close.or_else(|| handle.and_then(ConnectionHandle::pending_close));
                 let delimited = policy::self_delimited(
                     res.status(),
                     head,

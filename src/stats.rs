@@ -26,7 +26,7 @@
 //! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::CloseReason;
@@ -46,6 +46,8 @@ pub(crate) struct Counters {
     per_connection: [AtomicU64; BUCKETS],
     /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
     pressure: AtomicU32,
+    /// The server is shutting down: no connection is kept alive any more.
+    draining: AtomicBool,
 }
 
 /// Resolution of the connection pressure: the idle timeout shrinks in this many steps between the soft
@@ -59,6 +61,14 @@ impl Counters {
 
     pub(crate) fn set_pressure(&self, level: u32) {
         self.pressure.store(level.min(PRESSURE_STEPS), Relaxed);
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    pub(crate) fn set_draining(&self) {
+        self.draining.store(true, Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

@@ -397,6 +397,8 @@ where
 
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
+        // Responses decided from now on say `close`, even before their connection hears of the drain.
+        layer.config.stats.set_draining();
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())

@@ -1,0 +1,160 @@
+//! Apps that keep `axum::serve`: `KeepAliveListener` + `into_make_service` give the same lifecycle.
+
+#![cfg(feature = "axum")]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use common::{http_get, within, RawClient};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
+use tower_keepalive::axum::{into_make_service, KeepAliveListener};
+use tower_keepalive::KeepAliveLayer;
+
+/// The app; `started` is notified when a `/slow` request reaches its handler.
+fn app(started: Arc<Notify>) -> Router {
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route(
+            "/slow",
+            get(move || async move {
+                started.notify_one();
+                tokio::time::sleep(Duration::from_millis(2500)).await;
+                "slow"
+            }),
+        )
+        .route("/ws", get(ws))
+}
+
+async fn ws(upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(|mut socket: WebSocket| async move {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Text(_)) && socket.send(msg).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+struct Server {
+    addr: SocketAddr,
+    slow_started: Arc<Notify>,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(layer: KeepAliveLayer) -> Server {
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let listener = KeepAliveListener::new(tcp, layer);
+    let (tx, rx) = oneshot::channel::<()>();
+    let shutdown = listener.on_shutdown(async {
+        let _ = rx.await;
+    });
+    let slow_started = Arc::new(Notify::new());
+    let app = app(slow_started.clone());
+    let task = tokio::spawn(async move {
+        axum::serve(listener, into_make_service(app))
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    Server {
+        addr,
+        slow_started,
+        shutdown: Some(tx),
+        task,
+    }
+}
+
+#[tokio::test]
+async fn requests_are_counted_without_router_layer() {
+    let server = start(KeepAliveLayer::new().max_requests(3)).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let get = http_get("/", "HTTP/1.1", &[]);
+    let res = client.request(&get).await;
+    assert_eq!(res.header("keep-alive"), Some("timeout=5, max=2"));
+    let res = client.request(&get).await;
+    assert_eq!(res.header("keep-alive"), Some("timeout=5, max=1"));
+    let res = client.request(&get).await;
+    assert_eq!(res.header("connection"), Some("close"));
+    assert_eq!(res.header("keep-alive"), None);
+    client.expect_eof().await;
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_timeout_and_not_before() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
+    let answered = Instant::now();
+    assert_eq!(res.header("keep-alive"), Some("timeout=1, max=999"));
+    client.expect_eof().await;
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+
+    // A client that never sends a byte is closed too.
+    let mut silent = RawClient::connect(server.addr).await;
+    let connected = Instant::now();
+    silent.expect_eof().await;
+    assert!(connected.elapsed() >= Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_slow_request_is_never_cut() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let res = client.request(http_get("/slow", "HTTP/1.1", &[])).await;
+    assert_eq!(res.status_line, "HTTP/1.1 200 OK");
+    assert_eq!(res.body_str(), "slow");
+    // And the connection is still reusable right after.
+    let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
+    assert_eq!(res.body_str(), "hello");
+}
+
+#[tokio::test]
+async fn a_websocket_outlives_the_idle_timeout() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let url = format!("ws://{}/ws", server.addr);
+    let (mut socket, res) = within("handshake", tokio_tungstenite::client_async(url, stream))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 101);
+    assert!(res.headers().get("keep-alive").is_none());
+    for round in 0..2 {
+        socket.send("ping".into()).await.unwrap();
+        let echo = within("echo", socket.next()).await.unwrap().unwrap();
+        assert_eq!(echo.into_text().unwrap().as_str(), "ping");
+        if round == 0 {
+            // Longer than the idle timeout: the HTTP lifecycle no longer applies.
+            tokio::time::sleep(Duration::from_millis(1600)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn shutdown_makes_responses_say_close() {
+    let mut server = start(KeepAliveLayer::new()).await;
+    let mut client = RawClient::connect(server.addr).await;
+    client.send(http_get("/slow", "HTTP/1.1", &[])).await;
+    // The request is in flight (the handler sleeps); signal shutdown now.
+    within("the handler to start", server.slow_started.notified()).await;
+    server.shutdown.take().unwrap().send(()).unwrap();
+    let res = client.read_response().await;
+    assert_eq!(res.body_str(), "slow");
+    assert_eq!(res.values("connection"), ["close"]);
+    assert_eq!(res.header("keep-alive"), None);
+    client.expect_eof().await;
+    within("axum::serve to return", server.task)
+        .await
+        .unwrap()
+        .unwrap();
+}
