@@ -163,7 +163,11 @@ async fn handler_fields(addr: SocketAddr, expected: &mut Vec<Expected>) -> Resul
         .send(&raw_get_path("/own-fields", "HTTP/1.1", None))
         .await?;
     res.expect("HTTP/1.1 200 OK", &["keep-alive"], &["timeout=5, max=2"])?;
-    expected.push(conn.expect_server("HTTP/1.1, handler fields", 1, None));
+    expected.push(conn.expect_server(
+        "HTTP/1.1, handler fields",
+        1,
+        Some(CloseReason::ClientClosed),
+    ));
 
     section("4b. The same route over h2c: no connection-specific field reaches an HTTP/2 client");
     // RFC 9113 section 8.2.2 makes such a response malformed; Safari refuses it. hyper's own HTTP/2 server
@@ -221,7 +225,7 @@ async fn handler_fields(addr: SocketAddr, expected: &mut Vec<Expected>) -> Resul
         label: "h2c, handler fields",
         port,
         requests: 1,
-        reason: None,
+        reason: Some(CloseReason::ClientClosed),
     });
     Ok(())
 }
@@ -302,9 +306,8 @@ impl Server {
         let addr = listener.local_addr()?;
         let (tx, closed) = mpsc::unbounded_channel();
 
-        // HTTP/1.x and h2c on one port. hyper's HTTP/1 header read timeout needs a timer; it is off here,
-        // as this short demo closes no idle connections. That is the job of whoever drives the connection
-        // (the crate's `serve` feature); the layer counts, advertises and rewrites headers.
+        // HTTP/1.x and h2c on one port. hyper's own HTTP/1 header timer is off: `ConnectionHandle::drive`
+        // closes idle connections (and slow request heads) itself, never before the advertised timeout.
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder.http1().header_read_timeout(None);
         let app = app();
@@ -326,13 +329,13 @@ impl Server {
                 let builder = builder.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
-                    let result = builder
-                        .serve_connection_with_upgrades(
-                            TokioIo::new(io),
-                            TowerToHyperService::new(svc),
-                        )
-                        .await;
-                    let error = result.err().map(|err| err.to_string());
+                    let conn = builder.serve_connection_with_upgrades(
+                        TokioIo::new(io),
+                        TowerToHyperService::new(svc),
+                    );
+                    // The connection's lifecycle: idle timeout, GOAWAY at the limit on HTTP/2.
+                    let reason = handle.clone().drive(conn).await;
+                    let error = (reason == CloseReason::Error).then(|| "see the logs".to_string());
                     let _ = tx.send(Closed {
                         peer,
                         handle,
