@@ -183,7 +183,7 @@ impl<I> KeepAliveIo<I> {
     ///
     /// ```
     /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
-    /// assert!(io.handle().requests() >= 0);
+    /// let requests: u64 = io.handle().requests();
     /// # }
     /// ```
     pub fn handle(&self) -> &ConnectionHandle {
@@ -301,7 +301,7 @@ impl<I: AsyncWrite> AsyncWrite for KeepAliveIo<I> {
 /// `service` with the keep-alive layer bound to that connection. See the [module docs](self).
 ///
 /// ```
-/// let app = axum::Router::new();
+/// let app: axum::Router = axum::Router::new();
 /// let make_service = tower_keepalive::axum::into_make_service(app);
 /// ```
 pub fn into_make_service<S>(service: S) -> IntoMakeService<S> {

@@ -36,7 +36,8 @@ use crate::layer::Config;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum CloseReason {
-    /// Nothing was in flight for longer than the idle timeout.
+    /// Nothing was in flight for longer than the idle timeout. Also the reason when keep-alive is off (a
+    /// zero idle timeout) and nothing else closed the connection first.
     Idle,
     /// The connection served its maximum number of requests.
     MaxRequests,
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
     /// Set by the serve path's IO wrapper (`serve::watched`); always `false` without it.
     write_blocked: AtomicBool,
+    /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
+    http2: AtomicBool,
     /// Nanoseconds since `opened` of the first write that went through after the socket was full:
     /// the earliest the buffered response could have been fully sent. Idle time counts from here too.
     unblocked_ns: AtomicU64,
@@ -185,6 +188,7 @@ impl ConnectionHandle {
                 in_flight: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(0),
                 write_blocked: AtomicBool::new(false),
+                http2: AtomicBool::new(false),
                 unblocked_ns: AtomicU64::new(0),
                 last_write_ns: AtomicU64::new(0),
                 close: AtomicU8::new(0),
@@ -246,6 +250,17 @@ impl ConnectionHandle {
     }
 
     /// Records a write on the connection's socket: `blocked` when the socket was full.
+    /// Records that the connection speaks HTTP/2. A load, and a store only the first time.
+    pub(crate) fn mark_http2(&self) {
+        if !self.shared.http2.load(Ordering::Relaxed) {
+            self.shared.http2.store(true, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn is_http2(&self) -> bool {
+        self.shared.http2.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
         if blocked {

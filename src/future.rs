@@ -68,8 +68,9 @@ where
         let mut res = match result {
             Ok(res) => res,
             Err(err) => {
-                // hyper ends the connection on a service error.
-                if let Some(guard) = &guard {
+                // hyper ends an HTTP/1 connection on a service error; on HTTP/2 it resets that stream only,
+                // and the connection serves on.
+                if let (Some(guard), Some(Plan::Http1 { .. })) = (&guard, &*this.plan) {
                     guard.handle().mark_closing(CloseReason::Error);
                 }
                 return Poll::Ready(Err(err));

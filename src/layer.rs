@@ -279,6 +279,10 @@ impl KeepAliveLayer {
     /// The counters of every connection made from this layer and its clones: connections open and idle,
     /// requests in flight and served, closes by reason, requests per connection. See [`Stats`].
     ///
+    /// Take the stats from the finished layer: each builder method ([`idle_timeout`](Self::idle_timeout),
+    /// [`max_requests`](Self::max_requests), ...) returns a layer with counters of its own, so stats taken
+    /// before the last builder call see none of its connections.
+    ///
     /// ```
     /// let layer = tower_keepalive::KeepAliveLayer::new();
     /// let stats = layer.stats();

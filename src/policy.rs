@@ -30,11 +30,15 @@ impl ConnectionTokens {
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
         let mut tokens = ConnectionTokens::default();
         for value in headers.get_all(CONNECTION) {
+            // hyper reads only field lines of visible ASCII: a `keep-alive` on any other line does not keep
+            // its connection open, so it must not be advertised either. A `close` there still counts:
+            // closing is always safe.
+            let readable = value.to_str().is_ok();
             for token in split_tokens(value.as_bytes()) {
                 if token.eq_ignore_ascii_case(b"close") {
                     tokens.close = true;
                 } else if token.eq_ignore_ascii_case(b"keep-alive") {
-                    tokens.keep_alive = true;
+                    tokens.keep_alive |= readable;
                 } else if token.eq_ignore_ascii_case(b"upgrade") {
                     tokens.upgrade = true;
                 } else {

@@ -167,6 +167,7 @@ fn plan<B>(
 
     if version == Version::HTTP_2 || version == Version::HTTP_3 {
         if let (Some(h), Some(n)) = (handle, count) {
+            h.mark_http2();
             if config.max_requests.is_some_and(|max| n >= max) {
                 h.close(CloseReason::MaxRequests);
             } else if h.is_past_max_age() {

@@ -16,6 +16,19 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (hyper waits for a started head before it honours a graceful shutdown).
 const GRACE: Duration = Duration::from_secs(1);
 
+/// The same for HTTP/2, where a finished response may still sit in h2's buffers until the client's flow
+/// control lets it out, with no write to show for it: a stalled reader gets this long (nginx's default
+/// `send_timeout`) before it is cut. A drain deadline cuts sooner.
+const GRACE_HTTP2: Duration = Duration::from_secs(60);
+
+fn grace(handle: &ConnectionHandle) -> Duration {
+    if handle.is_http2() {
+        GRACE_HTTP2
+    } else {
+        GRACE
+    }
+}
+
 /// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
 /// hyper-util's auto connections.
 ///
@@ -25,20 +38,23 @@ const GRACE: Duration = Duration::from_secs(1);
 /// # Example
 ///
 /// ```
+/// use hyper_util::rt::{TokioExecutor, TokioIo};
+/// use hyper_util::server::conn::auto;
 /// use tower_keepalive::serve::GracefulConnection;
 ///
-/// fn assert_graceful<C: GracefulConnection>() {}
-/// assert_graceful::<
-///     hyper_util::server::conn::auto::UpgradeableConnection<
-///         'static,
-///         hyper_util::rt::TokioIo<tokio::net::TcpStream>,
-///         hyper::service::ServiceFn<
-///             fn(http::Request<hyper::body::Incoming>) -> std::future::Ready<Result<http::Response<String>, std::convert::Infallible>>,
-///             hyper::body::Incoming,
-///         >,
-///         hyper_util::rt::TokioExecutor,
-///     >,
-/// >();
+/// fn assert_graceful<C: GracefulConnection>(_: &C) {}
+///
+/// # async fn f(io: tokio::net::TcpStream) {
+/// let builder = auto::Builder::new(TokioExecutor::new());
+/// let conn = builder.serve_connection_with_upgrades(
+///     TokioIo::new(io),
+///     hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
+///     }),
+/// );
+/// // What `ConnectionHandle::drive` and `DrainWatcher::drive` take.
+/// assert_graceful(&conn);
+/// # }
 /// ```
 pub trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
     /// The error the connection ends with.
@@ -323,11 +339,21 @@ impl DrainWatcher {
     /// # }
     /// ```
     pub async fn drive<C: GracefulConnection>(
-        self,
+        mut self,
         handle: ConnectionHandle,
         conn: C,
     ) -> CloseReason {
-        run(handle, conn, Some(self.rx)).await
+        self.drive_ref(handle, conn).await
+    }
+
+    /// As [`drive`](Self::drive), leaving the connection counted by the drain until the watcher is
+    /// dropped: the serve path reports the close first.
+    pub(crate) async fn drive_ref<C: GracefulConnection>(
+        &mut self,
+        handle: ConnectionHandle,
+        conn: C,
+    ) -> CloseReason {
+        run(handle, conn, Some(&mut self.rx)).await
     }
 }
 
@@ -361,7 +387,7 @@ impl ConnectionHandle {
 async fn run<C: GracefulConnection>(
     handle: ConnectionHandle,
     conn: C,
-    mut server: Option<watch::Receiver<ServerSignal>>,
+    mut server: Option<&mut watch::Receiver<ServerSignal>>,
 ) -> CloseReason {
     let mut conn = pin!(conn);
     let mut timer = pin!(sleep_until(next_check(&handle)));
@@ -408,7 +434,7 @@ async fn run<C: GracefulConnection>(
                     // Told to close, nothing in flight and nothing written for the grace period, still
                     // open: a head that never completes. A response hyper is still writing out (to a
                     // full socket, or as HTTP/2 flow control lets it) is not cut.
-                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + GRACE <= now) {
+                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + grace(&handle) <= now) {
                         tracing::debug!("connection did not close within the grace period; dropping it");
                         return handle.close_reason().unwrap_or(CloseReason::Idle);
                     }
@@ -418,21 +444,31 @@ async fn run<C: GracefulConnection>(
                 if let Some(reason) = handle.due(now.into_std()) {
                     // Wakes the `notified` branch on the next turn.
                     handle.close(reason);
-                } else if handle.is_closing() && handle.in_flight() == 0 {
-                    // Closing for a reason the protocol did not carry out (the connection is idle).
-                    handle.shared.notify.notify_one();
                 }
-                timer.as_mut().reset(next_check(&handle));
+                if handle.is_closing() {
+                    // Closing, maybe for an earlier reason the protocol has not carried out (a response
+                    // still streaming, an HTTP/2 connection): once idle, close it ourselves. A deadline
+                    // already past must not re-arm the timer, or it would fire again at once, and again.
+                    if handle.in_flight() == 0 {
+                        handle.shared.notify.notify_one();
+                    }
+                    timer.as_mut().reset(next_check(&handle).max(now + CLOSING_RECHECK));
+                } else {
+                    timer.as_mut().reset(next_check(&handle));
+                }
             }
         }
     }
 }
 
+/// How often the timer looks again at a connection that is closing but still busy.
+const CLOSING_RECHECK: Duration = Duration::from_millis(100);
+
 fn next_check(handle: &ConnectionHandle) -> Instant {
     Instant::from_std(handle.next_check(std::time::Instant::now()))
 }
 
-async fn server_changed(server: &mut Option<watch::Receiver<ServerSignal>>) -> ServerSignal {
+async fn server_changed(server: &mut Option<&mut watch::Receiver<ServerSignal>>) -> ServerSignal {
     if let Some(rx) = server {
         if rx.changed().await.is_ok() {
             return *rx.borrow_and_update();

@@ -383,10 +383,13 @@ where
                     TokioIo::new(watched::WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
                 );
-                let reason = watcher.drive(handle.clone(), conn).await;
+                let mut watcher = watcher;
+                let reason = watcher.drive_ref(handle.clone(), conn).await;
                 if let Some(on_close) = on_close {
                     on_close(&handle, reason);
                 }
+                // Only now does the connection stop counting for the drain: `on_close` has run.
+                drop(watcher);
                 drop(permit);
                 if let Some(budget) = budget {
                     budget.update();
