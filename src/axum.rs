@@ -119,7 +119,7 @@ impl<L> KeepAliveListener<L> {
         let state = self.layer.config.stats.clone();
         async move {
             signal.await;
-            state.set_draining();
+            state.set_draining(true);
         }
     }
 }

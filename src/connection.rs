@@ -488,9 +488,9 @@ impl Drop for Shared {
         // The last clone of the handle is gone: so is the connection.
         let reason =
             CloseReason::from_u8(*self.close.get_mut()).unwrap_or(CloseReason::ClientClosed);
-        self.config
-            .stats
-            .connection_closed(reason, *self.requests.get_mut());
+        let requests = *self.requests.get_mut();
+        self.config.stats.connection_closed(reason, requests);
+        tracing::debug!(reason = reason.as_str(), requests, "connection closed");
     }
 }
 

@@ -108,8 +108,6 @@ impl KeepAliveLayer {
         let config = Arc::make_mut(&mut self.config);
         f(config);
         config.adverts = OnceLock::new();
-        // A layer built from another one counts its own connections.
-        config.stats = Arc::default();
         self
     }
 
@@ -276,12 +274,12 @@ impl KeepAliveLayer {
         self.config.max_age
     }
 
-    /// The counters of every connection made from this layer and its clones: connections open and idle,
-    /// requests in flight and served, closes by reason, requests per connection. See [`Stats`].
+    /// The counters of every connection made from this layer: connections open and idle, requests in
+    /// flight and served, closes by reason, requests per connection. See [`Stats`].
     ///
-    /// Take the stats from the finished layer: each builder method ([`idle_timeout`](Self::idle_timeout),
-    /// [`max_requests`](Self::max_requests), ...) returns a layer with counters of its own, so stats taken
-    /// before the last builder call see none of its connections.
+    /// The counters, like the server's connection pressure and drain state, belong to the layer value
+    /// and are shared by its clones and by layers derived from it with builder methods: use one layer
+    /// per server.
     ///
     /// ```
     /// let layer = tower_keepalive::KeepAliveLayer::new();

@@ -67,8 +67,8 @@ impl Counters {
         self.draining.load(Relaxed)
     }
 
-    pub(crate) fn set_draining(&self) {
-        self.draining.store(true, Relaxed);
+    pub(crate) fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

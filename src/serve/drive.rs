@@ -387,10 +387,19 @@ impl ConnectionHandle {
 async fn run<C: GracefulConnection>(
     handle: ConnectionHandle,
     conn: C,
+    server: Option<&mut watch::Receiver<ServerSignal>>,
+) -> CloseReason {
+    // The close is logged when the handle goes, on every path (see `connection.rs`).
+    lifecycle(&handle, conn, server).await
+}
+
+async fn lifecycle<C: GracefulConnection>(
+    handle: &ConnectionHandle,
+    conn: C,
     mut server: Option<&mut watch::Receiver<ServerSignal>>,
 ) -> CloseReason {
     let mut conn = pin!(conn);
-    let mut timer = pin!(sleep_until(next_check(&handle)));
+    let mut timer = pin!(sleep_until(next_check(handle)));
     let mut shutting_down = false;
 
     // A connection accepted while the server was already draining.
@@ -405,7 +414,7 @@ async fn run<C: GracefulConnection>(
     loop {
         tokio::select! {
             biased;
-            result = conn.as_mut() => return finished(&handle, result),
+            result = conn.as_mut() => return finished(handle, result),
             () = handle.shared.notify.notified(), if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
@@ -425,7 +434,7 @@ async fn run<C: GracefulConnection>(
                     }
                 }
                 // Connection pressure changed: the idle limit with it.
-                DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(&handle)),
+                DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(handle)),
                 DrainState::Serving => {}
             },
             () = timer.as_mut() => {
@@ -434,7 +443,7 @@ async fn run<C: GracefulConnection>(
                     // Told to close, nothing in flight and nothing written for the grace period, still
                     // open: a head that never completes. A response hyper is still writing out (to a
                     // full socket, or as HTTP/2 flow control lets it) is not cut.
-                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + grace(&handle) <= now) {
+                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + grace(handle) <= now) {
                         tracing::debug!("connection did not close within the grace period; dropping it");
                         return handle.close_reason().unwrap_or(CloseReason::Idle);
                     }
@@ -452,9 +461,9 @@ async fn run<C: GracefulConnection>(
                     if handle.in_flight() == 0 {
                         handle.shared.notify.notify_one();
                     }
-                    timer.as_mut().reset(next_check(&handle).max(now + CLOSING_RECHECK));
+                    timer.as_mut().reset(next_check(handle).max(now + CLOSING_RECHECK));
                 } else {
-                    timer.as_mut().reset(next_check(&handle));
+                    timer.as_mut().reset(next_check(handle));
                 }
             }
         }
@@ -487,11 +496,5 @@ fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>)
             handle.mark_closing(CloseReason::Error);
         }
     }
-    let reason = handle.close_reason().unwrap_or(CloseReason::ClientClosed);
-    tracing::debug!(
-        reason = reason.as_str(),
-        requests = handle.requests(),
-        "connection closed"
-    );
-    reason
+    handle.close_reason().unwrap_or(CloseReason::ClientClosed)
 }

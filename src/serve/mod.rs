@@ -47,8 +47,8 @@
 
 mod budget;
 mod drive;
-mod watched;
 mod listener;
+mod watched;
 
 use std::convert::Infallible;
 use std::fmt;
@@ -67,6 +67,7 @@ use tower_service::Service;
 
 pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
+pub use watched::WatchedIo;
 
 use budget::{Budget, Limits};
 
@@ -330,6 +331,8 @@ where
         // close a connection before the advertised timeout, and without a timer hyper warns on each one.
         builder.http1().header_read_timeout(None);
         let builder = Arc::new(builder);
+        // A layer reused after an earlier server drained starts serving again.
+        layer.config.stats.set_draining(false);
         let drain = Drain::new();
         let budget = limits.map(|limits| {
             Arc::new(Budget::new(
@@ -380,7 +383,7 @@ where
             let span = tracing::debug_span!("connection", peer = ?addr);
             let task = async move {
                 let conn = builder.serve_connection_with_upgrades(
-                    TokioIo::new(watched::WatchedIo::new(io, handle.clone())),
+                    TokioIo::new(WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
                 );
                 let mut watcher = watcher;
@@ -401,7 +404,7 @@ where
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
         // Responses decided from now on say `close`, even before their connection hears of the drain.
-        layer.config.stats.set_draining();
+        layer.config.stats.set_draining(true);
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())

@@ -15,8 +15,23 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use crate::ConnectionHandle;
 
 pin_project! {
-    /// `inner`, reporting its writes to `handle`.
-    pub(crate) struct WatchedIo<I> {
+    /// A connection's IO that reports its writes to the connection's [`ConnectionHandle`], so that a
+    /// response hyper is still writing out to a slow client is never taken for an idle connection and
+    /// cut. The serve path wraps every connection in it; wrap your IO in it too when you drive
+    /// connections yourself ([`ConnectionHandle::drive`]).
+    ///
+    /// ```no_run
+    /// use hyper_util::rt::TokioIo;
+    /// use tower_keepalive::serve::WatchedIo;
+    ///
+    /// # async fn f(stream: tokio::net::TcpStream) {
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// let handle = layer.connection();
+    /// let io = TokioIo::new(WatchedIo::new(stream, handle.clone()));
+    /// // builder.serve_connection_with_upgrades(io, service) ... handle.drive(conn)
+    /// # }
+    /// ```
+    pub struct WatchedIo<I> {
         #[pin]
         inner: I,
         handle: ConnectionHandle,
@@ -24,8 +39,37 @@ pin_project! {
 }
 
 impl<I> WatchedIo<I> {
-    pub(crate) fn new(inner: I, handle: ConnectionHandle) -> Self {
+    /// Wraps `inner`, the IO of the connection `handle` belongs to.
+    ///
+    /// ```no_run
+    /// # async fn f(stream: tokio::net::TcpStream) {
+    /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// let io = tower_keepalive::serve::WatchedIo::new(stream, handle);
+    /// # }
+    /// ```
+    pub fn new(inner: I, handle: ConnectionHandle) -> Self {
         WatchedIo { inner, handle }
+    }
+
+    /// The wrapped IO.
+    ///
+    /// ```no_run
+    /// # async fn f(stream: tokio::net::TcpStream) {
+    /// # let handle = tower_keepalive::KeepAliveLayer::new().connection();
+    /// let io = tower_keepalive::serve::WatchedIo::new(stream, handle);
+    /// let peer = io.get_ref().peer_addr();
+    /// # }
+    /// ```
+    pub fn get_ref(&self) -> &I {
+        &self.inner
+    }
+}
+
+impl<I: std::fmt::Debug> std::fmt::Debug for WatchedIo<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatchedIo")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
     }
 }
 

@@ -234,14 +234,9 @@ async fn ws(upgrade: WebSocketUpgrade) -> Response {
 async fn echo(mut socket: WebSocket) {
     use axum::extract::ws::Message;
     while let Some(Ok(msg)) = socket.recv().await {
-        match msg {
-            Message::Text(_) | Message::Binary(_) => {
-                if socket.send(msg).await.is_err() {
-                    break;
-                }
-            }
-            Message::Close(_) => break,
-            _ => {}
+        let echoed = matches!(msg, Message::Text(_) | Message::Binary(_));
+        if matches!(msg, Message::Close(_)) || (echoed && socket.send(msg).await.is_err()) {
+            break;
         }
     }
 }
