@@ -1,0 +1,216 @@
+//! The hello-world servers that `bench/run` puts side by side: one service, three ways to serve it.
+//!
+//! ```text
+//! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]
+//!     [--idle-timeout SECS] [--max-requests N] [--no-content-type]
+//! ```
+//!
+//! - `bare`: a hyper-util accept loop (auto builder: HTTP/1.1 and h2c on one port), no layer;
+//! - `layer`: the same loop with `KeepAliveLayer` bound to a handle per connection (headers, counting,
+//!   in-flight tracking; nobody drives the lifecycle);
+//! - `serve`: `tower_keepalive::serve`, the full lifecycle (idle timer, drain, connection budget).
+//!
+//! All three set `TCP_NODELAY`, turn hyper's header-read timer off (as the serve path does), and answer
+//! every request with `200 hello` and a `content-type` (as axum and nginx do). The runtime has `--threads`
+//! worker threads (default 1) and the accept loop runs on them too, so pinning the process to one core with
+//! `taskset` gives it exactly that core. The first line on stdout is `listening on http://ADDR`; sizes of
+//! the per-connection futures go to stderr. Stop it with a signal.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::CONTENT_TYPE;
+use http::{HeaderValue, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use tower::Layer;
+use tower_keepalive::KeepAliveLayer;
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Mode {
+    Bare,
+    Layer,
+    Serve,
+}
+
+struct Args {
+    mode: Mode,
+    addr: SocketAddr,
+    threads: usize,
+    layer: KeepAliveLayer,
+    content_type: bool,
+    sizes: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: bench_server --mode bare|layer|serve [--addr ADDR] [--threads N] [--idle-timeout SECS] \
+         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        mode: Mode::Bare,
+        addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        threads: 1,
+        layer: KeepAliveLayer::new(),
+        content_type: true,
+        sizes: false,
+    };
+    let mut mode = None;
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--mode" => {
+                mode = Some(match value().as_str() {
+                    "bare" => Mode::Bare,
+                    "layer" => Mode::Layer,
+                    "serve" => Mode::Serve,
+                    _ => usage(),
+                })
+            }
+            "--addr" => args.addr = value().parse().unwrap_or_else(|_| usage()),
+            "--threads" => args.threads = value().parse().unwrap_or_else(|_| usage()),
+            "--idle-timeout" => {
+                let secs: f64 = value().parse().unwrap_or_else(|_| usage());
+                if !secs.is_finite() || secs < 0.0 {
+                    usage();
+                }
+                args.layer = args.layer.idle_timeout(Duration::from_secs_f64(secs));
+            }
+            "--max-requests" => {
+                let n: u64 = value().parse().unwrap_or_else(|_| usage());
+                args.layer = if n == 0 {
+                    args.layer.unlimited_requests()
+                } else {
+                    args.layer.max_requests(n)
+                };
+            }
+            "--no-content-type" => args.content_type = false,
+            "--sizes" => args.sizes = true,
+            _ => usage(),
+        }
+    }
+    args.mode = mode.unwrap_or_else(|| if args.sizes { Mode::Bare } else { usage() });
+    args.threads = args.threads.max(1);
+    args
+}
+
+fn main() -> std::io::Result<()> {
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads)
+        .enable_all()
+        .build()?;
+    // Spawned, so that the accept loop runs on the worker threads rather than on this one.
+    rt.block_on(async move { tokio::spawn(run(args)).await })
+        .map_err(std::io::Error::other)?
+}
+
+async fn run(args: Args) -> std::io::Result<()> {
+    if args.sizes {
+        sizes(&args.layer);
+        return Ok(());
+    }
+    let listener = tokio::net::TcpListener::bind(args.addr).await?;
+    println!("listening on http://{}", listener.local_addr()?);
+
+    let content_type = args.content_type;
+    let hello = tower::service_fn(move |_req: Request<Incoming>| async move {
+        let mut res = Response::new(Full::new(Bytes::from_static(b"hello")));
+        if content_type {
+            res.headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        }
+        Ok::<_, Infallible>(res)
+    });
+
+    if args.mode == Mode::Serve {
+        return tower_keepalive::serve(listener, hello)
+            .keep_alive(args.layer)
+            .await;
+    }
+
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().header_read_timeout(None);
+    let mut sized = false;
+    loop {
+        let (io, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(err) => {
+                // Out of file descriptors, most likely: give the connections time to go.
+                eprintln!("accept: {err}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = io.set_nodelay(true);
+        let io = TokioIo::new(io);
+        let builder = builder.clone();
+        if args.mode == Mode::Bare {
+            let svc = TowerToHyperService::new(hello);
+            let conn = async move {
+                let _ = builder.serve_connection_with_upgrades(io, svc).await;
+            };
+            report_size(&mut sized, "bare", &conn);
+            tokio::spawn(conn);
+        } else {
+            let handle = args.layer.connection();
+            let svc = TowerToHyperService::new(args.layer.bind(handle).layer(hello));
+            let conn = async move {
+                let _ = builder.serve_connection_with_upgrades(io, svc).await;
+            };
+            report_size(&mut sized, "layer", &conn);
+            tokio::spawn(conn);
+        }
+    }
+}
+
+/// `--sizes`: the size of each per-connection future, over an in-memory IO, then exit.
+fn sizes(layer: &KeepAliveLayer) {
+    let hello = tower::service_fn(|_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"hello"))))
+    });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let io = || TokioIo::new(tokio::io::duplex(64).0);
+    let bare = builder.serve_connection_with_upgrades(io(), TowerToHyperService::new(hello));
+    let handle = layer.connection();
+    let bound = layer.bind(handle.clone()).layer(hello);
+    let layered =
+        builder.serve_connection_with_upgrades(io(), TowerToHyperService::new(bound.clone()));
+    let conn =
+        builder.serve_connection_with_upgrades(io(), TowerToHyperService::new(bound.clone()));
+    let driven = handle.clone().drive(conn);
+    let conn =
+        builder.serve_connection_with_upgrades(io(), TowerToHyperService::new(bound.clone()));
+    let drain = tower_keepalive::serve::Drain::new();
+    let watched = drain.watcher().drive(handle, conn);
+    println!(
+        "hyper-util auto connection: {} bytes; with the layer: {} bytes; \
+         ConnectionHandle::drive(conn): {} bytes; DrainWatcher::drive(conn): {} bytes",
+        std::mem::size_of_val(&bare),
+        std::mem::size_of_val(&layered),
+        std::mem::size_of_val(&driven),
+        std::mem::size_of_val(&watched),
+    );
+}
+
+/// The size of the first connection's task future, once: what the runtime allocates for each task
+/// besides the connection's buffers.
+fn report_size<T>(done: &mut bool, mode: &str, future: &T) {
+    if !*done {
+        *done = true;
+        eprintln!(
+            "{mode}: connection future {} bytes",
+            std::mem::size_of_val(future)
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! Idle keep-alive connections at scale, for `bench/run`: opens N connections to a server on loopback,
+//! sends one HTTP/1.1 request on each, reads the response, then sits idle and records when the server
+//! closes each connection.
+//!
+//! ```text
+//! cargo run --release --example idle_clients -- --addr 127.0.0.1:8080 [-n 10000] [--idle-timeout 5]
+//!     [--pid SERVER_PID] [--sources 4] [--concurrency 64] [--cpu-window 3] [--no-close]
+//! ```
+//!
+//! For each connection it takes the time from its response to the server's close (EOF or reset) and
+//! prints the median, p99 and max of (close time - idle timeout). With `--pid` it also reads the server's
+//! resident memory (`VmRSS` in /proc/PID/status) before the first connection and once all are
+//! established (bytes per idle connection), and the server's CPU time (utime + stime in /proc/PID/stat)
+//! over a window while every connection sits idle and before the first idle timer is due. `--no-close`
+//! (for a server that never closes idle connections) stops after that window.
+//!
+//! At most `--concurrency` connections are being set up at once (64: tokio's and std's listeners have a
+//! backlog of 128, and a full accept queue drops SYNs, which the client retries only after a second).
+//! Connections come from several loopback source addresses (127.0.0.2, 127.0.0.3, ...) so that ephemeral
+//! ports do not run short; traffic goes to loopback only. Every wait is bounded. The last line on stdout
+//! is `RESULT key=value ...` for scripts.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio::sync::{Notify, Semaphore};
+
+struct Args {
+    addr: SocketAddr,
+    n: usize,
+    idle_timeout: Duration,
+    pid: Option<u32>,
+    sources: u8,
+    concurrency: usize,
+    cpu_window: Duration,
+    close: bool,
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: idle_clients --addr ADDR [-n N] [--idle-timeout SECS] [--pid PID] [--sources K] \
+         [--concurrency C] [--cpu-window SECS] [--no-close]"
+    );
+    std::process::exit(2)
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+        n: 10_000,
+        idle_timeout: Duration::from_secs(5),
+        pid: None,
+        sources: 4,
+        concurrency: 64,
+        cpu_window: Duration::from_secs(3),
+        close: true,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| usage());
+        let secs = |v: String| match v.parse::<f64>() {
+            Ok(s) if s.is_finite() && s >= 0.0 => Duration::from_secs_f64(s),
+            _ => usage(),
+        };
+        match flag.as_str() {
+            "--addr" => args.addr = value().parse().unwrap_or_else(|_| usage()),
+            "-n" => args.n = value().parse().unwrap_or_else(|_| usage()),
+            "--idle-timeout" => args.idle_timeout = secs(value()),
+            "--pid" => args.pid = Some(value().parse().unwrap_or_else(|_| usage())),
+            "--sources" => args.sources = value().parse().unwrap_or_else(|_| usage()),
+            "--concurrency" => args.concurrency = value().parse().unwrap_or_else(|_| usage()),
+            "--cpu-window" => args.cpu_window = secs(value()),
+            "--no-close" => args.close = false,
+            _ => usage(),
+        }
+    }
+    if !args.addr.ip().is_loopback() {
+        eprintln!("idle_clients sends traffic to loopback addresses only");
+        std::process::exit(2);
+    }
+    args.sources = args.sources.clamp(1, 200);
+    args.concurrency = args.concurrency.max(1);
+    args
+}
+
+/// What happened to one connection; times are offsets from the start of the run.
+#[derive(Clone, Copy, Debug, Default)]
+struct Outcome {
+    responded: Option<Duration>,
+    closed: Option<Duration>,
+    failed: bool,
+}
+
+fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; the fields after it are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`); 100 on Linux for every architecture it runs on here.
+const TICKS_PER_SEC: f64 = 100.0;
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether `buf` holds a whole response (head and `content-length` body).
+fn response_complete(buf: &[u8]) -> bool {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let len = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    buf.len() >= end + 4 + len
+}
+
+/// What every connection's task shares.
+struct Run {
+    args: Args,
+    start: Instant,
+    /// Bounds everything: connecting, the requests, and the wait for the closes.
+    deadline: Instant,
+    /// Connections being set up at once.
+    permits: Semaphore,
+    /// Connections done with their request, answered or not.
+    responded: AtomicUsize,
+    /// Connections whose request was answered.
+    answered: AtomicUsize,
+    all_responded: Notify,
+}
+
+impl Run {
+    fn responded(&self) {
+        if self.responded.fetch_add(1, Ordering::AcqRel) + 1 == self.args.n {
+            self.all_responded.notify_one();
+        }
+    }
+}
+
+async fn one(run: Arc<Run>, index: usize) -> Outcome {
+    let (args, start, deadline) = (&run.args, run.start, run.deadline);
+    let mut outcome = Outcome::default();
+    let permit = run.permits.acquire().await;
+    let source = Ipv4Addr::new(127, 0, 0, 2 + (index % usize::from(args.sources)) as u8);
+    let connected = async {
+        let socket = TcpSocket::new_v4()?;
+        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+        socket.connect(args.addr).await
+    };
+    let mut stream = match tokio::time::timeout_at(deadline.into(), connected).await {
+        Ok(Ok(stream)) => stream,
+        _ => {
+            outcome.failed = true;
+            drop(permit);
+            run.responded();
+            return outcome;
+        }
+    };
+    let request = format!("GET / HTTP/1.1\r\nHost: {}\r\n\r\n", args.addr);
+    let mut buf = Vec::with_capacity(512);
+    let mut chunk = [0u8; 512];
+    let exchange = async {
+        stream.write_all(request.as_bytes()).await?;
+        while !response_complete(&buf) {
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    let ok = matches!(
+        tokio::time::timeout_at(deadline.into(), exchange).await,
+        Ok(Ok(()))
+    );
+    drop(permit);
+    if ok {
+        outcome.responded = Some(start.elapsed());
+        run.answered.fetch_add(1, Ordering::Relaxed);
+    } else {
+        outcome.failed = true;
+    }
+    run.responded();
+    if !ok {
+        return outcome;
+    }
+    // Idle: whatever arrives now is the end of the connection (EOF or a reset).
+    if let Ok(result) = tokio::time::timeout_at(deadline.into(), stream.read(&mut chunk)).await {
+        match result {
+            Ok(0) | Err(_) => outcome.closed = Some(start.elapsed()),
+            Ok(_) => outcome.failed = true,
+        }
+    }
+    outcome
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn main() {
+    let args = parse_args();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(args));
+}
+
+async fn run(args: Args) {
+    let rss_before = args.pid.and_then(rss_bytes);
+    let start = Instant::now();
+    let wait = Duration::from_secs(if args.close { 30 } else { 20 });
+    let run = Arc::new(Run {
+        deadline: start + args.idle_timeout + wait,
+        start,
+        permits: Semaphore::new(args.concurrency),
+        responded: AtomicUsize::new(0),
+        answered: AtomicUsize::new(0),
+        all_responded: Notify::new(),
+        args,
+    });
+    let args = &run.args;
+    let mut tasks = tokio::task::JoinSet::new();
+    for index in 0..args.n {
+        tasks.spawn(one(run.clone(), index));
+    }
+    if args.n > 0 {
+        let _ = tokio::time::timeout_at(run.deadline.into(), run.all_responded.notified()).await;
+    }
+    let established = start.elapsed();
+    let answered = run.answered.load(Ordering::Acquire);
+    println!(
+        "{answered} of {} requests answered in {:.2} s",
+        args.n,
+        established.as_secs_f64()
+    );
+
+    // Memory and CPU of the server while every connection is idle.
+    let mut rss_after = None;
+    let mut cpu = None;
+    if let Some(pid) = args.pid {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        rss_after = rss_bytes(pid);
+        // The window must end before the first connection's idle timer is due; the first response came
+        // at most `established` after the start, so the first timer is due no earlier than
+        // `idle_timeout` after the start.
+        let since = start.elapsed();
+        let room = if args.close {
+            args.idle_timeout
+                .saturating_sub(since)
+                .saturating_sub(Duration::from_millis(300))
+        } else {
+            args.cpu_window
+        };
+        let window = args.cpu_window.min(room);
+        if window >= Duration::from_millis(500) {
+            let a = cpu_ticks(pid);
+            let t = Instant::now();
+            tokio::time::sleep(window).await;
+            let b = cpu_ticks(pid);
+            if let (Some(a), Some(b)) = (a, b) {
+                cpu = Some((b - a, t.elapsed()));
+            }
+        } else {
+            println!("no room for a CPU window before the first idle timer");
+        }
+    }
+
+    let mut outcomes = Vec::with_capacity(args.n);
+    if args.close {
+        while let Some(done) = tasks.join_next().await {
+            if let Ok(outcome) = done {
+                outcomes.push(outcome);
+            }
+        }
+    } else {
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+    }
+
+    let failed = outcomes.iter().filter(|o| o.failed).count();
+    let mut lateness_ms: Vec<f64> = outcomes
+        .iter()
+        .filter_map(|o| Some((o.closed? - o.responded?).as_secs_f64() * 1e3))
+        .map(|idle_ms| idle_ms - args.idle_timeout.as_secs_f64() * 1e3)
+        .collect();
+    lateness_ms.sort_by(f64::total_cmp);
+    let closed = lateness_ms.len();
+    let never_closed = outcomes
+        .iter()
+        .filter(|o| o.responded.is_some() && o.closed.is_none() && !o.failed)
+        .count();
+
+    let mut result = format!(
+        "RESULT n={} answered={answered} connect_s={:.3}",
+        args.n,
+        established.as_secs_f64()
+    );
+    if let (Some(before), Some(after)) = (rss_before, rss_after) {
+        let per = (after as f64 - before as f64) / args.n.max(1) as f64;
+        println!(
+            "server RSS: {:.1} MiB before, {:.1} MiB with {} idle connections: {per:.0} bytes each",
+            before as f64 / 1048576.0,
+            after as f64 / 1048576.0,
+            args.n
+        );
+        result += &format!(" rss_before={before} rss_after={after} rss_per_conn={per:.0}");
+    }
+    if let Some((ticks, window)) = cpu {
+        let cpu_ms = ticks as f64 / TICKS_PER_SEC * 1e3;
+        println!(
+            "server CPU while idle: {cpu_ms:.0} ms over {:.2} s",
+            window.as_secs_f64()
+        );
+        result += &format!(
+            " idle_cpu_ms={cpu_ms:.0} idle_window_s={:.2}",
+            window.as_secs_f64()
+        );
+    }
+    if args.close {
+        let (p50, p99, max) = (
+            percentile(&lateness_ms, 50.0),
+            percentile(&lateness_ms, 99.0),
+            lateness_ms.last().copied().unwrap_or(f64::NAN),
+        );
+        let min = lateness_ms.first().copied().unwrap_or(f64::NAN);
+        println!(
+            "{closed} closed by the server, {never_closed} not closed in time, {failed} failed; \
+             close - idle timeout: min {min:.1} ms, median {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms"
+        );
+        result += &format!(
+            " closed={closed} not_closed={never_closed} failed={failed} late_min_ms={min:.1} \
+             late_p50_ms={p50:.1} late_p99_ms={p99:.1} late_max_ms={max:.1}"
+        );
+    }
+    println!("{result}");
+}
