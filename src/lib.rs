@@ -114,8 +114,8 @@
 //!
 //! ## 1. The serve path
 //!
-//! [`serve()`] takes a listener and an axum `Router` or any tower `Service` (`Error = Infallible`,
-//! `Clone + Send`), and serves HTTP/1.x and h2c on one port, over hyper-util's auto builder. It applies the
+//! [`serve()`] takes a listener and an axum `Router` or any tower `Service` (`Clone + Send`; an error
+//! from it ends the connection, as hyper does), and serves HTTP/1.x and h2c on one port, over hyper-util's auto builder. It applies the
 //! layer to the whole service itself, so every request is tracked: do not add the layer to the router as
 //! well. See the [`serve` module](mod@serve) for the lifecycle in detail.
 //!
@@ -291,6 +291,9 @@
     missing_debug_implementations
 )]
 #![forbid(unsafe_code)]
+// The connection lifecycle's bookkeeping (idle limits, write tracking, pressure) is read by the serve
+// path; a layer-only build keeps it but does not use all of it.
+#![cfg_attr(not(feature = "serve"), allow(dead_code))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
