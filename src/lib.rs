@@ -223,8 +223,8 @@
 //! - **Counters**: [`KeepAliveLayer::stats`] is a live view, shared by every connection made from the
 //!   layer: connections opened, open and idle, requests started and in flight, closes by
 //!   [`CloseReason`], the distribution of requests per connection, and the connection pressure. A few
-//!   relaxed atomic additions per request: cheap enough to leave on. Take it from the finished layer:
-//!   each builder method returns a layer with fresh counters. `examples/metrics.rs` exports a
+//!   relaxed atomic additions per request: cheap enough to leave on. A layer, its clones and the layers
+//!   built from it share one set of counters: use one layer per server. `examples/metrics.rs` exports a
 //!   [`StatsSnapshot`] in the Prometheus text format.
 //! - **Each connection**: [`ConnectionHandle`] gives its request count, what is in flight, since when
 //!   it is idle, its age, and its [`CloseReason`] once decided. On the serve path,
