@@ -382,7 +382,17 @@ where
                     TowerToHyperService::new(svc),
                 );
                 let mut watcher = watcher;
-                let reason = watcher.drive_ref(handle.clone(), conn).await;
+                // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection:
+                // its close is still reported and counted, then the panic goes on.
+                let (reason, panic) =
+                    match CatchUnwind::new(watcher.drive_ref(handle.clone(), conn)).await {
+                        Ok(reason) => (reason, None),
+                        Err(panic) => {
+                            handle.mark_closing(CloseReason::Error);
+                            let reason = handle.close_reason().unwrap_or(CloseReason::Error);
+                            (reason, Some(panic))
+                        }
+                    };
                 if let Some(on_close) = on_close {
                     on_close(&handle, reason);
                 }
@@ -391,6 +401,9 @@ where
                 drop(permit);
                 if let Some(budget) = budget {
                     budget.update();
+                }
+                if let Some(panic) = panic {
+                    std::panic::resume_unwind(panic);
                 }
             };
             tokio::spawn(tracing::Instrument::instrument(task, span));
@@ -403,5 +416,34 @@ where
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Resolves with the panic of `inner` instead of unwinding through whoever polls it.
+    struct CatchUnwind<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F> CatchUnwind<F> {
+    fn new(inner: F) -> Self {
+        CatchUnwind { inner }
+    }
+}
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = std::thread::Result<F::Output>;
+
+    fn poll(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let inner = self.project().inner;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
+            Ok(poll) => poll.map(Ok),
+            Err(panic) => std::task::Poll::Ready(Err(panic)),
+        }
     }
 }
