@@ -12,6 +12,9 @@
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
 //! - `/ws`: a WebSocket echo.
 //!
+//! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
+//! by default it comes from the file-descriptor limit.
+//!
 //! On SIGINT or SIGTERM it drains and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
 
@@ -177,6 +180,7 @@ async fn main() -> std::io::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = parse_args();
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
@@ -184,9 +188,13 @@ async fn main() -> std::io::Result<()> {
     tracing::info!(policy = ?args.layer, "serving");
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
-    if let Some(max) = args.max_connections {
+    match args.max_connections {
+        // No budget at all: every connection is accepted (until the process runs out of descriptors).
+        Some(0) => server = server.unlimited_connections(),
         // Soft limit at three quarters: above it idle connections yield to new clients.
-        server = server.max_connections(max);
+        Some(max) => server = server.max_connections(max),
+        // The default budget, from the file-descriptor limit.
+        None => {}
     }
     server
         .with_graceful_shutdown(shutdown_signal())
