@@ -127,19 +127,22 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        // Bound: borrowed, no reference count touched. From the extensions: cloned, as the request is
+        // modified below.
+        let found;
         let handle = match &self.handle {
-            Some(handle) => Some(handle.clone()),
+            Some(handle) => Some(handle),
             None => {
-                let found = req.extensions().get::<ConnectionHandle>().cloned();
+                found = req.extensions().get::<ConnectionHandle>().cloned();
                 if found.is_none() {
                     warn_no_handle_once();
                 }
-                found
+                found.as_ref()
             }
         };
         let mut req = req;
-        let (plan, guard) = plan(&req, handle.as_ref(), &self.config);
-        let config = handle.as_ref().map_or(&*self.config, |h| h.config());
+        let (plan, guard) = plan(&req, handle, &self.config);
+        let config = handle.map_or(&*self.config, |h| h.config());
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
         }
