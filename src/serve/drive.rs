@@ -1,8 +1,13 @@
 //! Driving one connection through its lifecycle: idle timeout, maximum age, graceful close, drain.
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
+
+use pin_project_lite::pin_project;
 
 use tokio::sync::watch;
 use tokio::time::{sleep_until, Instant};
@@ -208,6 +213,9 @@ enum DrainState {
 #[derive(Debug)]
 pub struct Drain {
     tx: watch::Sender<ServerSignal>,
+    /// Watchers alive. Not the channel's receiver count: a connection's lifecycle holds receivers of
+    /// its own while it runs.
+    live: Arc<AtomicUsize>,
 }
 
 impl Default for Drain {
@@ -230,6 +238,7 @@ impl Drain {
                 pressure: 0,
             })
             .0,
+            live: Arc::default(),
         }
     }
 
@@ -244,8 +253,10 @@ impl Drain {
     /// assert_eq!(drain.connections(), 0);
     /// ```
     pub fn watcher(&self) -> DrainWatcher {
+        self.live.fetch_add(1, Ordering::Relaxed);
         DrainWatcher {
             rx: self.tx.subscribe(),
+            live: self.live.clone(),
         }
     }
 
@@ -262,7 +273,7 @@ impl Drain {
     /// assert_eq!(tower_keepalive::serve::Drain::new().connections(), 0);
     /// ```
     pub fn connections(&self) -> usize {
-        self.tx.receiver_count()
+        self.live.load(Ordering::Relaxed)
     }
 
     /// Drains: no connection is kept alive any more. Idle connections close at once; requests in flight
@@ -289,7 +300,7 @@ impl Drain {
         {
             return 0;
         }
-        let left = self.tx.receiver_count();
+        let left = self.connections();
         tracing::debug!(
             connections = left,
             "drain deadline passed; dropping connections"
@@ -325,6 +336,13 @@ impl PressureSender {
 #[derive(Debug)]
 pub struct DrainWatcher {
     rx: watch::Receiver<ServerSignal>,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for DrainWatcher {
+    fn drop(&mut self) {
+        self.live.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl DrainWatcher {
@@ -339,21 +357,23 @@ impl DrainWatcher {
     /// # }
     /// ```
     pub async fn drive<C: GracefulConnection>(
-        mut self,
+        self,
         handle: ConnectionHandle,
         conn: C,
     ) -> CloseReason {
-        self.drive_ref(handle, conn).await
+        let conn = pin!(conn);
+        self.drive_pinned(&handle, conn).await
     }
 
-    /// As [`drive`](Self::drive), leaving the connection counted by the drain until the watcher is
-    /// dropped: the serve path reports the close first.
-    pub(crate) async fn drive_ref<C: GracefulConnection>(
-        &mut self,
-        handle: ConnectionHandle,
-        conn: C,
+    /// As [`drive`](Self::drive), with the connection pinned by the caller (stored once, not moved into
+    /// each future on the way) and the watcher left counting until the caller drops it: the serve path
+    /// reports the close first.
+    pub(crate) async fn drive_pinned<C: GracefulConnection>(
+        &self,
+        handle: &ConnectionHandle,
+        conn: Pin<&mut C>,
     ) -> CloseReason {
-        run(handle, conn, Some(&mut self.rx)).await
+        lifecycle(handle, conn, Some(self.rx.clone())).await
     }
 }
 
@@ -368,8 +388,10 @@ impl ConnectionHandle {
     /// - maximum age: the connection closes gracefully at its next request boundary;
     /// - a close decided by the layer (HTTP/2 maximum requests) is carried out with GOAWAY.
     ///
-    /// One timer per connection; nothing runs while the connection is idle but that timer. A request in
-    /// flight is never cut.
+    /// One timer per connection; nothing runs while the connection is idle but that timer, and waking
+    /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
+    /// connection's IO in [`WatchedIo`](crate::serve::WatchedIo) so that a response still being written
+    /// to a slow client is not taken for idle either.
     ///
     /// ```no_run
     /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
@@ -380,63 +402,71 @@ impl ConnectionHandle {
     /// # }
     /// ```
     pub async fn drive<C: GracefulConnection>(self, conn: C) -> CloseReason {
-        run(self, conn, None).await
+        let conn = pin!(conn);
+        lifecycle(&self, conn, None).await
     }
 }
 
-async fn run<C: GracefulConnection>(
-    handle: ConnectionHandle,
-    conn: C,
-    server: Option<&mut watch::Receiver<ServerSignal>>,
-) -> CloseReason {
-    // The close is logged when the handle goes, on every path (see `connection.rs`).
-    lifecycle(&handle, conn, server).await
-}
-
+/// The connection's lifecycle. The close is logged when the handle goes, on every path (see
+/// `connection.rs`).
 async fn lifecycle<C: GracefulConnection>(
     handle: &ConnectionHandle,
-    conn: C,
-    mut server: Option<&mut watch::Receiver<ServerSignal>>,
+    mut conn: Pin<&mut C>,
+    server: Option<watch::Receiver<ServerSignal>>,
 ) -> CloseReason {
-    let mut conn = pin!(conn);
     let mut timer = pin!(sleep_until(next_check(handle)));
     let mut shutting_down = false;
 
+    // A second receiver, only to ask cheaply whether the server said something new.
+    let mut seen = server.clone();
     // A connection accepted while the server was already draining.
-    let draining = server
+    let draining = seen
         .as_mut()
         .is_some_and(|rx| rx.borrow_and_update().drain != DrainState::Serving);
     if draining {
-        // Picked up by the `notified` branch: a graceful close before anything else.
+        // Picked up by the close branch: a graceful close before anything else.
         handle.close(CloseReason::Drain);
     }
+    let mut close_requested = pin!(Gated::new(handle.shared.notify.notified()));
+    let mut signal = pin!(Gated::new(next_signal(server)));
 
     loop {
         tokio::select! {
             biased;
             result = conn.as_mut() => return finished(handle, result),
-            () = handle.shared.notify.notified(), if !shutting_down => {
+            () = poll_fn(|cx| close_requested.as_mut().poll_if(cx, handle.is_closing())), if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
                 timer.as_mut().reset(Instant::now() + GRACE);
             }
-            signal = server_changed(&mut server) => match signal.drain {
-                DrainState::Abort => {
-                    handle.close(CloseReason::Drain);
-                    return handle.close_reason().unwrap_or(CloseReason::Drain);
+            (rx, received) = poll_fn(|cx| signal.as_mut().poll_if(cx, has_changed(&seen))) => {
+                if let Some(rx) = seen.as_mut() {
+                    rx.borrow_and_update();
                 }
-                DrainState::Draining => {
-                    handle.close(CloseReason::Drain);
-                    if !shutting_down {
-                        conn.as_mut().graceful_shutdown();
-                        shutting_down = true;
-                        timer.as_mut().reset(Instant::now() + GRACE);
+                let Some(received) = received else {
+                    // The server is gone: nothing more will come.
+                    signal.set(Gated::new(next_signal(None)));
+                    continue;
+                };
+                signal.set(Gated::new(next_signal(rx)));
+                match received.drain {
+                    DrainState::Abort => {
+                        handle.close(CloseReason::Drain);
+                        return handle.close_reason().unwrap_or(CloseReason::Drain);
                     }
+                    DrainState::Draining => {
+                        handle.close(CloseReason::Drain);
+                        if !shutting_down {
+                            conn.as_mut().graceful_shutdown();
+                            shutting_down = true;
+                            timer.as_mut().reset(Instant::now() + GRACE);
+                        }
+                    }
+                    // Connection pressure changed: the idle limit with it.
+                    DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(handle)),
+                    DrainState::Serving => {}
                 }
-                // Connection pressure changed: the idle limit with it.
-                DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(handle)),
-                DrainState::Serving => {}
-            },
+            }
             () = timer.as_mut() => {
                 let now = Instant::now();
                 if shutting_down {
@@ -451,7 +481,7 @@ async fn lifecycle<C: GracefulConnection>(
                     continue;
                 }
                 if let Some(reason) = handle.due(now.into_std()) {
-                    // Wakes the `notified` branch on the next turn.
+                    // Wakes the close branch on the next turn.
                     handle.close(reason);
                 }
                 if handle.is_closing() {
@@ -477,14 +507,53 @@ fn next_check(handle: &ConnectionHandle) -> Instant {
     Instant::from_std(handle.next_check(std::time::Instant::now()))
 }
 
-async fn server_changed(server: &mut Option<&mut watch::Receiver<ServerSignal>>) -> ServerSignal {
-    if let Some(rx) = server {
-        if rx.changed().await.is_ok() {
-            return *rx.borrow_and_update();
-        }
+fn has_changed(seen: &Option<watch::Receiver<ServerSignal>>) -> bool {
+    seen.as_ref()
+        .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+}
+
+/// The server's next signal, with the receiver back for the one after; `None` once the server is gone.
+async fn next_signal(
+    rx: Option<watch::Receiver<ServerSignal>>,
+) -> (Option<watch::Receiver<ServerSignal>>, Option<ServerSignal>) {
+    let Some(mut rx) = rx else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return (None, None);
     }
-    // No server signal, or its sender is gone: nothing will ever come.
-    std::future::pending().await
+    let signal = *rx.borrow_and_update();
+    (Some(rx), Some(signal))
+}
+
+pin_project! {
+    /// A future polled only when it may be ready, or when the task's waker changed. Its last poll
+    /// registered a waker that still wakes the task; polling it again on every wake-up of the connection
+    /// would take the lock of a tokio `Notify` (shared by all connections, for the server's signal) for
+    /// nothing.
+    struct Gated<F> {
+        #[pin]
+        inner: F,
+        waker: Option<Waker>,
+    }
+}
+
+impl<F: Future> Gated<F> {
+    fn new(inner: F) -> Self {
+        Gated { inner, waker: None }
+    }
+
+    fn poll_if(self: Pin<&mut Self>, cx: &mut Context<'_>, maybe_ready: bool) -> Poll<F::Output> {
+        let this = self.project();
+        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
+        if registered && !maybe_ready {
+            return Poll::Pending;
+        }
+        if !registered {
+            *this.waker = Some(cx.waker().clone());
+        }
+        this.inner.poll(cx)
+    }
 }
 
 fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>) -> CloseReason {

@@ -377,15 +377,15 @@ where
             let on_close = on_close.clone();
             let span = tracing::debug_span!("connection", peer = ?addr);
             let task = async move {
-                let conn = builder.serve_connection_with_upgrades(
+                // Pinned here, once: the connection is the largest part of the task.
+                let conn = pin!(builder.serve_connection_with_upgrades(
                     TokioIo::new(WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
-                );
-                let mut watcher = watcher;
+                ));
                 // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection:
                 // its close is still reported and counted, then the panic goes on.
                 let (reason, panic) =
-                    match CatchUnwind::new(watcher.drive_ref(handle.clone(), conn)).await {
+                    match CatchUnwind::new(watcher.drive_pinned(&handle, conn)).await {
                         Ok(reason) => (reason, None),
                         Err(panic) => {
                             handle.mark_closing(CloseReason::Error);
