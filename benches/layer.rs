@@ -155,6 +155,37 @@ fn requests(c: &mut Criterion) {
     }
 }
 
+/// The same requests on two threads at once, each with its own connection, through one layer (as a
+/// server's worker threads share it): what the per-request cost becomes when the state shared by all
+/// connections (server-wide counters, the shared `Keep-Alive` buffer) is touched from two cores. The
+/// time is per request on one thread; compare with the one-thread figure of the same group.
+fn two_threads(c: &mut Criterion) {
+    let layer = KeepAliveLayer::new();
+    let mut group = c.benchmark_group("http1.1-two-threads");
+    group.bench_function(BenchmarkId::new("bare", "service_fn"), |b| {
+        b.iter_custom(|iters| parallel(|| run(iters, Version::HTTP_11, || inner(hello))))
+    });
+    group.bench_function(BenchmarkId::new("layer", "default"), |b| {
+        b.iter_custom(|iters| {
+            parallel(|| {
+                run(iters, Version::HTTP_11, || {
+                    layer.bind(layer.connection()).layer(inner(hello))
+                })
+            })
+        })
+    });
+    group.finish();
+}
+
+/// Runs `f` on two threads at once; the slower thread's time.
+fn parallel(f: impl Fn() -> Duration + Sync) -> Duration {
+    std::thread::scope(|s| {
+        let other = s.spawn(&f);
+        let mine = f();
+        mine.max(other.join().expect("bench thread"))
+    })
+}
+
 fn connection(c: &mut Criterion) {
     // Once per accepted connection: the handle (one allocation) and the layer bound to it.
     let layer = KeepAliveLayer::new();
@@ -163,5 +194,5 @@ fn connection(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, requests, connection);
+criterion_group!(benches, requests, two_threads, connection);
 criterion_main!(benches);

@@ -10,8 +10,8 @@
 //! For each connection it takes the time from its response to the server's close (EOF or reset) and
 //! prints the median, p99 and max of (close time - idle timeout). With `--pid` it also reads the server's
 //! resident memory (`VmRSS` in /proc/PID/status) before the first connection and once all are
-//! established (bytes per idle connection), and the server's CPU time (utime + stime in /proc/PID/stat)
-//! over a window while every connection sits idle and before the first idle timer is due. `--no-close`
+//! established (bytes per idle connection), and the server's CPU time (its threads' time on CPU in
+//! /proc/PID/task/*/schedstat, else utime + stime in /proc/PID/stat) over a window while every connection sits idle and before the first idle timer is due. `--no-close`
 //! (for a server that never closes idle connections) stops after that window.
 //!
 //! At most `--concurrency` connections are being set up at once (64: tokio's and std's listeners have a
@@ -102,20 +102,30 @@ fn rss_bytes(pid: u32) -> Option<u64> {
     Some(kb * 1024)
 }
 
-/// utime + stime of `pid`, in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; the fields after it are plain.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
+/// CPU time used by `pid` so far, in nanoseconds: the sum over its threads of the time on CPU from
+/// `/proc/PID/task/*/schedstat` (nanosecond resolution), or else utime + stime from `/proc/PID/stat`
+/// (clock ticks, 10 ms).
+fn cpu_ns(pid: u32) -> Option<u64> {
+    let from_schedstat = || -> Option<u64> {
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+            let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+            total += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+        }
+        Some(total)
+    };
+    from_schedstat().or_else(|| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name may hold spaces; the fields after it are plain.
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // Fields 14 and 15 of stat(5), utime and stime; `rest` starts at field 3.
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        // Clock ticks are 1/100 s on Linux here (`getconf CLK_TCK`).
+        Some((utime + stime) * 10_000_000)
+    })
 }
-
-/// Clock ticks per second (`getconf CLK_TCK`); 100 on Linux for every architecture it runs on here.
-const TICKS_PER_SEC: f64 = 100.0;
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -281,12 +291,12 @@ async fn run(args: Args) {
         };
         let window = args.cpu_window.min(room);
         if window >= Duration::from_millis(500) {
-            let a = cpu_ticks(pid);
+            let a = cpu_ns(pid);
             let t = Instant::now();
             tokio::time::sleep(window).await;
-            let b = cpu_ticks(pid);
+            let b = cpu_ns(pid);
             if let (Some(a), Some(b)) = (a, b) {
-                cpu = Some((b - a, t.elapsed()));
+                cpu = Some((b - a, t.elapsed(), b));
             }
         } else {
             println!("no room for a CPU window before the first idle timer");
@@ -333,14 +343,15 @@ async fn run(args: Args) {
         );
         result += &format!(" rss_before={before} rss_after={after} rss_per_conn={per:.0}");
     }
-    if let Some((ticks, window)) = cpu {
-        let cpu_ms = ticks as f64 / TICKS_PER_SEC * 1e3;
+    if let Some((ns, window, total)) = cpu {
+        let cpu_ms = ns as f64 / 1e6;
+        let total_ms = total as f64 / 1e6;
         println!(
-            "server CPU while idle: {cpu_ms:.0} ms over {:.2} s",
+            "server CPU while idle: {cpu_ms:.3} ms over {:.2} s (since it started: {total_ms:.0} ms)",
             window.as_secs_f64()
         );
         result += &format!(
-            " idle_cpu_ms={cpu_ms:.0} idle_window_s={:.2}",
+            " idle_cpu_ms={cpu_ms:.3} idle_window_s={:.2} cpu_total_ms={total_ms:.0}",
             window.as_secs_f64()
         );
     }

@@ -178,6 +178,19 @@ fn set_close(headers: &mut HeaderMap, tokens: ConnectionTokens) {
 /// in `Connection`, then `Connection`, `Keep-Alive`, `Proxy-Connection`, `Transfer-Encoding`, `Upgrade`
 /// and `TE`.
 pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
+    let specific = [
+        &CONNECTION_NAME,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
+        &TRANSFER_ENCODING,
+        &UPGRADE,
+        &TE,
+    ];
+    // One pass over the few fields a response has, instead of a lookup per name: the usual response
+    // carries none of them.
+    if !headers.keys().any(|name| specific.contains(&name)) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -190,14 +203,8 @@ pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
         }
         headers.remove(CONNECTION);
     }
-    for name in [
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &TRANSFER_ENCODING,
-        &UPGRADE,
-        &TE,
-    ] {
-        headers.remove(name);
+    for name in &specific[1..] {
+        headers.remove(*name);
     }
 }
 

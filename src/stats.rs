@@ -39,9 +39,10 @@ const BUCKETS: usize = 18;
 pub(crate) struct Counters {
     opened: AtomicU64,
     closed: AtomicU64,
-    busy: AtomicU64,
+    /// Two gauges in one word, so that a request moves both with one atomic operation: requests in
+    /// flight in the low half, connections with something in flight in the high half.
+    gauges: AtomicU64,
     started: AtomicU64,
-    finished: AtomicU64,
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
     /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
@@ -85,18 +86,18 @@ impl Counters {
     /// A request started; `was_idle` when the connection had nothing in flight.
     pub(crate) fn request_started(&self, was_idle: bool) {
         self.started.fetch_add(1, Relaxed);
-        if was_idle {
-            self.busy.fetch_add(1, Relaxed);
-        }
+        self.gauges.fetch_add(gauge_step(was_idle), Relaxed);
     }
 
     /// A request finished; `now_idle` when it was the connection's last in flight.
     pub(crate) fn request_finished(&self, now_idle: bool) {
-        if now_idle {
-            self.busy.fetch_sub(1, Relaxed);
-        }
-        self.finished.fetch_add(1, Relaxed);
+        self.gauges.fetch_sub(gauge_step(now_idle), Relaxed);
     }
+}
+
+/// One request in flight, and one busy connection if `connection` is set.
+fn gauge_step(connection: bool) -> u64 {
+    1 | (u64::from(connection) << 32)
 }
 
 fn bucket(requests: u64) -> usize {
@@ -133,8 +134,8 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let c = &*self.counters;
         let closed = c.closed.load(Relaxed);
-        let finished = c.finished.load(Relaxed);
-        let busy = c.busy.load(Relaxed);
+        let gauges = c.gauges.load(Relaxed);
+        let (in_flight, busy) = (gauges & u64::from(u32::MAX), gauges >> 32);
         let opened = c.opened.load(Relaxed);
         let started = c.started.load(Relaxed);
         let open = opened.saturating_sub(closed);
@@ -142,7 +143,7 @@ impl Stats {
             connections_opened: opened,
             connections_open: open,
             connections_idle: open.saturating_sub(busy),
-            in_flight: started.saturating_sub(finished),
+            in_flight,
             requests: started,
             by_reason: std::array::from_fn(|i| c.by_reason[i].load(Relaxed)),
             per_connection: std::array::from_fn(|i| c.per_connection[i].load(Relaxed)),
