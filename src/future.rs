@@ -2,7 +2,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use http::Response;
+use http::{Response, Version};
 use http_body::Body;
 use pin_project_lite::pin_project;
 
@@ -86,27 +86,24 @@ where
                 let handle = guard.as_ref().map(InFlight::handle);
                 // A close decided meanwhile (drain, max age, another request) is final.
                 let close = close.or_else(|| handle.and_then(ConnectionHandle::pending_close));
-                let delimited = policy::self_delimited(
-                    res.status(),
-                    head,
-                    res.headers(),
-                    res.body().size_hint().exact(),
-                );
-                let (parts, body) = res.into_parts();
-                let mut parts = parts;
+                let status = res.status();
+                let exact_len = res.body().size_hint().exact();
                 let decided = policy::finish_http1(
-                    parts.status,
-                    &mut parts.headers,
-                    &mut parts.version,
+                    status,
+                    res.headers_mut(),
                     http10,
                     close,
-                    delimited,
+                    |headers| policy::self_delimited(status, head, headers, exact_len),
                     advert,
                 );
+                if http10 && decided.is_some_and(|reason| reason != CloseReason::Upgraded) {
+                    // hyper keeps an HTTP/1.0 keep-alive connection open unless the response says
+                    // HTTP/1.0 as well as `close`.
+                    *res.version_mut() = Version::HTTP_10;
+                }
                 if let (Some(reason), Some(h)) = (decided, handle) {
                     h.mark_closing(reason);
                 }
-                res = Response::from_parts(parts, body);
             }
             Some(Plan::Strip) => policy::strip_connection_fields(res.headers_mut()),
             Some(Plan::Pass) | None => {}

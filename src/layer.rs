@@ -66,7 +66,7 @@ pub(crate) struct Config {
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
     pub(crate) stats: Arc<Counters>,
-    adverts: OnceLock<Adverts>,
+    adverts: OnceLock<&'static Adverts>,
 }
 
 impl Default for KeepAliveLayer {
@@ -356,12 +356,44 @@ impl<S> Layer<S> for KeepAliveLayer {
 }
 
 /// `Keep-Alive` values for the last [`ADVERT_TABLE`] counts of a connection, formatted once into one
-/// buffer so that a response takes its value as a slice of shared bytes instead of allocating.
-#[derive(Clone)]
+/// buffer. The buffer is `'static`, so that a response takes its value without touching a reference
+/// count shared by every connection on every core: one table per distinct (timeout, maximum) policy in
+/// the process, kept for its lifetime (a few kilobytes to 100 KB each).
 struct Adverts {
-    buf: Bytes,
+    buf: &'static [u8],
     /// `ends[r]` is where the value for `max=r` ends; it starts where `max=r-1` ended.
-    ends: Box<[u32]>,
+    ends: &'static [u32],
+}
+
+/// Returns the table of a policy, building it the first time.
+fn interned_adverts(timeout_secs: u64, max: Option<u64>) -> &'static Adverts {
+    type Key = (u64, Option<u64>);
+    static TABLES: std::sync::Mutex<Vec<(Key, &'static Adverts)>> =
+        std::sync::Mutex::new(Vec::new());
+    let key = (timeout_secs, max.map(|m| m.min(ADVERT_TABLE)));
+    // A poisoned lock still holds consistent data: entries are only ever pushed whole.
+    let mut tables = TABLES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, adverts)) = tables.iter().find(|(k, _)| *k == key) {
+        return adverts;
+    }
+    let mut buf = Vec::new();
+    let mut ends = Vec::new();
+    let timeout = Duration::from_secs(timeout_secs);
+    let mut push = |remaining: Option<u64>| {
+        // Writing into a Vec cannot fail.
+        let _ = write!(buf, "{}", advert_header(timeout, remaining));
+        ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
+    };
+    match key.1 {
+        None => push(None),
+        Some(max) => (0..max).for_each(|r| push(Some(r))),
+    }
+    let adverts: &'static Adverts = Box::leak(Box::new(Adverts {
+        buf: Vec::leak(buf),
+        ends: Vec::leak(ends),
+    }));
+    tables.push((key, adverts));
+    adverts
 }
 
 const ADVERT_TABLE: u64 = 4096;
@@ -385,7 +417,9 @@ impl Config {
             let timeout = scaled_timeout(self.idle_timeout, pressure);
             return Some(advert_header(timeout, remaining).to_header_value());
         }
-        let adverts = self.adverts.get_or_init(|| self.build_adverts());
+        let adverts = *self
+            .adverts
+            .get_or_init(|| interned_adverts(self.idle_timeout.as_secs(), self.max_requests));
         let index = match (remaining, self.max_requests) {
             (None, None) => 0,
             (Some(r), Some(_)) if r < adverts.ends.len() as u64 => r as usize,
@@ -394,25 +428,7 @@ impl Config {
         };
         let start = index.checked_sub(1).map_or(0, |i| adverts.ends[i] as usize);
         let end = adverts.ends[index] as usize;
-        HeaderValue::from_maybe_shared(adverts.buf.slice(start..end)).ok()
-    }
-
-    fn build_adverts(&self) -> Adverts {
-        let mut buf = Vec::new();
-        let mut ends = Vec::new();
-        let mut push = |remaining: Option<u64>| {
-            // Writing into a Vec cannot fail.
-            let _ = write!(buf, "{}", advert_header(self.idle_timeout, remaining));
-            ends.push(u32::try_from(buf.len()).unwrap_or(u32::MAX));
-        };
-        match self.max_requests {
-            None => push(None),
-            Some(max) => (0..max.min(ADVERT_TABLE)).for_each(|r| push(Some(r))),
-        }
-        Adverts {
-            buf: Bytes::from(buf),
-            ends: ends.into_boxed_slice(),
-        }
+        HeaderValue::from_maybe_shared(Bytes::from_static(&adverts.buf[start..end])).ok()
     }
 
     fn format_advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {

@@ -112,14 +112,13 @@ pub(crate) fn self_delimited(
 /// Rewrites an HTTP/1 response's connection fields. `close` is the decision so far (request side, the
 /// connection's state); the response may still turn it into a close, never back. Returns the final
 /// decision: `None` persistent, `Some(reason)` closing (`CloseReason::Upgraded` for a protocol switch,
-/// left untouched).
+/// left untouched). `self_delimited` is asked only for HTTP/1.0.
 pub(crate) fn finish_http1(
     status: StatusCode,
     headers: &mut HeaderMap,
-    version: &mut Version,
     http10: bool,
     mut close: Option<CloseReason>,
-    self_delimited: bool,
+    self_delimited: impl FnOnce(&HeaderMap) -> bool,
     advert: Option<HeaderValue>,
 ) -> Option<CloseReason> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
@@ -129,7 +128,7 @@ pub(crate) fn finish_http1(
     if close.is_none() && tokens.close {
         close = Some(CloseReason::Service);
     }
-    if close.is_none() && http10 && !self_delimited {
+    if close.is_none() && http10 && !self_delimited(headers) {
         close = Some(CloseReason::Service);
     }
     match close {
@@ -145,11 +144,6 @@ pub(crate) fn finish_http1(
         Some(_) => {
             headers.remove(&KEEP_ALIVE);
             set_close(headers, tokens);
-            if http10 {
-                // hyper keeps an HTTP/1.0 keep-alive connection open unless the response says HTTP/1.0
-                // as well as `close`.
-                *version = Version::HTTP_10;
-            }
         }
     }
     close
@@ -338,14 +332,12 @@ mod tests {
             ("connection", "keep-alive, X-Foo"),
             ("keep-alive", "timeout=99"),
         ]);
-        let mut v = Version::HTTP_11;
         let out = finish_http1(
             StatusCode::OK,
             &mut h,
-            &mut v,
             false,
             Some(CloseReason::Drain),
-            true,
+            |_| true,
             None,
         );
         assert_eq!(out, Some(CloseReason::Drain));
@@ -360,14 +352,12 @@ mod tests {
     fn switching_protocols_is_untouched() {
         let mut h = map(&[("connection", "upgrade"), ("upgrade", "websocket")]);
         let before = h.clone();
-        let mut v = Version::HTTP_11;
         let out = finish_http1(
             StatusCode::SWITCHING_PROTOCOLS,
             &mut h,
-            &mut v,
             false,
             None,
-            true,
+            |_| true,
             None,
         );
         assert_eq!(out, Some(CloseReason::Upgraded));
@@ -375,13 +365,11 @@ mod tests {
     }
 
     #[test]
-    fn http10_without_length_closes_with_version_10() {
+    fn http10_without_length_closes() {
         let mut h = HeaderMap::new();
-        let mut v = Version::HTTP_11;
-        let out = finish_http1(StatusCode::OK, &mut h, &mut v, true, None, false, None);
+        let out = finish_http1(StatusCode::OK, &mut h, true, None, |_| false, None);
         assert_eq!(out, Some(CloseReason::Service));
         assert_eq!(h[CONNECTION], "close");
-        assert_eq!(v, Version::HTTP_10);
     }
 
     #[test]

@@ -39,16 +39,52 @@ const BUCKETS: usize = 18;
 pub(crate) struct Counters {
     opened: AtomicU64,
     closed: AtomicU64,
-    /// Two gauges in one word, so that a request moves both with one atomic operation: requests in
-    /// flight in the low half, connections with something in flight in the high half.
-    gauges: AtomicU64,
-    started: AtomicU64,
+    /// What every request moves, spread over shards so that threads do not fight over one cache line.
+    requests: [Shard; SHARDS],
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
     /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
     pressure: AtomicU32,
     /// The server is shutting down: no connection is kept alive any more.
     draining: AtomicBool,
+}
+
+const SHARDS: usize = 16;
+
+/// One shard of the per-request counters, alone on its cache line(s).
+#[derive(Default)]
+#[repr(align(128))]
+struct Shard {
+    started: AtomicU64,
+    /// Two gauges in one word, so that a request moves both with one atomic operation: requests in
+    /// flight in the low half, connections with something in flight in the high half. A request may
+    /// end on another shard than it started on; the shards' sum (wrapping) is still exact.
+    gauges: AtomicU64,
+}
+
+impl Counters {
+    /// The calling thread's shard: threads take shards in turn, on first use.
+    fn shard(&self) -> &Shard {
+        use std::cell::Cell;
+        use std::sync::atomic::AtomicUsize;
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        thread_local! {
+            static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+        }
+        let index = INDEX.with(|index| {
+            if index.get() == usize::MAX {
+                index.set(NEXT.fetch_add(1, Relaxed) % SHARDS);
+            }
+            index.get()
+        });
+        &self.requests[index]
+    }
+
+    fn sum(&self, field: impl Fn(&Shard) -> &AtomicU64) -> u64 {
+        self.requests.iter().fold(0u64, |sum, shard| {
+            sum.wrapping_add(field(shard).load(Relaxed))
+        })
+    }
 }
 
 /// Resolution of the connection pressure: the idle timeout shrinks in this many steps between the soft
@@ -85,13 +121,14 @@ impl Counters {
 
     /// A request started; `was_idle` when the connection had nothing in flight.
     pub(crate) fn request_started(&self, was_idle: bool) {
-        self.started.fetch_add(1, Relaxed);
-        self.gauges.fetch_add(gauge_step(was_idle), Relaxed);
+        let shard = self.shard();
+        shard.started.fetch_add(1, Relaxed);
+        shard.gauges.fetch_add(gauge_step(was_idle), Relaxed);
     }
 
     /// A request finished; `now_idle` when it was the connection's last in flight.
     pub(crate) fn request_finished(&self, now_idle: bool) {
-        self.gauges.fetch_sub(gauge_step(now_idle), Relaxed);
+        self.shard().gauges.fetch_sub(gauge_step(now_idle), Relaxed);
     }
 }
 
@@ -134,10 +171,10 @@ impl Stats {
     pub fn snapshot(&self) -> StatsSnapshot {
         let c = &*self.counters;
         let closed = c.closed.load(Relaxed);
-        let gauges = c.gauges.load(Relaxed);
+        let gauges = c.sum(|shard| &shard.gauges);
         let (in_flight, busy) = (gauges & u64::from(u32::MAX), gauges >> 32);
         let opened = c.opened.load(Relaxed);
-        let started = c.started.load(Relaxed);
+        let started = c.sum(|shard| &shard.started);
         let open = opened.saturating_sub(closed);
         StatsSnapshot {
             connections_opened: opened,
