@@ -7,6 +7,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// A source of connections for [`serve`](crate::serve()): a TCP or Unix listener, or your own (a TLS
 /// acceptor's streams, say).
 ///
+/// `TcpListener::bind` listens with a backlog of 128: a burst of connects beyond it has SYNs dropped and
+/// clients retrying a second later. For bursty traffic, and for the connection budget's accept queue,
+/// build the listener with [`tokio::net::TcpSocket`] and `listen(1024)` or more (nginx uses 511).
+///
 /// # Example
 ///
 /// ```
