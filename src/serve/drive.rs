@@ -356,13 +356,14 @@ impl DrainWatcher {
     /// let reason = drain.watcher().drive(layer.connection(), conn).await;
     /// # }
     /// ```
-    pub async fn drive<C: GracefulConnection>(
+    pub fn drive<C: GracefulConnection>(
         self,
         handle: ConnectionHandle,
         conn: C,
-    ) -> CloseReason {
-        let conn = pin!(conn);
-        self.drive_pinned(&handle, conn).await
+    ) -> impl Future<Output = CloseReason> {
+        // On the heap, once: an `async fn` would keep the connection it is given and its pinned copy.
+        let mut conn = Box::pin(conn);
+        async move { self.drive_pinned(&handle, conn.as_mut()).await }
     }
 
     /// As [`drive`](Self::drive), with the connection pinned by the caller (stored once, not moved into
@@ -401,9 +402,10 @@ impl ConnectionHandle {
     /// let reason = handle.drive(conn).await;
     /// # }
     /// ```
-    pub async fn drive<C: GracefulConnection>(self, conn: C) -> CloseReason {
-        let conn = pin!(conn);
-        lifecycle(&self, conn, None).await
+    pub fn drive<C: GracefulConnection>(self, conn: C) -> impl Future<Output = CloseReason> {
+        // On the heap, once: an `async fn` would keep the connection it is given and its pinned copy.
+        let mut conn = Box::pin(conn);
+        async move { lifecycle(&self, conn.as_mut(), None).await }
     }
 }
 
