@@ -163,9 +163,10 @@ pub(crate) struct Shared {
     /// Nanoseconds since `opened` of the first write that went through after the socket was full:
     /// the earliest the buffered response could have been fully sent. Idle time counts from here too.
     unblocked_ns: AtomicU64,
-    /// Nanoseconds since `opened` of the last write of any kind (a connection told to close that is
-    /// still writing is not dropped at the end of its grace period).
-    last_write_ns: AtomicU64,
+    /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
+    /// connection told to close can see whether it is still writing at the end of its grace period.
+    /// Only the connection's own IO writes it.
+    writes: AtomicU64,
     close: AtomicU8,
     /// Wakes whoever drives the connection when a close is decided from inside (max requests on HTTP/2).
     pub(crate) notify: Notify,
@@ -190,7 +191,7 @@ impl ConnectionHandle {
                 write_blocked: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
                 unblocked_ns: AtomicU64::new(0),
-                last_write_ns: AtomicU64::new(0),
+                writes: AtomicU64::new(0),
                 close: AtomicU8::new(0),
                 notify: Notify::new(),
             }),
@@ -240,16 +241,11 @@ impl ConnectionHandle {
         Some(self.shared.opened + Duration::from_nanos(ns))
     }
 
-    /// Since when the connection has been idle and has written nothing at all: whoever drives a
-    /// connection told to close drops it once this is older than its grace period.
-    pub(crate) fn quiet_since(&self) -> Option<Instant> {
-        let idle = self.idle_since()?;
-        let wrote = self.shared.opened
-            + Duration::from_nanos(self.shared.last_write_ns.load(Ordering::Relaxed));
-        Some(idle.max(wrote))
+    /// Writes that went through on the connection's socket so far (counted by `serve::WatchedIo`).
+    pub(crate) fn writes(&self) -> u64 {
+        self.shared.writes.load(Ordering::Relaxed)
     }
 
-    /// Records a write on the connection's socket: `blocked` when the socket was full.
     /// Records that the connection speaks HTTP/2. A load, and a store only the first time.
     pub(crate) fn mark_http2(&self) {
         if !self.shared.http2.load(Ordering::Relaxed) {
@@ -261,17 +257,23 @@ impl ConnectionHandle {
         self.shared.http2.load(Ordering::Relaxed)
     }
 
+    /// Records a write on the connection's socket: `blocked` when the socket was full.
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
         if blocked {
             shared.write_blocked.store(true, Ordering::Release);
             return;
         }
-        let now = self.elapsed_ns();
-        shared.last_write_ns.store(now, Ordering::Relaxed);
+        // One writer (the connection's IO): a load and a store, no read-modify-write.
+        let writes = shared.writes.load(Ordering::Relaxed);
+        shared
+            .writes
+            .store(writes.wrapping_add(1), Ordering::Relaxed);
         if shared.write_blocked.load(Ordering::Relaxed) {
             // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
-            shared.unblocked_ns.store(now, Ordering::Relaxed);
+            shared
+                .unblocked_ns
+                .store(self.elapsed_ns(), Ordering::Relaxed);
             shared.write_blocked.store(false, Ordering::Release);
         }
     }

@@ -418,6 +418,9 @@ async fn lifecycle<C: GracefulConnection>(
 ) -> CloseReason {
     let mut timer = pin!(sleep_until(next_check(handle)));
     let mut shutting_down = false;
+    // Once told to close: since when the connection has not been seen writing, to the timer's
+    // resolution (writes are counted, not timed).
+    let (mut writes_seen, mut wrote_at) = (handle.writes(), Instant::now());
 
     // A second receiver, only to ask cheaply whether the server said something new.
     let mut seen = server.clone();
@@ -439,7 +442,8 @@ async fn lifecycle<C: GracefulConnection>(
             () = poll_fn(|cx| close_requested.as_mut().poll_if(cx, handle.is_closing())), if !shutting_down => {
                 conn.as_mut().graceful_shutdown();
                 shutting_down = true;
-                timer.as_mut().reset(Instant::now() + GRACE);
+                (writes_seen, wrote_at) = (handle.writes(), Instant::now());
+                timer.as_mut().reset(wrote_at + GRACE);
             }
             (rx, received) = poll_fn(|cx| signal.as_mut().poll_if(cx, has_changed(&seen))) => {
                 if let Some(rx) = seen.as_mut() {
@@ -461,7 +465,8 @@ async fn lifecycle<C: GracefulConnection>(
                         if !shutting_down {
                             conn.as_mut().graceful_shutdown();
                             shutting_down = true;
-                            timer.as_mut().reset(Instant::now() + GRACE);
+                            (writes_seen, wrote_at) = (handle.writes(), Instant::now());
+                            timer.as_mut().reset(wrote_at + GRACE);
                         }
                     }
                     // Connection pressure changed: the idle limit with it.
@@ -475,7 +480,12 @@ async fn lifecycle<C: GracefulConnection>(
                     // Told to close, nothing in flight and nothing written for the grace period, still
                     // open: a head that never completes. A response hyper is still writing out (to a
                     // full socket, or as HTTP/2 flow control lets it) is not cut.
-                    if handle.quiet_since().is_some_and(|since| Instant::from_std(since) + grace(handle) <= now) {
+                    let writes = handle.writes();
+                    if writes != writes_seen {
+                        (writes_seen, wrote_at) = (writes, now);
+                    }
+                    let quiet_since = handle.idle_since().map(|idle| Instant::from_std(idle).max(wrote_at));
+                    if quiet_since.is_some_and(|since| since + grace(handle) <= now) {
                         tracing::debug!("connection did not close within the grace period; dropping it");
                         return handle.close_reason().unwrap_or(CloseReason::Idle);
                     }
