@@ -3,7 +3,8 @@
 //! Pure functions over header maps, so that the rules can be tested and fuzzed without a connection.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::{Method, StatusCode, Version};
 
@@ -124,11 +125,24 @@ pub(crate) fn finish_http1(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Some(CloseReason::Upgraded);
     }
-    let tokens = ConnectionTokens::parse(headers);
-    if close.is_none() && tokens.close {
+    if close.is_none() && http10 && !self_delimited(headers) {
         close = Some(CloseReason::Service);
     }
-    if close.is_none() && http10 && !self_delimited(headers) {
+    // The usual response has no `Connection` of its own: one lookup finds that and inserts ours.
+    if let Entry::Vacant(slot) = headers.entry(CONNECTION) {
+        slot.insert(if close.is_none() {
+            KEEP_ALIVE_VALUE
+        } else {
+            CLOSE_VALUE
+        });
+        match (close, advert) {
+            (None, Some(value)) => headers.insert(KEEP_ALIVE.clone(), value),
+            _ => headers.remove(&KEEP_ALIVE),
+        };
+        return close;
+    }
+    let tokens = ConnectionTokens::parse(headers);
+    if close.is_none() && tokens.close {
         close = Some(CloseReason::Service);
     }
     match close {
