@@ -169,8 +169,8 @@ enum DrainState {
 
 /// Server-wide drain: tells every watched connection to close gracefully, and waits until they have.
 ///
-/// One `watch` channel both broadcasts the signal and counts the live connections (each holds a
-/// receiver), so draining costs nothing per request.
+/// One `watch` channel broadcasts the signal, and waiting for it to close (every connection's receivers
+/// gone) is waiting for the connections: draining costs nothing per request.
 ///
 /// # Example
 ///
