@@ -685,3 +685,39 @@ proptest! {
         prop_assert_eq!(handle.in_flight(), 0);
     }
 }
+
+/// `Serve::http_builder` reaches hyper: a tighter HTTP/1 buffer turns a 20 KB head that the default
+/// accepts into a 431, and the server keeps serving.
+#[tokio::test]
+async fn http_builder_limits_reach_hyper() {
+    use axum::routing::get;
+    let app = axum::Router::new().route("/", get(|| async { "hello" }));
+    let big = format!("X-Big: {}", "a".repeat(20 * 1024));
+    let mut statuses = Vec::new();
+    for tight in [false, true] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut server = tower_keepalive::serve(listener, app.clone());
+        if tight {
+            server = server.http_builder(|builder| {
+                builder.http1().max_buf_size(8 * 1024);
+            });
+        }
+        let task = tokio::spawn(std::future::IntoFuture::into_future(server));
+        let mut client = RawClient::connect(addr).await;
+        let res = client.request(http_get("/", "HTTP/1.1", &[&big])).await;
+        statuses.push(res.status_line.clone());
+        // Another client is still served.
+        let mut other = RawClient::connect(addr).await;
+        let res = other.request(http_get("/", "HTTP/1.1", &[])).await;
+        assert_eq!(res.body_str(), "hello");
+        task.abort();
+    }
+    assert_eq!(
+        statuses,
+        [
+            "HTTP/1.1 200 OK",
+            "HTTP/1.1 431 Request Header Fields Too Large"
+        ]
+    );
+}

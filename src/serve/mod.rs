@@ -98,7 +98,16 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
+        builder: default_builder(),
     }
+}
+
+fn default_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would close
+    // a connection before the advertised timeout, and without a timer hyper warns on each one.
+    builder.http1().header_read_timeout(None);
+    builder
 }
 
 /// A server being configured; runs when awaited. Built by [`serve`].
@@ -121,6 +130,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     drain_timeout: Option<Duration>,
     on_close: Option<OnClose>,
     limits: Option<Limits>,
+    builder: auto::Builder<TokioExecutor>,
 }
 
 impl<L, S, F> Serve<L, S, F> {
@@ -171,6 +181,7 @@ impl<L, S, F> Serve<L, S, F> {
             drain_timeout: self.drain_timeout,
             on_close: self.on_close,
             limits: self.limits,
+            builder: self.builder,
         }
     }
 
@@ -225,6 +236,32 @@ impl<L, S, F> Serve<L, S, F> {
     /// ```
     pub fn unlimited_connections(mut self) -> Self {
         self.limits = None;
+        self
+    }
+
+    /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
+    /// and frame sizes, and so on. The serve path starts from `auto::Builder::new(TokioExecutor::new())`
+    /// with hyper's HTTP/1 header-read timer off (the lifecycle closes idle connections and slow heads
+    /// itself; turning hyper's timer back on would close connections before the advertised timeout).
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .http_builder(|builder| {
+    ///         builder.http1().max_buf_size(64 * 1024);
+    ///         builder.http2().max_concurrent_streams(100);
+    ///     })
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn http_builder(
+        mut self,
+        configure: impl FnOnce(&mut auto::Builder<TokioExecutor>),
+    ) -> Self {
+        configure(&mut self.builder);
         self
     }
 
@@ -320,11 +357,8 @@ where
             drain_timeout,
             on_close,
             limits,
+            builder,
         } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would
-        // close a connection before the advertised timeout, and without a timer hyper warns on each one.
-        builder.http1().header_read_timeout(None);
         let builder = Arc::new(builder);
         // A layer reused after an earlier server drained starts serving again.
         layer.config.stats.set_draining(false);
