@@ -54,7 +54,7 @@ use ::axum::response::Response;
 use ::axum::serve::{IncomingStream, Listener};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tower_service::Service;
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
@@ -170,7 +170,7 @@ pin_project! {
 
 impl<I> KeepAliveIo<I> {
     fn new(inner: I, handle: ConnectionHandle) -> Self {
-        let deadline = next_check(&handle);
+        let deadline = handle.next_check();
         KeepAliveIo {
             inner,
             handle,
@@ -211,10 +211,6 @@ impl<I: fmt::Debug> fmt::Debug for KeepAliveIo<I> {
     }
 }
 
-fn next_check(handle: &ConnectionHandle) -> Instant {
-    Instant::from_std(handle.next_check(std::time::Instant::now()))
-}
-
 impl<I> KeepAliveIo<I> {
     /// Whether the connection should end now. Registers the timer's wake-up otherwise.
     fn should_end(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
@@ -244,9 +240,9 @@ impl<I> KeepAliveIo<I> {
                 // Past its age but busy: the layer says `close` on the next response.
                 Some(reason) => {
                     handle.close(reason);
-                    this.timer.as_mut().reset(next_check(handle));
+                    this.timer.as_mut().reset(handle.next_check());
                 }
-                None => this.timer.as_mut().reset(next_check(handle)),
+                None => this.timer.as_mut().reset(handle.next_check()),
             }
         }
         false

@@ -181,8 +181,7 @@ impl ConnectionHandle {
         let opened_ns = nanos(opened.saturating_duration_since(epoch));
         config.stats.connection_opened();
         let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
-            let jittered = jitter(age, config.max_age_jitter, seed(&opened));
-            u64::try_from(jittered.as_nanos()).unwrap_or(u64::MAX)
+            nanos(jitter(age, config.max_age_jitter, seed(&opened)))
         });
         ConnectionHandle {
             shared: Arc::new(Shared {
@@ -428,16 +427,18 @@ impl ConnectionHandle {
         }
     }
 
-    /// When [`due`](Self::due) may next say something: the end of the idle period if idle; while busy, a
-    /// re-check later (cheaper than a wake-up on every request); never past the maximum age.
-    pub(crate) fn next_check(&self, now: Instant) -> Instant {
+    /// When [`due`](Self::due) may next say something, for the connection's one timer: the end of the
+    /// idle period if idle; while busy, a re-check later (cheaper than a wake-up on every request);
+    /// never past the maximum age.
+    #[cfg(any(feature = "serve", feature = "axum"))]
+    pub(crate) fn next_check(&self) -> tokio::time::Instant {
         let limit = self.idle_limit();
         let at = match self.idle_since() {
             Some(since) => since + limit,
             // Not sooner than every 1/16 of the timeout, even when pressure shrinks the limit to nothing.
-            None => now + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
+            None => Instant::now() + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
         };
-        self.max_age_at().map_or(at, |age| age.min(at))
+        tokio::time::Instant::from_std(self.max_age_at().map_or(at, |age| age.min(at)))
     }
 
     fn elapsed_ns(&self) -> u64 {

@@ -265,8 +265,15 @@ impl KeepAliveHeader {
     /// assert_eq!(KeepAliveHeader::new().to_header_value(), "");
     /// ```
     pub fn to_header_value(&self) -> HeaderValue {
-        HeaderValue::try_from(self.to_string())
-            .expect("`Keep-Alive` is formatted from ASCII letters, digits and punctuation")
+        // Formatted on the stack, so that the value's own bytes are the one allocation. The longest
+        // value, `timeout=<u64>, max=<u64>`, is 54 bytes.
+        const CAP: usize = 64;
+        let mut buf = [0u8; CAP];
+        let mut out = &mut buf[..];
+        let _ = std::io::Write::write_fmt(&mut out, format_args!("{self}"));
+        let len = CAP - out.len();
+        // ASCII letters, digits and punctuation only: always a valid value.
+        HeaderValue::from_bytes(&buf[..len]).unwrap_or(HeaderValue::from_static(""))
     }
 
     fn from_values<'a>(

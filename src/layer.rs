@@ -66,7 +66,7 @@ pub(crate) struct Config {
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
     pub(crate) stats: Arc<Counters>,
-    adverts: OnceLock<&'static Adverts>,
+    adverts: OnceLock<&'static [HeaderValue]>,
 }
 
 impl Default for KeepAliveLayer {
@@ -355,21 +355,14 @@ impl<S> Layer<S> for KeepAliveLayer {
     }
 }
 
-/// `Keep-Alive` values for the last [`ADVERT_TABLE`] counts of a connection, formatted once into one
-/// buffer. The buffer is `'static`, so that a response takes its value without touching a reference
-/// count shared by every connection on every core: one table per distinct (timeout, maximum) policy in
-/// the process, kept for its lifetime (about 60 bytes a value: 60 KB for the default 1000, at most
-/// 250 KB).
-struct Adverts {
-    /// `values[r]` is the value for `max=r` (or, for an unlimited policy, the one value), its bytes in one
-    /// leaked buffer: cloning one copies a pointer.
-    values: &'static [HeaderValue],
-}
-
-/// Returns the table of a policy, building it the first time.
-fn interned_adverts(timeout_secs: u64, max: Option<u64>) -> &'static Adverts {
+/// The `Keep-Alive` values for the last [`ADVERT_TABLE`] counts of a connection under one policy:
+/// `values[r]` is the value for `max=r` (for an unlimited policy, the one value). Built the first time a
+/// policy is used, formatted once into one leaked buffer, and kept for the process's lifetime (about 60
+/// bytes a value: 60 KB for the default 1000, at most 250 KB), so that a response takes its value by
+/// copying a pointer: no allocation, no reference count shared by every connection on every core.
+fn interned_adverts(timeout_secs: u64, max: Option<u64>) -> &'static [HeaderValue] {
     type Key = (u64, Option<u64>);
-    static TABLES: std::sync::Mutex<Vec<(Key, &'static Adverts)>> =
+    static TABLES: std::sync::Mutex<Vec<(Key, &'static [HeaderValue])>> =
         std::sync::Mutex::new(Vec::new());
     let key = (timeout_secs, max.map(|m| m.min(ADVERT_TABLE)));
     // A poisoned lock still holds consistent data: entries are only ever pushed whole.
@@ -400,9 +393,7 @@ fn interned_adverts(timeout_secs: u64, max: Option<u64>) -> &'static Adverts {
             value.unwrap_or(HeaderValue::from_static(""))
         })
         .collect();
-    let adverts: &'static Adverts = Box::leak(Box::new(Adverts {
-        values: Vec::leak(values),
-    }));
+    let adverts: &'static [HeaderValue] = Vec::leak(values);
     tables.push((key, adverts));
     adverts
 }
@@ -433,22 +424,11 @@ impl Config {
             .get_or_init(|| interned_adverts(self.idle_timeout.as_secs(), self.max_requests));
         let index = match (remaining, self.max_requests) {
             (None, None) => 0,
-            (Some(r), Some(_)) if r < adverts.values.len() as u64 => r as usize,
+            (Some(r), Some(_)) if r < adverts.len() as u64 => r as usize,
             // Beyond the table, or no count to go with a limit (no handle): formatted on the spot.
-            _ => return self.format_advert(remaining),
+            _ => return Some(advert_header(self.idle_timeout, remaining).to_header_value()),
         };
-        adverts.values.get(index).cloned()
-    }
-
-    fn format_advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
-        // Formatted on the stack, so that the value's own bytes are the one allocation (a `String`
-        // growing digit by digit, then shrunk into `Bytes`, took four). The longest value,
-        // `timeout=<u64>, max=<u64>`, is 54 bytes.
-        let mut buf = [0u8; 64];
-        let mut out = &mut buf[..];
-        write!(out, "{}", advert_header(self.idle_timeout, remaining)).ok()?;
-        let len = 64 - out.len();
-        HeaderValue::from_bytes(&buf[..len]).ok()
+        adverts.get(index).cloned()
     }
 }
 

@@ -200,19 +200,27 @@ pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
         return;
     }
     if headers.contains_key(CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|line| split_tokens(line.as_bytes()))
-            .filter_map(|token| HeaderName::from_bytes(token).ok())
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+        remove_named_in_connection(headers, &[]);
         headers.remove(CONNECTION);
     }
     for name in &specific[1..] {
         headers.remove(*name);
+    }
+}
+
+/// Removes the fields named in `Connection` (RFC 9110 section 7.6.1), sparing the `protected` names.
+fn remove_named_in_connection(headers: &mut HeaderMap, protected: &[HeaderName]) {
+    // Only names that are present and not protected: the list stays as short as the header map, whatever
+    // the length of `Connection`.
+    let named: Vec<HeaderName> = headers
+        .get_all(CONNECTION)
+        .iter()
+        .flat_map(|line| split_tokens(line.as_bytes()))
+        .filter_map(|token| HeaderName::from_bytes(token).ok())
+        .filter(|name| headers.contains_key(name) && !protected.contains(name))
+        .collect();
+    for name in named {
+        headers.remove(name);
     }
 }
 
@@ -256,18 +264,7 @@ static CONNECTION_NAME: HeaderName = CONNECTION;
 /// named in `Connection`, then the standard set and `Connection` itself, sparing the `protected` names.
 pub(crate) fn strip_request_hop_by_hop(headers: &mut HeaderMap, protected: &[HeaderName]) {
     if ConnectionTokens::parse(headers).other {
-        // Only names that are present and not protected: the list stays as short as the header map,
-        // whatever the length of `Connection`.
-        let named: Vec<HeaderName> = headers
-            .get_all(CONNECTION)
-            .iter()
-            .flat_map(|line| split_tokens(line.as_bytes()))
-            .filter_map(|token| HeaderName::from_bytes(token).ok())
-            .filter(|name| headers.contains_key(name) && !protected.contains(name))
-            .collect();
-        for name in named {
-            headers.remove(name);
-        }
+        remove_named_in_connection(headers, protected);
     }
     for name in standard_hop_by_hop() {
         if !protected.contains(name) {

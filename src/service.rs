@@ -141,8 +141,9 @@ where
             }
         };
         let mut req = req;
-        let (plan, guard) = plan(&req, handle, &self.config);
+        // The policy the connection was made with governs it; the layer's own only without a handle.
         let config = handle.map_or(&*self.config, |h| h.config());
+        let (plan, guard) = plan(&req, handle, config);
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
         }
@@ -155,10 +156,8 @@ where
 fn plan<B>(
     req: &Request<B>,
     handle: Option<&ConnectionHandle>,
-    own: &Config,
+    config: &Config,
 ) -> (Plan, Option<crate::connection::InFlight>) {
-    // The policy the connection was made with governs it; the layer's own only without a handle.
-    let config = handle.map_or(own, |h| h.config());
     let version = req.version();
     let (count, guard) = match handle {
         Some(h) => {

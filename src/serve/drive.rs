@@ -416,7 +416,7 @@ async fn lifecycle<C: GracefulConnection>(
     mut conn: Pin<&mut C>,
     server: Option<watch::Receiver<ServerSignal>>,
 ) -> CloseReason {
-    let mut timer = pin!(sleep_until(next_check(handle)));
+    let mut timer = pin!(sleep_until(handle.next_check()));
     let mut shutting_down = false;
     // Once told to close: since when the connection has not been seen writing, to the timer's
     // resolution (writes are counted, not timed).
@@ -470,7 +470,7 @@ async fn lifecycle<C: GracefulConnection>(
                         }
                     }
                     // Connection pressure changed: the idle limit with it.
-                    DrainState::Serving if !shutting_down => timer.as_mut().reset(next_check(handle)),
+                    DrainState::Serving if !shutting_down => timer.as_mut().reset(handle.next_check()),
                     DrainState::Serving => {}
                 }
             }
@@ -503,9 +503,9 @@ async fn lifecycle<C: GracefulConnection>(
                     if handle.in_flight() == 0 {
                         handle.shared.notify.notify_one();
                     }
-                    timer.as_mut().reset(next_check(handle).max(now + CLOSING_RECHECK));
+                    timer.as_mut().reset(handle.next_check().max(now + CLOSING_RECHECK));
                 } else {
-                    timer.as_mut().reset(next_check(handle));
+                    timer.as_mut().reset(handle.next_check());
                 }
             }
         }
@@ -514,10 +514,6 @@ async fn lifecycle<C: GracefulConnection>(
 
 /// How often the timer looks again at a connection that is closing but still busy.
 const CLOSING_RECHECK: Duration = Duration::from_millis(100);
-
-fn next_check(handle: &ConnectionHandle) -> Instant {
-    Instant::from_std(handle.next_check(std::time::Instant::now()))
-}
 
 fn has_changed(seen: &Option<watch::Receiver<ServerSignal>>) -> bool {
     seen.as_ref()
