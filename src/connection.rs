@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+use crate::clock::{self, nanos};
 use crate::layer::Config;
 
 /// Why a connection was, or is being, closed.
@@ -145,14 +146,17 @@ pub struct ConnectionHandle {
 
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
-    /// When the connection was accepted, in nanoseconds since the process's [`epoch`]: 8 bytes where an
+    /// When the connection was accepted, in nanoseconds since the process's epoch (`clock`): 8 bytes where an
     /// `Instant` takes 16, for a handle that fits in 128 bytes with its allocation.
     opened_ns: u64,
     /// This connection's maximum age with its jitter applied, in nanoseconds since `opened`; `u64::MAX` when
     /// there is no maximum.
     max_age_ns: u64,
-    requests: AtomicU64,
-    in_flight: AtomicU32,
+    /// Requests in flight (low half) and requests started, modulo 2^32 (high half): one atomic
+    /// addition starts a request. See [`ACTIVITY_REQUEST`].
+    activity: AtomicU64,
+    /// How many times the high half of `activity` wrapped around.
+    requests_wrapped: AtomicU32,
     /// Nanoseconds since `opened` at which `in_flight` last dropped to zero. Written before the decrement
     /// that makes the connection idle, so whoever sees `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
@@ -176,20 +180,19 @@ pub(crate) struct Shared {
 
 impl ConnectionHandle {
     pub(crate) fn new(config: Arc<Config>) -> Self {
-        let epoch = epoch();
-        let opened = Instant::now();
-        let opened_ns = nanos(opened.saturating_duration_since(epoch));
+        // The precise clock, once per connection: `opened_at` is never later than the accept.
+        let opened_ns = clock::precise_now_ns();
         config.stats.connection_opened();
         let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
-            nanos(jitter(age, config.max_age_jitter, seed(&opened)))
+            nanos(jitter(age, config.max_age_jitter, seed(opened_ns)))
         });
         ConnectionHandle {
             shared: Arc::new(Shared {
                 config,
                 opened_ns,
                 max_age_ns,
-                requests: AtomicU64::new(0),
-                in_flight: AtomicU32::new(0),
+                activity: AtomicU64::new(0),
+                requests_wrapped: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(0),
                 write_blocked: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
@@ -208,7 +211,7 @@ impl ConnectionHandle {
     /// assert_eq!(handle.requests(), 0);
     /// ```
     pub fn requests(&self) -> u64 {
-        self.shared.requests.load(Ordering::Relaxed)
+        self.shared.requests()
     }
 
     /// Requests whose response is not yet fully sent (HTTP/2: open streams).
@@ -218,7 +221,7 @@ impl ConnectionHandle {
     /// assert_eq!(handle.in_flight(), 0);
     /// ```
     pub fn in_flight(&self) -> usize {
-        self.shared.in_flight.load(Ordering::Acquire) as usize
+        in_flight(self.shared.activity.load(Ordering::Acquire)) as usize
     }
 
     /// When the connection became idle, or `None` while a request is in flight or, on the crate's serve
@@ -230,7 +233,7 @@ impl ConnectionHandle {
     /// assert!(handle.idle_since().is_some());
     /// ```
     pub fn idle_since(&self) -> Option<Instant> {
-        if self.shared.in_flight.load(Ordering::Acquire) != 0 {
+        if in_flight(self.shared.activity.load(Ordering::Acquire)) != 0 {
             return None;
         }
         if self.shared.write_blocked.load(Ordering::Acquire) {
@@ -288,7 +291,7 @@ impl ConnectionHandle {
     /// assert!(handle.opened_at() <= std::time::Instant::now());
     /// ```
     pub fn opened_at(&self) -> Instant {
-        epoch() + Duration::from_nanos(self.shared.opened_ns)
+        clock::instant(self.shared.opened_ns)
     }
 
     /// When this connection reaches its maximum age (jitter included), if it has one.
@@ -388,9 +391,18 @@ impl ConnectionHandle {
 
     /// Counts a new request and marks it in flight. Returns the request's 1-based number on this connection.
     pub(crate) fn start_request(&self) -> (u64, InFlight) {
-        let before = self.shared.in_flight.fetch_add(1, Ordering::AcqRel);
-        self.shared.config.stats.request_started(before == 0);
-        let n = self.shared.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let shared = &*self.shared;
+        let before = shared
+            .activity
+            .fetch_add(ACTIVITY_REQUEST, Ordering::AcqRel);
+        shared.config.stats.request_started(in_flight(before) == 0);
+        let started = (before >> 32).wrapping_add(1) & u64::from(u32::MAX);
+        let wrapped = if started == 0 {
+            shared.requests_wrapped.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            shared.requests_wrapped.load(Ordering::Relaxed)
+        };
+        let n = u64::from(wrapped) << 32 | started;
         (
             n,
             InFlight {
@@ -441,8 +453,9 @@ impl ConnectionHandle {
         tokio::time::Instant::from_std(self.max_age_at().map_or(at, |age| age.min(at)))
     }
 
+    /// Time since the connection was accepted, by the cheap clock of the per-request path.
     fn elapsed_ns(&self) -> u64 {
-        nanos(self.opened_at().elapsed())
+        clock::now_ns().saturating_sub(self.shared.opened_ns)
     }
 }
 
@@ -485,8 +498,22 @@ impl Drop for InFlight {
             .store(self.handle.elapsed_ns(), Ordering::Relaxed);
         // No wake-up here: the driver's one timer finds the connection idle when it fires, so a request
         // costs no lock or syscall.
-        let before = shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        shared.config.stats.request_finished(before == 1);
+        let before = shared.activity.fetch_sub(1, Ordering::AcqRel);
+        shared.config.stats.request_finished(in_flight(before) == 1);
+    }
+}
+
+/// What starting a request adds to `Shared::activity`: one request in flight, one more started.
+const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;
+
+fn in_flight(activity: u64) -> u32 {
+    activity as u32
+}
+
+impl Shared {
+    fn requests(&self) -> u64 {
+        let started = self.activity.load(Ordering::Relaxed) >> 32;
+        u64::from(self.requests_wrapped.load(Ordering::Relaxed)) << 32 | started
     }
 }
 
@@ -495,26 +522,16 @@ impl Drop for Shared {
         // The last clone of the handle is gone: so is the connection.
         let reason =
             CloseReason::from_u8(*self.close.get_mut()).unwrap_or(CloseReason::ClientClosed);
-        let requests = *self.requests.get_mut();
+        let requests = self.requests();
         self.config.stats.connection_closed(reason, requests);
         tracing::debug!(reason = reason.as_str(), requests, "connection closed");
     }
 }
 
-/// The instant the connections' times count from: the first use in the process.
-fn epoch() -> Instant {
-    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-fn seed(opened: &Instant) -> u64 {
+fn seed(opened_ns: u64) -> u64 {
     use std::hash::BuildHasher;
     // RandomState is seeded per process and varies per instance: enough to spread ages apart.
-    std::collections::hash_map::RandomState::new().hash_one(opened)
+    std::collections::hash_map::RandomState::new().hash_one(opened_ns)
 }
 
 /// `base` scaled by a factor uniformly spread over `[1 - fraction, 1 + fraction]`.
@@ -575,5 +592,22 @@ mod tests {
             );
         }
         assert_eq!(jitter(base, 0.0, 7), base);
+    }
+
+    #[test]
+    fn request_count_carries_past_32_bits() {
+        let handle = KeepAliveLayer::new().connection();
+        handle
+            .shared
+            .activity
+            .store(u64::from(u32::MAX - 1) << 32, Ordering::Relaxed);
+        let (a, guard_a) = handle.start_request();
+        let (b, guard_b) = handle.start_request();
+        let (c, guard_c) = handle.start_request();
+        assert_eq!((a, b, c), (0xFFFF_FFFF, 0x1_0000_0000, 0x1_0000_0001));
+        assert_eq!((handle.requests(), handle.in_flight()), (0x1_0000_0001, 3));
+        drop((guard_a, guard_b, guard_c));
+        assert_eq!(handle.in_flight(), 0);
+        assert!(handle.idle_since().is_some());
     }
 }

@@ -61,6 +61,7 @@ where
 {
     type Output = Result<Response<ResponseBody<B>>, E>;
 
+    #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let result = ready!(this.inner.poll(cx));
@@ -76,38 +77,55 @@ where
                 return Poll::Ready(Err(err));
             }
         };
-        match this.plan.take() {
-            Some(Plan::Http1 {
-                http10,
-                head,
-                close,
-                advert,
-            }) => {
-                let handle = guard.as_ref().map(InFlight::handle);
-                // A close decided meanwhile (drain, max age, another request) is final.
-                let close = close.or_else(|| handle.and_then(ConnectionHandle::pending_close));
-                let status = res.status();
-                let exact_len = res.body().size_hint().exact();
-                let decided = policy::finish_http1(
-                    status,
-                    res.headers_mut(),
-                    http10,
-                    close,
-                    |headers| policy::self_delimited(status, head, headers, exact_len),
-                    advert,
-                );
-                if http10 && decided.is_some_and(|reason| reason != CloseReason::Upgraded) {
-                    // hyper keeps an HTTP/1.0 keep-alive connection open unless the response says
-                    // HTTP/1.0 as well as `close`.
-                    *res.version_mut() = Version::HTTP_10;
-                }
-                if let (Some(reason), Some(h)) = (decided, handle) {
-                    h.mark_closing(reason);
-                }
+        if let Some(plan) = this.plan.take() {
+            let status = res.status();
+            let exact_len = res.body().size_hint().exact();
+            if finish(plan, status, res.headers_mut(), exact_len, guard.as_ref()) {
+                // hyper keeps an HTTP/1.0 keep-alive connection open unless the response says
+                // HTTP/1.0 as well as `close`.
+                *res.version_mut() = Version::HTTP_10;
             }
-            Some(Plan::Strip) => policy::strip_connection_fields(res.headers_mut()),
-            Some(Plan::Pass) | None => {}
         }
         Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, guard))))
+    }
+}
+
+/// The response side of the plan, not generic (see `service::plan`). Returns whether the response must
+/// say HTTP/1.0.
+fn finish(
+    plan: Plan,
+    status: http::StatusCode,
+    headers: &mut http::HeaderMap,
+    exact_len: Option<u64>,
+    guard: Option<&InFlight>,
+) -> bool {
+    match plan {
+        Plan::Http1 {
+            http10,
+            head,
+            close,
+            advert,
+        } => {
+            let handle = guard.map(InFlight::handle);
+            // A close decided meanwhile (drain, max age, another request) is final.
+            let close = close.or_else(|| handle.and_then(ConnectionHandle::pending_close));
+            let decided = policy::finish_http1(
+                status,
+                headers,
+                http10,
+                close,
+                |headers| policy::self_delimited(status, head, headers, exact_len),
+                advert,
+            );
+            if let (Some(reason), Some(h)) = (decided, handle) {
+                h.mark_closing(reason);
+            }
+            http10 && decided.is_some_and(|reason| reason != CloseReason::Upgraded)
+        }
+        Plan::Strip => {
+            policy::strip_connection_fields(headers);
+            false
+        }
+        Plan::Pass => false,
     }
 }

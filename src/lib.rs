@@ -300,6 +300,7 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
 mod body;
+mod clock;
 mod connection;
 mod future;
 pub mod header;

@@ -3,14 +3,15 @@
 //! Pure functions over header maps, so that the rules can be tested and fuzzed without a connection.
 
 use http::header::{
-    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING,
-    UPGRADE,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE,
 };
 use http::{Method, StatusCode, Version};
 
 use crate::CloseReason;
 
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+/// The same, to insert: a constant is built in place, where cloning the static calls through `Bytes`.
+const KEEP_ALIVE_OWNED: HeaderName = HeaderName::from_static("keep-alive");
 pub(crate) static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 const CLOSE_VALUE: HeaderValue = HeaderValue::from_static("close");
@@ -128,15 +129,18 @@ pub(crate) fn finish_http1(
     if close.is_none() && http10 && !self_delimited(headers) {
         close = Some(CloseReason::Service);
     }
-    // The usual response has no `Connection` of its own: one lookup finds that and inserts ours.
-    if let Entry::Vacant(slot) = headers.entry(CONNECTION) {
-        slot.insert(if close.is_none() {
-            KEEP_ALIVE_VALUE
-        } else {
-            CLOSE_VALUE
-        });
+    // The usual response has no `Connection` of its own.
+    if !headers.contains_key(CONNECTION) {
+        headers.insert(
+            CONNECTION,
+            if close.is_none() {
+                KEEP_ALIVE_VALUE
+            } else {
+                CLOSE_VALUE
+            },
+        );
         match (close, advert) {
-            (None, Some(value)) => headers.insert(KEEP_ALIVE.clone(), value),
+            (None, Some(value)) => headers.insert(KEEP_ALIVE_OWNED, value),
             _ => headers.remove(&KEEP_ALIVE),
         };
         return close;
@@ -151,7 +155,7 @@ pub(crate) fn finish_http1(
                 headers.append(CONNECTION, KEEP_ALIVE_VALUE);
             }
             match advert {
-                Some(value) => headers.insert(KEEP_ALIVE.clone(), value),
+                Some(value) => headers.insert(KEEP_ALIVE_OWNED, value),
                 None => headers.remove(&KEEP_ALIVE),
             };
         }

@@ -126,6 +126,7 @@ where
         self.inner.poll_ready(cx)
     }
 
+    #[inline(always)]
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // Bound: borrowed, no reference count touched. From the extensions: cloned, as the request is
         // modified below.
@@ -143,7 +144,7 @@ where
         let mut req = req;
         // The policy the connection was made with governs it; the layer's own only without a handle.
         let config = handle.map_or(&*self.config, |h| h.config());
-        let (plan, guard) = plan(&req, handle, config);
+        let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
         }
@@ -153,12 +154,14 @@ where
 
 /// Decides on the request side: counts the request, and for HTTP/1 whether this response may keep the
 /// connection alive so far.
-fn plan<B>(
-    req: &Request<B>,
+/// Not generic: the service's own code stays small enough to inline, and the request is not moved for it.
+fn plan(
+    version: Version,
+    method: &http::Method,
+    headers: &http::HeaderMap,
     handle: Option<&ConnectionHandle>,
     config: &Config,
 ) -> (Plan, Option<crate::connection::InFlight>) {
-    let version = req.version();
     let (count, guard) = match handle {
         Some(h) => {
             let (n, guard) = h.start_request();
@@ -183,7 +186,7 @@ fn plan<B>(
     }
 
     let http10 = version == Version::HTTP_10;
-    let mut close = policy::request_persistence(version, req.headers(), config.http10).err();
+    let mut close = policy::request_persistence(version, headers, config.http10).err();
     if close.is_none() && !config.keep_alive_enabled() {
         close = Some(CloseReason::Idle);
     }
@@ -207,7 +210,7 @@ fn plan<B>(
     };
     let plan = Plan::Http1 {
         http10,
-        head: policy::is_head(req.method()),
+        head: policy::is_head(method),
         close,
         advert,
     };

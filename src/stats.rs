@@ -26,7 +26,10 @@
 //! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::Arc;
 
 use crate::CloseReason;
@@ -40,7 +43,7 @@ pub(crate) struct Counters {
     opened: AtomicU64,
     closed: AtomicU64,
     /// What every request moves, spread over shards so that threads do not fight over one cache line.
-    requests: [Shard; SHARDS],
+    requests: Shards,
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
     /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
@@ -49,39 +52,106 @@ pub(crate) struct Counters {
     draining: AtomicBool,
 }
 
-const SHARDS: usize = 16;
+/// Shards that belong to one thread at a time: their owner moves them with plain loads and stores, no
+/// locked instruction. A thread takes one on its first request and gives it back when it exits.
+const EXCLUSIVE: usize = 32;
+/// Shards for threads beyond those, shared, moved with atomic additions.
+const SHARED: usize = 4;
+const SHARDS: usize = EXCLUSIVE + SHARED;
 
 /// One shard of the per-request counters, alone on its cache line(s).
 #[derive(Default)]
 #[repr(align(128))]
 struct Shard {
     started: AtomicU64,
-    /// Two gauges in one word, so that a request moves both with one atomic operation: requests in
-    /// flight in the low half, connections with something in flight in the high half. A request may
-    /// end on another shard than it started on; the shards' sum (wrapping) is still exact.
+    /// Two gauges in one word, so that a request moves both at once: requests in flight in the low half,
+    /// connections with something in flight in the high half. A request may end on another shard than it
+    /// started on; the shards' sum (wrapping) is still exact.
     gauges: AtomicU64,
 }
 
-impl Counters {
-    /// The calling thread's shard: threads take shards in turn, on first use.
-    fn shard(&self) -> &Shard {
-        use std::cell::Cell;
-        use std::sync::atomic::AtomicUsize;
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        thread_local! {
-            static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
-        }
-        let index = INDEX.with(|index| {
-            if index.get() == usize::MAX {
-                index.set(NEXT.fetch_add(1, Relaxed) % SHARDS);
+struct Shards([Shard; SHARDS]);
+
+impl Default for Shards {
+    fn default() -> Self {
+        Shards(std::array::from_fn(|_| Shard::default()))
+    }
+}
+
+/// The calling thread's shard index, and whether the thread owns it.
+#[derive(Clone, Copy)]
+struct Slot {
+    index: usize,
+    exclusive: bool,
+}
+
+/// The exclusive shards taken, one bit each.
+static TAKEN: AtomicU32 = AtomicU32::new(0);
+
+/// A thread's slot, released when the thread exits.
+struct ThreadSlot(Slot);
+
+impl ThreadSlot {
+    fn take() -> Self {
+        let mut taken = TAKEN.load(Relaxed);
+        while taken != u32::MAX {
+            let bit = taken.trailing_ones();
+            // Acquire: what the shard's previous owner wrote is seen before this thread adds to it.
+            match TAKEN.compare_exchange_weak(taken, taken | 1 << bit, Acquire, Relaxed) {
+                Ok(_) => {
+                    return ThreadSlot(Slot {
+                        index: bit as usize,
+                        exclusive: true,
+                    })
+                }
+                Err(now) => taken = now,
             }
-            index.get()
+        }
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        ThreadSlot(Slot {
+            index: EXCLUSIVE + NEXT.fetch_add(1, Relaxed) % SHARED,
+            exclusive: false,
+        })
+    }
+}
+
+impl Drop for ThreadSlot {
+    fn drop(&mut self) {
+        if self.0.exclusive {
+            // Release: this thread's last additions are seen by the next owner.
+            TAKEN.fetch_and(!(1 << self.0.index), Release);
+        }
+    }
+}
+
+thread_local! {
+    static SLOT: ThreadSlot = ThreadSlot::take();
+}
+
+/// Adds `delta` (wrapping) to the calling thread's copy of a counter.
+#[inline]
+fn add(counter: &AtomicU64, slot: Slot, delta: u64) {
+    if slot.exclusive {
+        counter.store(counter.load(Relaxed).wrapping_add(delta), Relaxed);
+    } else {
+        counter.fetch_add(delta, Relaxed);
+    }
+}
+
+impl Counters {
+    /// The calling thread's shard. A thread whose slot is already gone (a value dropped while the thread
+    /// exits) shares the first shared shard.
+    #[inline]
+    fn shard(&self) -> (&Shard, Slot) {
+        let slot = SLOT.try_with(|slot| slot.0).unwrap_or(Slot {
+            index: EXCLUSIVE,
+            exclusive: false,
         });
-        &self.requests[index]
+        (&self.requests.0[slot.index], slot)
     }
 
     fn sum(&self, field: impl Fn(&Shard) -> &AtomicU64) -> u64 {
-        self.requests.iter().fold(0u64, |sum, shard| {
+        self.requests.0.iter().fold(0u64, |sum, shard| {
             sum.wrapping_add(field(shard).load(Relaxed))
         })
     }
@@ -121,14 +191,15 @@ impl Counters {
 
     /// A request started; `was_idle` when the connection had nothing in flight.
     pub(crate) fn request_started(&self, was_idle: bool) {
-        let shard = self.shard();
-        shard.started.fetch_add(1, Relaxed);
-        shard.gauges.fetch_add(gauge_step(was_idle), Relaxed);
+        let (shard, slot) = self.shard();
+        add(&shard.started, slot, 1);
+        add(&shard.gauges, slot, gauge_step(was_idle));
     }
 
     /// A request finished; `now_idle` when it was the connection's last in flight.
     pub(crate) fn request_finished(&self, now_idle: bool) {
-        self.shard().gauges.fetch_sub(gauge_step(now_idle), Relaxed);
+        let (shard, slot) = self.shard();
+        add(&shard.gauges, slot, gauge_step(now_idle).wrapping_neg());
     }
 }
 
@@ -367,5 +438,35 @@ mod tests {
         assert_eq!(s.closed(CloseReason::ClientClosed), 1);
         let per: Vec<(u64, u64)> = s.requests_per_connection().take(3).collect();
         assert_eq!(per, [(0, 1), (1, 0), (3, 1)]);
+    }
+
+    #[test]
+    fn counts_stay_exact_across_more_threads_than_exclusive_shards() {
+        let layer = crate::KeepAliveLayer::new();
+        let stats = layer.stats();
+        const THREADS: usize = EXCLUSIVE + 2 * SHARED;
+        const PER_THREAD: u64 = 2_000;
+        // Requests started on one thread and finished on another, as tokio's work stealing does; the
+        // first wave of threads exits, so the second takes over their exclusive shards.
+        for _wave in 0..2 {
+            let handle = layer.connection();
+            std::thread::scope(|scope| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                for _ in 0..THREADS {
+                    let (handle, tx) = (handle.clone(), tx.clone());
+                    scope.spawn(move || {
+                        for _ in 0..PER_THREAD {
+                            let _ = tx.send(handle.start_request().1);
+                        }
+                    });
+                }
+                drop(tx);
+                let finisher = scope.spawn(move || rx.into_iter().for_each(drop));
+                let _ = finisher.join();
+            });
+            let s = stats.snapshot();
+            assert_eq!((s.in_flight(), s.connections_idle()), (0, 1));
+        }
+        assert_eq!(stats.snapshot().requests(), 2 * THREADS as u64 * PER_THREAD);
     }
 }
