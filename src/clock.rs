@@ -73,6 +73,11 @@ pub(crate) fn instant(ns: u64) -> Instant {
     epoch().instant + Duration::from_nanos(ns)
 }
 
+/// `at` in nanoseconds since the epoch (0 before it).
+pub(crate) fn ns_of(at: Instant) -> u64 {
+    nanos(at.saturating_duration_since(epoch().instant))
+}
+
 pub(crate) fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }

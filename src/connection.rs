@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
+use atomic_waker::AtomicWaker;
 
 use crate::clock::{self, nanos};
 use crate::layer::Config;
@@ -166,16 +166,23 @@ pub(crate) struct Shared {
     write_blocked: AtomicBool,
     /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
     http2: AtomicBool,
-    /// Nanoseconds since `opened` of the first write that went through after the socket was full:
-    /// the earliest the buffered response could have been fully sent. Idle time counts from here too.
-    unblocked_ns: AtomicU64,
     /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
     /// connection told to close can see whether it is still writing at the end of its grace period.
     /// Only the connection's own IO writes it.
     writes: AtomicU64,
+    /// The close decided, if any (its reason in the low bits, see [`REASON`]), whether the connection's
+    /// driver was asked to carry it out ([`REQUESTED`]), and whether it must drop the connection now
+    /// ([`DROP_NOW`]).
     close: AtomicU8,
-    /// Wakes whoever drives the connection when a close is decided from inside (max requests on HTTP/2).
-    pub(crate) notify: Notify,
+    /// Wakes whoever drives the connection when one of the `close` flags is set.
+    waker: AtomicWaker,
+    /// When the connection's timer next looks at it, in nanoseconds since the clock's epoch: a timer
+    /// entry for another time is stale.
+    pub(crate) scheduled_ns: AtomicU64,
+    /// Since when the driver has been closing the connection gracefully (`u64::MAX`: it has not begun),
+    /// pushed forward whenever the connection is seen writing; and the write count seen then.
+    grace_ns: AtomicU64,
+    writes_seen: AtomicU64,
 }
 
 impl ConnectionHandle {
@@ -196,10 +203,12 @@ impl ConnectionHandle {
                 idle_since_ns: AtomicU64::new(0),
                 write_blocked: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
-                unblocked_ns: AtomicU64::new(0),
                 writes: AtomicU64::new(0),
                 close: AtomicU8::new(0),
-                notify: Notify::new(),
+                waker: AtomicWaker::new(),
+                scheduled_ns: AtomicU64::new(0),
+                grace_ns: AtomicU64::new(u64::MAX),
+                writes_seen: AtomicU64::new(0),
             }),
         }
     }
@@ -239,11 +248,7 @@ impl ConnectionHandle {
         if self.shared.write_blocked.load(Ordering::Acquire) {
             return None;
         }
-        let ns = self
-            .shared
-            .idle_since_ns
-            .load(Ordering::Relaxed)
-            .max(self.shared.unblocked_ns.load(Ordering::Relaxed));
+        let ns = self.shared.idle_since_ns.load(Ordering::Relaxed);
         Some(self.opened_at() + Duration::from_nanos(ns))
     }
 
@@ -277,9 +282,11 @@ impl ConnectionHandle {
             .store(writes.wrapping_add(1), Ordering::Relaxed);
         if shared.write_blocked.load(Ordering::Relaxed) {
             // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
+            // The first write after the socket was full: the earliest the buffered response could have
+            // been fully sent. Idle time counts from here if that is later.
             shared
-                .unblocked_ns
-                .store(self.elapsed_ns(), Ordering::Relaxed);
+                .idle_since_ns
+                .fetch_max(self.elapsed_ns(), Ordering::Relaxed);
             shared.write_blocked.store(false, Ordering::Release);
         }
     }
@@ -317,7 +324,7 @@ impl ConnectionHandle {
     /// assert_eq!(handle.close_reason(), None);
     /// ```
     pub fn close_reason(&self) -> Option<CloseReason> {
-        CloseReason::from_u8(self.shared.close.load(Ordering::Acquire))
+        CloseReason::from_u8(self.shared.close.load(Ordering::Acquire) & REASON)
     }
 
     /// Whether a close has been decided: the layer answers no more requests of this connection with
@@ -331,7 +338,7 @@ impl ConnectionHandle {
     /// assert!(handle.is_closing());
     /// ```
     pub fn is_closing(&self) -> bool {
-        self.shared.close.load(Ordering::Acquire) != 0
+        self.shared.close.load(Ordering::Acquire) & REASON != 0
     }
 
     /// Decides to close this connection gracefully, for `reason`. Returns `true` if this was the first
@@ -351,10 +358,15 @@ impl ConnectionHandle {
         let first = self
             .shared
             .close
-            .compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(
+                0,
+                reason.to_u8() | REQUESTED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok();
         if first {
-            self.shared.notify.notify_one();
+            self.shared.waker.wake();
         }
         first
     }
@@ -378,6 +390,68 @@ impl ConnectionHandle {
             Ordering::AcqRel,
             Ordering::Acquire,
         );
+    }
+
+    /// For whoever drives the connection: whether it was asked to close it gracefully, and whether to
+    /// drop it now.
+    pub(crate) fn driver_flags(&self) -> (bool, bool) {
+        let close = self.shared.close.load(Ordering::Acquire);
+        (close & REQUESTED != 0, close & DROP_NOW != 0)
+    }
+
+    /// Asks the driver to carry out a close decided without it (the connection is closing, but the
+    /// protocol has not closed it). No effect if it was asked already or nothing is decided.
+    pub(crate) fn request_driver(&self) {
+        self.set_flag(REQUESTED);
+    }
+
+    /// Tells the driver to drop the connection at once.
+    pub(crate) fn drop_now(&self) {
+        self.set_flag(DROP_NOW);
+    }
+
+    fn set_flag(&self, flag: u8) {
+        let before = self.shared.close.fetch_or(flag, Ordering::AcqRel);
+        if before & flag == 0 {
+            self.shared.waker.wake();
+        }
+    }
+
+    /// Registers the driver's waker for the flags above. A wake-up takes the waker: register again
+    /// after seeing a flag change.
+    pub(crate) fn register_driver(&self, waker: &std::task::Waker) {
+        self.shared.waker.register(waker);
+    }
+
+    /// The driver has begun a graceful close: the grace period counts from `now`.
+    pub(crate) fn start_grace(&self, now_ns: u64) {
+        self.shared
+            .writes_seen
+            .store(self.writes(), Ordering::Relaxed);
+        self.shared.grace_ns.store(now_ns, Ordering::Relaxed);
+    }
+
+    /// Since when the connection, closing gracefully, has been seen neither busy nor writing; `None`
+    /// while busy or when no graceful close has begun. Looks at the write count, and restarts the
+    /// period if it moved: a response still going out to a slow reader is not cut.
+    pub(crate) fn quiet_since(&self, now_ns: u64) -> Option<Instant> {
+        let shared = &*self.shared;
+        let mut since = shared.grace_ns.load(Ordering::Relaxed);
+        if since == u64::MAX {
+            return None;
+        }
+        let writes = self.writes();
+        if writes != shared.writes_seen.load(Ordering::Relaxed) {
+            shared.writes_seen.store(writes, Ordering::Relaxed);
+            shared.grace_ns.store(now_ns, Ordering::Relaxed);
+            since = now_ns;
+        }
+        Some(self.idle_since()?.max(clock::instant(since)))
+    }
+
+    /// Whether the driver has begun a graceful close.
+    pub(crate) fn in_grace(&self) -> bool {
+        self.shared.grace_ns.load(Ordering::Relaxed) != u64::MAX
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -503,6 +577,13 @@ impl Drop for InFlight {
     }
 }
 
+/// The bits of `Shared::close` that hold the reason.
+const REASON: u8 = 0x0f;
+/// The close was decided with [`ConnectionHandle::close`]: the driver carries it out.
+const REQUESTED: u8 = 0x10;
+/// The driver drops the connection at once.
+const DROP_NOW: u8 = 0x20;
+
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;
 
@@ -520,9 +601,9 @@ impl Shared {
 impl Drop for Shared {
     fn drop(&mut self) {
         // The last clone of the handle is gone: so is the connection.
-        let reason =
-            CloseReason::from_u8(*self.close.get_mut()).unwrap_or(CloseReason::ClientClosed);
         let requests = self.requests();
+        let reason =
+            CloseReason::from_u8(*self.close.get_mut() & REASON).unwrap_or(CloseReason::ClientClosed);
         self.config.stats.connection_closed(reason, requests);
         tracing::debug!(reason = reason.as_str(), requests, "connection closed");
     }

@@ -1,17 +1,19 @@
 //! Driving one connection through its lifecycle: idle timeout, maximum age, graceful close, drain.
 
-use std::future::{poll_fn, Future};
+use std::collections::BinaryHeap;
+use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pin_project_lite::pin_project;
+use tokio::sync::Notify;
+use tokio::time::Sleep;
 
-use tokio::sync::watch;
-use tokio::time::{sleep_until, Instant};
-
+use crate::clock;
+use crate::connection::Shared;
 use crate::{CloseReason, ConnectionHandle};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -151,26 +153,13 @@ where
     }
 }
 
-/// What the server tells every connection: whether it drains, and how short of connections it is.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) struct ServerSignal {
-    drain: DrainState,
-    pressure: u32,
-}
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum DrainState {
-    Serving,
-    /// Keep nothing alive: idle connections close now, busy ones after their in-flight work.
-    Draining,
-    /// The drain deadline passed: drop what is left.
-    Abort,
-}
 
 /// Server-wide drain: tells every watched connection to close gracefully, and waits until they have.
 ///
-/// One `watch` channel broadcasts the signal, and waiting for it to close (every connection's receivers
-/// gone) is waiting for the connections: draining costs nothing per request.
+/// A `Drain` also keeps the timers of the connections it watches: one task sleeps until the earliest
+/// deadline among them (idle timeout, maximum age, grace period) and wakes only the connections whose
+/// time has come, so a watched connection carries no timer of its own. Draining costs nothing per
+/// request.
 ///
 /// # Example
 ///
@@ -212,10 +201,7 @@ enum DrainState {
 /// ```
 #[derive(Debug)]
 pub struct Drain {
-    tx: watch::Sender<ServerSignal>,
-    /// Watchers alive. Not the channel's receiver count: a connection's lifecycle holds receivers of
-    /// its own while it runs.
-    live: Arc<AtomicUsize>,
+    timers: Arc<Timers>,
 }
 
 impl Default for Drain {
@@ -233,12 +219,7 @@ impl Drain {
     /// ```
     pub fn new() -> Self {
         Drain {
-            tx: watch::channel(ServerSignal {
-                drain: DrainState::Serving,
-                pressure: 0,
-            })
-            .0,
-            live: Arc::default(),
+            timers: Arc::new(Timers::new()),
         }
     }
 
@@ -253,17 +234,17 @@ impl Drain {
     /// assert_eq!(drain.connections(), 0);
     /// ```
     pub fn watcher(&self) -> DrainWatcher {
-        self.live.fetch_add(1, Ordering::Relaxed);
+        self.timers.live.fetch_add(1, Ordering::Relaxed);
         DrainWatcher {
-            rx: self.tx.subscribe(),
-            live: self.live.clone(),
+            timers: self.timers.clone(),
         }
     }
 
     /// A sender of connection-pressure updates to every watched connection.
     pub(crate) fn pressure_sender(&self) -> PressureSender {
         PressureSender {
-            tx: self.tx.clone(),
+            timers: self.timers.clone(),
+            level: AtomicU32::new(0),
         }
     }
 
@@ -273,7 +254,7 @@ impl Drain {
     /// assert_eq!(tower_keepalive::serve::Drain::new().connections(), 0);
     /// ```
     pub fn connections(&self) -> usize {
-        self.live.load(Ordering::Relaxed)
+        self.timers.live.load(Ordering::Acquire)
     }
 
     /// Drains: no connection is kept alive any more. Idle connections close at once; requests in flight
@@ -289,12 +270,12 @@ impl Drain {
     /// # }
     /// ```
     pub async fn drain(self, deadline: Option<Duration>) -> usize {
-        self.tx.send_modify(|s| s.drain = DrainState::Draining);
+        self.timers.set_state(DrainState::Draining);
         let Some(deadline) = deadline else {
-            self.tx.closed().await;
+            self.timers.all_gone().await;
             return 0;
         };
-        if tokio::time::timeout(deadline, self.tx.closed())
+        if tokio::time::timeout(deadline, self.timers.all_gone())
             .await
             .is_ok()
         {
@@ -305,8 +286,8 @@ impl Drain {
             connections = left,
             "drain deadline passed; dropping connections"
         );
-        self.tx.send_modify(|s| s.drain = DrainState::Abort);
-        self.tx.closed().await;
+        self.timers.set_state(DrainState::Abort);
+        self.timers.all_gone().await;
         left
     }
 }
@@ -314,16 +295,17 @@ impl Drain {
 /// Tells every watched connection that the server's connection pressure changed: their idle limits
 /// shrink or grow with it.
 pub(crate) struct PressureSender {
-    tx: watch::Sender<ServerSignal>,
+    timers: Arc<Timers>,
+    level: AtomicU32,
 }
 
 impl PressureSender {
     pub(crate) fn set(&self, level: u32) {
-        self.tx.send_if_modified(|s| {
-            let changed = s.pressure != level;
-            s.pressure = level;
-            changed
-        });
+        // Limits that grow need nothing: each connection's deadline is looked at again when it comes,
+        // and moved later. Limits that shrink move every deadline earlier now.
+        if level > self.level.swap(level, Ordering::Relaxed) {
+            self.timers.pressure_rose();
+        }
     }
 }
 
@@ -335,19 +317,21 @@ impl PressureSender {
 /// ```
 #[derive(Debug)]
 pub struct DrainWatcher {
-    rx: watch::Receiver<ServerSignal>,
-    live: Arc<AtomicUsize>,
+    timers: Arc<Timers>,
 }
 
 impl Drop for DrainWatcher {
     fn drop(&mut self) {
-        self.live.fetch_sub(1, Ordering::Relaxed);
+        if self.timers.live.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.timers.gone.notify_waiters();
+        }
     }
 }
 
 impl DrainWatcher {
     /// Drives `conn` through its lifecycle (see [`ConnectionHandle::drive`]) and closes it gracefully
-    /// when the server drains. Resolves with the reason the connection closed.
+    /// when the server drains. Resolves with the reason the connection closed. The connection's timer
+    /// is the drain's (see [`Drain`]).
     ///
     /// ```no_run
     /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
@@ -369,12 +353,12 @@ impl DrainWatcher {
     /// As [`drive`](Self::drive), with the connection pinned by the caller (stored once, not moved into
     /// each future on the way) and the watcher left counting until the caller drops it: the serve path
     /// reports the close first.
-    pub(crate) async fn drive_pinned<C: GracefulConnection>(
-        &self,
-        handle: &ConnectionHandle,
-        conn: Pin<&mut C>,
-    ) -> CloseReason {
-        lifecycle(handle, conn, Some(self.rx.clone())).await
+    pub(crate) fn drive_pinned<'a, C: GracefulConnection>(
+        &'a self,
+        handle: &'a ConnectionHandle,
+        conn: Pin<&'a mut C>,
+    ) -> Lifecycle<'a, C, &'a Arc<Timers>> {
+        Lifecycle::new(handle, conn, &self.timers)
     }
 }
 
@@ -387,12 +371,14 @@ impl ConnectionHandle {
     ///   the timeout too, and one that has started a request head but not finished it is dropped shortly
     ///   after;
     /// - maximum age: the connection closes gracefully at its next request boundary;
-    /// - a close decided by the layer (HTTP/2 maximum requests) is carried out with GOAWAY.
+    /// - a close decided by the layer (HTTP/2 maximum requests) or with [`close`](Self::close) is
+    ///   carried out (HTTP/2: GOAWAY).
     ///
     /// One timer per connection; nothing runs while the connection is idle but that timer, and waking
     /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
     /// connection's IO in [`WatchedIo`](crate::serve::WatchedIo) so that a response still being written
-    /// to a slow client is not taken for idle either.
+    /// to a slow client is not taken for idle either. Connections watched by a
+    /// [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
     ///
     /// ```no_run
     /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
@@ -405,109 +391,11 @@ impl ConnectionHandle {
     pub fn drive<C: GracefulConnection>(self, conn: C) -> impl Future<Output = CloseReason> {
         // On the heap, once: an `async fn` would keep the connection it is given and its pinned copy.
         let mut conn = Box::pin(conn);
-        async move { lifecycle(&self, conn.as_mut(), None).await }
-    }
-}
-
-/// The connection's lifecycle. The close is logged when the handle goes, on every path (see
-/// `connection.rs`).
-async fn lifecycle<C: GracefulConnection>(
-    handle: &ConnectionHandle,
-    mut conn: Pin<&mut C>,
-    server: Option<watch::Receiver<ServerSignal>>,
-) -> CloseReason {
-    let mut timer = pin!(sleep_until(handle.next_check()));
-    let mut shutting_down = false;
-    // Once told to close: since when the connection has not been seen writing, to the timer's
-    // resolution (writes are counted, not timed).
-    let (mut writes_seen, mut wrote_at) = (handle.writes(), Instant::now());
-
-    // A second receiver, only to ask cheaply whether the server said something new.
-    let mut seen = server.clone();
-    // A connection accepted while the server was already draining.
-    let draining = seen
-        .as_mut()
-        .is_some_and(|rx| rx.borrow_and_update().drain != DrainState::Serving);
-    if draining {
-        // Picked up by the close branch: a graceful close before anything else.
-        handle.close(CloseReason::Drain);
-    }
-    let mut close_requested = pin!(Gated::new(handle.shared.notify.notified()));
-    let mut signal = pin!(Gated::new(next_signal(server)));
-
-    loop {
-        tokio::select! {
-            biased;
-            result = conn.as_mut() => return finished(handle, result),
-            () = poll_fn(|cx| close_requested.as_mut().poll_if(cx, handle.is_closing())), if !shutting_down => {
-                conn.as_mut().graceful_shutdown();
-                shutting_down = true;
-                (writes_seen, wrote_at) = (handle.writes(), Instant::now());
-                timer.as_mut().reset(wrote_at + GRACE);
-            }
-            (rx, received) = poll_fn(|cx| signal.as_mut().poll_if(cx, has_changed(&seen))) => {
-                if let Some(rx) = seen.as_mut() {
-                    rx.borrow_and_update();
-                }
-                let Some(received) = received else {
-                    // The server is gone: nothing more will come.
-                    signal.set(Gated::new(next_signal(None)));
-                    continue;
-                };
-                signal.set(Gated::new(next_signal(rx)));
-                match received.drain {
-                    DrainState::Abort => {
-                        handle.close(CloseReason::Drain);
-                        return handle.close_reason().unwrap_or(CloseReason::Drain);
-                    }
-                    DrainState::Draining => {
-                        handle.close(CloseReason::Drain);
-                        if !shutting_down {
-                            conn.as_mut().graceful_shutdown();
-                            shutting_down = true;
-                            (writes_seen, wrote_at) = (handle.writes(), Instant::now());
-                            timer.as_mut().reset(wrote_at + GRACE);
-                        }
-                    }
-                    // Connection pressure changed: the idle limit with it.
-                    DrainState::Serving if !shutting_down => timer.as_mut().reset(handle.next_check()),
-                    DrainState::Serving => {}
-                }
-            }
-            () = timer.as_mut() => {
-                let now = Instant::now();
-                if shutting_down {
-                    // Told to close, nothing in flight and nothing written for the grace period, still
-                    // open: a head that never completes. A response hyper is still writing out (to a
-                    // full socket, or as HTTP/2 flow control lets it) is not cut.
-                    let writes = handle.writes();
-                    if writes != writes_seen {
-                        (writes_seen, wrote_at) = (writes, now);
-                    }
-                    let quiet_since = handle.idle_since().map(|idle| Instant::from_std(idle).max(wrote_at));
-                    if quiet_since.is_some_and(|since| since + grace(handle) <= now) {
-                        tracing::debug!("connection did not close within the grace period; dropping it");
-                        return handle.close_reason().unwrap_or(CloseReason::Idle);
-                    }
-                    timer.as_mut().reset(now + GRACE);
-                    continue;
-                }
-                if let Some(reason) = handle.due(now.into_std()) {
-                    // Wakes the close branch on the next turn.
-                    handle.close(reason);
-                }
-                if handle.is_closing() {
-                    // Closing, maybe for an earlier reason the protocol has not carried out (a response
-                    // still streaming, an HTTP/2 connection): once idle, close it ourselves. A deadline
-                    // already past must not re-arm the timer, or it would fire again at once, and again.
-                    if handle.in_flight() == 0 {
-                        handle.shared.notify.notify_one();
-                    }
-                    timer.as_mut().reset(handle.next_check().max(now + CLOSING_RECHECK));
-                } else {
-                    timer.as_mut().reset(handle.next_check());
-                }
-            }
+        async move {
+            let timer = OwnTimer {
+                sleep: tokio::time::sleep_until(self.next_check()),
+            };
+            Lifecycle::new(&self, conn.as_mut(), timer).await
         }
     }
 }
@@ -515,52 +403,400 @@ async fn lifecycle<C: GracefulConnection>(
 /// How often the timer looks again at a connection that is closing but still busy.
 const CLOSING_RECHECK: Duration = Duration::from_millis(100);
 
-fn has_changed(seen: &Option<watch::Receiver<ServerSignal>>) -> bool {
-    seen.as_ref()
-        .is_some_and(|rx| rx.has_changed().unwrap_or(false))
+/// What the connection's timer does when its time comes: closes it if it is due (idle, too old), drops
+/// it if it was told to close and has neither finished nor written anything for the grace period, and
+/// says when to look again (`None`: never, it is being dropped).
+fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
+    if handle.driver_flags().1 {
+        return None;
+    }
+    if handle.in_grace() {
+        // Told to close, nothing in flight and nothing written for the grace period, still open: a head
+        // that never completes. A response hyper is still writing out (to a full socket, or as HTTP/2
+        // flow control lets it) is not cut.
+        let quiet = handle.quiet_since(clock::ns_of(now));
+        if quiet.is_some_and(|since| since + grace(handle) <= now) {
+            tracing::debug!("connection did not close within the grace period; dropping it");
+            handle.drop_now();
+            return None;
+        }
+        return Some(now + GRACE);
+    }
+    if let Some(reason) = handle.due(now) {
+        handle.close(reason);
+    }
+    if handle.is_closing() {
+        // Closing, maybe for a reason the protocol has not carried out (a response still streaming, an
+        // HTTP/2 connection): once idle, the driver closes it. A deadline already past must not be
+        // kept, or the timer would fire again at once, and again.
+        if handle.in_flight() == 0 {
+            handle.request_driver();
+        }
+        Some(handle.next_check().into_std().max(now + CLOSING_RECHECK))
+    } else {
+        Some(handle.next_check().into_std().max(now))
+    }
 }
 
-/// The server's next signal, with the receiver back for the one after; `None` once the server is gone.
-async fn next_signal(
-    rx: Option<watch::Receiver<ServerSignal>>,
-) -> (Option<watch::Receiver<ServerSignal>>, Option<ServerSignal>) {
-    let Some(mut rx) = rx else {
-        return std::future::pending().await;
-    };
-    if rx.changed().await.is_err() {
-        return (None, None);
-    }
-    let signal = *rx.borrow_and_update();
-    (Some(rx), Some(signal))
+/// Where a connection's lifecycle gets its timer from.
+pub(crate) trait Timer {
+    /// The connection starts to be driven.
+    fn start(self: Pin<&mut Self>, handle: &ConnectionHandle);
+    /// Look at the connection again no later than `at`.
+    fn schedule(self: Pin<&mut Self>, handle: &ConnectionHandle, at: Instant);
+    /// Ready when the timer has looked at the connection (its flags may have changed).
+    fn poll_check(self: Pin<&mut Self>, cx: &mut Context<'_>, handle: &ConnectionHandle)
+        -> Poll<()>;
 }
 
 pin_project! {
-    /// A future polled only when it may be ready, or when the task's waker changed. Its last poll
-    /// registered a waker that still wakes the task; polling it again on every wake-up of the connection
-    /// would take the lock of a tokio `Notify` (shared by all connections, for the server's signal) for
-    /// nothing.
-    struct Gated<F> {
+    /// A timer of the connection's own: for [`ConnectionHandle::drive`].
+    pub(crate) struct OwnTimer {
         #[pin]
-        inner: F,
-        waker: Option<Waker>,
+        sleep: Sleep,
     }
 }
 
-impl<F: Future> Gated<F> {
-    fn new(inner: F) -> Self {
-        Gated { inner, waker: None }
+impl Timer for OwnTimer {
+    fn start(self: Pin<&mut Self>, _: &ConnectionHandle) {}
+
+    fn schedule(self: Pin<&mut Self>, _: &ConnectionHandle, at: Instant) {
+        self.project().sleep.reset(at.into());
     }
 
-    fn poll_if(self: Pin<&mut Self>, cx: &mut Context<'_>, maybe_ready: bool) -> Poll<F::Output> {
-        let this = self.project();
-        let registered = this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker()));
-        if registered && !maybe_ready {
+    fn poll_check(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        handle: &ConnectionHandle,
+    ) -> Poll<()> {
+        let mut sleep = self.project().sleep;
+        if sleep.as_mut().poll(cx).is_pending() {
             return Poll::Pending;
         }
-        if !registered {
-            *this.waker = Some(cx.waker().clone());
+        if let Some(at) = check(handle, Instant::now()) {
+            sleep.reset(at.into());
         }
-        this.inner.poll(cx)
+        Poll::Ready(())
+    }
+}
+
+impl Timer for &Arc<Timers> {
+    fn start(self: Pin<&mut Self>, handle: &ConnectionHandle) {
+        Timers::start(self.get_mut(), handle);
+    }
+
+    fn schedule(self: Pin<&mut Self>, handle: &ConnectionHandle, at: Instant) {
+        let mut heap = self.lock();
+        self.push(&mut heap, handle, clock::ns_of(at));
+    }
+
+    fn poll_check(self: Pin<&mut Self>, _: &mut Context<'_>, _: &ConnectionHandle) -> Poll<()> {
+        // The timers' task looks at the connection and wakes it through its flags.
+        Poll::Pending
+    }
+}
+
+pin_project! {
+    /// One connection's lifecycle: drives the hyper connection, and carries out what its handle's flags
+    /// say (close gracefully, drop now) when its timer, the layer or the server set them.
+    pub(crate) struct Lifecycle<'a, C, T> {
+        conn: Pin<&'a mut C>,
+        handle: &'a ConnectionHandle,
+        #[pin]
+        timer: T,
+        // The waker registered with the handle; a flag's wake-up takes it.
+        waker: Option<Waker>,
+        started: bool,
+        shutting_down: bool,
+    }
+}
+
+impl<'a, C, T> Lifecycle<'a, C, T> {
+    fn new(handle: &'a ConnectionHandle, conn: Pin<&'a mut C>, timer: T) -> Self {
+        Lifecycle {
+            conn,
+            handle,
+            timer,
+            waker: None,
+            started: false,
+            shutting_down: false,
+        }
+    }
+}
+
+impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
+    type Output = CloseReason;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        let mut this = self.project();
+        let handle = *this.handle;
+        if !*this.started {
+            *this.started = true;
+            this.timer.as_mut().start(handle);
+        }
+        loop {
+            if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
+                return Poll::Ready(finished(handle, result));
+            }
+            // Registered before the flags are read: a flag set after this read wakes the task.
+            if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                handle.register_driver(cx.waker());
+                *this.waker = Some(cx.waker().clone());
+            }
+            let (requested, drop_now) = handle.driver_flags();
+            if drop_now {
+                return Poll::Ready(handle.close_reason().unwrap_or(CloseReason::Idle));
+            }
+            if requested && !*this.shutting_down {
+                this.conn.as_mut().graceful_shutdown();
+                *this.shutting_down = true;
+                let now = Instant::now();
+                handle.start_grace(clock::ns_of(now));
+                this.timer.as_mut().schedule(handle, now + GRACE);
+                // The wake-up for this flag took the registration: register again for the next one.
+                *this.waker = None;
+                continue;
+            }
+            match this.timer.as_mut().poll_check(cx, handle) {
+                Poll::Ready(()) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum DrainState {
+    Serving,
+    /// Keep nothing alive: idle connections close now, busy ones after their in-flight work.
+    Draining,
+    /// The drain deadline passed: drop what is left.
+    Abort,
+}
+
+/// The timers of a [`Drain`]'s connections: a heap of deadlines, one task sleeping until the earliest.
+///
+/// Each connection has one current entry (its handle's `scheduled_ns` says which); entries left behind
+/// by an earlier schedule, or by a connection that has gone, are dropped when they come up, or all at
+/// once when they outnumber the live ones. The heap's lock is taken when a connection starts, when its
+/// time comes and when it begins to close: never for a request.
+#[derive(Debug)]
+pub(crate) struct Timers {
+    heap: Mutex<Heap>,
+    /// Wakes the timers' task: an entry earlier than it sleeps, a drain, a pressure rise, the end.
+    wake: Arc<Notify>,
+    running: AtomicBool,
+    /// Watchers alive.
+    live: AtomicUsize,
+    /// Told when `live` drops to zero.
+    gone: Notify,
+}
+
+#[derive(Debug)]
+struct Heap {
+    entries: BinaryHeap<Entry>,
+    /// When the task wakes next, in ns since the clock's epoch (`u64::MAX`: when told).
+    wakes_at: u64,
+    state: DrainState,
+    /// Connection pressure rose: every deadline must be computed again.
+    recompute: bool,
+}
+
+#[derive(Debug)]
+struct Entry {
+    at: u64,
+    conn: Weak<Shared>,
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for Entry {}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        // The earliest first: `BinaryHeap` is a max-heap.
+        other.at.cmp(&self.at)
+    }
+}
+
+impl Entry {
+    /// The entry's connection, if it is still open and this is its current entry.
+    fn current(&self) -> Option<ConnectionHandle> {
+        let shared = self.conn.upgrade()?;
+        (shared.scheduled_ns.load(Ordering::Relaxed) == self.at)
+            .then_some(ConnectionHandle { shared })
+    }
+}
+
+/// Heap entries beyond this many, and beyond twice the live connections, are compacted.
+const COMPACT_ABOVE: usize = 1024;
+
+impl Timers {
+    fn new() -> Self {
+        Timers {
+            heap: Mutex::new(Heap {
+                entries: BinaryHeap::new(),
+                wakes_at: u64::MAX,
+                state: DrainState::Serving,
+                recompute: false,
+            }),
+            wake: Arc::new(Notify::new()),
+            running: AtomicBool::new(false),
+            live: AtomicUsize::new(0),
+            gone: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Heap> {
+        // Entries are pushed and popped whole: a panic elsewhere leaves the heap consistent.
+        self.heap.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection starts: its first deadline, or its close if the server is draining.
+    fn start(self: &Arc<Self>, handle: &ConnectionHandle) {
+        if !self.running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(run(Arc::downgrade(self), self.wake.clone()));
+        }
+        let mut heap = self.lock();
+        match heap.state {
+            DrainState::Serving => {}
+            DrainState::Draining => {
+                handle.close(CloseReason::Drain);
+            }
+            DrainState::Abort => {
+                handle.close(CloseReason::Drain);
+                handle.drop_now();
+                return;
+            }
+        }
+        let at = clock::ns_of(handle.next_check().into_std());
+        self.push(&mut heap, handle, at);
+    }
+
+    fn push(&self, heap: &mut Heap, handle: &ConnectionHandle, at: u64) {
+        handle.shared.scheduled_ns.store(at, Ordering::Relaxed);
+        let live = self.live.load(Ordering::Relaxed);
+        if heap.entries.len() > COMPACT_ABOVE.max(live.saturating_mul(2)) {
+            heap.entries.retain(|entry| entry.current().is_some());
+        }
+        heap.entries.push(Entry {
+            at,
+            conn: Arc::downgrade(&handle.shared),
+        });
+        if at < heap.wakes_at {
+            heap.wakes_at = at;
+            self.wake.notify_one();
+        }
+    }
+
+    fn set_state(&self, state: DrainState) {
+        let mut heap = self.lock();
+        heap.state = state;
+        for entry in heap.entries.iter() {
+            if let Some(shared) = entry.conn.upgrade() {
+                let handle = ConnectionHandle { shared };
+                handle.close(CloseReason::Drain);
+                if state == DrainState::Abort {
+                    handle.drop_now();
+                }
+            }
+        }
+    }
+
+    fn pressure_rose(&self) {
+        self.lock().recompute = true;
+        self.wake.notify_one();
+    }
+
+    /// Looks at every connection whose time has come; returns when to look next.
+    fn tick(&self) -> Option<Instant> {
+        let now = Instant::now();
+        let now_ns = clock::ns_of(now);
+        let mut heap = self.lock();
+        if std::mem::take(&mut heap.recompute) {
+            let mut entries = std::mem::take(&mut heap.entries).into_vec();
+            entries.retain_mut(|entry| {
+                let Some(handle) = entry.current() else {
+                    return false;
+                };
+                if !handle.in_grace() {
+                    let at = clock::ns_of(handle.next_check().into_std());
+                    if at < entry.at {
+                        entry.at = at;
+                        handle.shared.scheduled_ns.store(at, Ordering::Relaxed);
+                    }
+                }
+                true
+            });
+            heap.entries = BinaryHeap::from(entries);
+        }
+        while heap.entries.peek().is_some_and(|entry| entry.at <= now_ns) {
+            let Some(entry) = heap.entries.pop() else {
+                break;
+            };
+            let Some(handle) = entry.current() else {
+                continue;
+            };
+            if let Some(next) = check(&handle, now) {
+                let at = clock::ns_of(next).max(now_ns + 1);
+                handle.shared.scheduled_ns.store(at, Ordering::Relaxed);
+                heap.entries.push(Entry {
+                    at,
+                    conn: entry.conn,
+                });
+            }
+        }
+        heap.wakes_at = heap.entries.peek().map_or(u64::MAX, |entry| entry.at);
+        (heap.wakes_at != u64::MAX).then(|| clock::instant(heap.wakes_at))
+    }
+
+    async fn all_gone(&self) {
+        loop {
+            let mut gone = pin!(self.gone.notified());
+            gone.as_mut().enable();
+            if self.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            gone.await;
+        }
+    }
+}
+
+impl Drop for Timers {
+    fn drop(&mut self) {
+        // The task holds only a weak reference: it ends now.
+        self.wake.notify_one();
+    }
+}
+
+/// The timers' task: sleeps until the earliest deadline, or until told; ends with its `Timers`.
+async fn run(timers: Weak<Timers>, wake: Arc<Notify>) {
+    loop {
+        let mut told = pin!(wake.notified());
+        told.as_mut().enable();
+        let next = match timers.upgrade() {
+            Some(timers) => timers.tick(),
+            None => return,
+        };
+        match next {
+            Some(at) => {
+                tokio::select! {
+                    () = tokio::time::sleep_until(at.into()) => {}
+                    () = told => {}
+                }
+            }
+            None => told.await,
+        }
     }
 }
 
