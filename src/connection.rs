@@ -188,7 +188,7 @@ pub(crate) struct Shared {
 impl ConnectionHandle {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         // The precise clock, once per connection: `opened_at` is never later than the accept.
-        let opened_ns = clock::precise_now_ns();
+        let opened_ns = clock::now_ns();
         config.stats.connection_opened();
         let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
             nanos(jitter(age, config.max_age_jitter, seed(opened_ns)))
@@ -602,8 +602,8 @@ impl Drop for Shared {
     fn drop(&mut self) {
         // The last clone of the handle is gone: so is the connection.
         let requests = self.requests();
-        let reason =
-            CloseReason::from_u8(*self.close.get_mut() & REASON).unwrap_or(CloseReason::ClientClosed);
+        let reason = CloseReason::from_u8(*self.close.get_mut() & REASON)
+            .unwrap_or(CloseReason::ClientClosed);
         self.config.stats.connection_closed(reason, requests);
         tracing::debug!(reason = reason.as_str(), requests, "connection closed");
     }

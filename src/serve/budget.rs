@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::drive::PressureSender;
 use crate::stats::{Counters, PRESSURE_STEPS};
@@ -78,8 +78,16 @@ impl Budget {
     }
 
     /// Waits for room for one more connection.
-    pub(crate) async fn admit(&self) -> Option<OwnedSemaphorePermit> {
-        self.permits.clone().acquire_owned().await.ok()
+    /// Waits for room for one more connection; the connection holds the returned admission while it
+    /// is open. `None` once the budget is closed (never: it is not).
+    pub(crate) async fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let permit = self.permits.acquire().await.ok()?;
+        // Given back by the admission's drop: one pointer per connection instead of a permit and a
+        // pointer to the budget.
+        permit.forget();
+        Some(Admission {
+            budget: self.clone(),
+        })
     }
 
     /// Recomputes the pressure after a connection came or went; wakes the connections only when it
@@ -91,6 +99,19 @@ impl Budget {
             self.counters.set_pressure(level);
             self.signal.set(level);
         }
+    }
+}
+
+/// One admitted connection's room in the budget; dropping it gives the room back and updates the
+/// pressure.
+pub(crate) struct Admission {
+    budget: Arc<Budget>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.budget.permits.add_permits(1);
+        self.budget.update();
     }
 }
 

@@ -153,7 +153,6 @@ where
     }
 }
 
-
 /// Server-wide drain: tells every watched connection to close gracefully, and waits until they have.
 ///
 /// A `Drain` also keeps the timers of the connections it watches: one task sleeps until the earliest
@@ -445,8 +444,11 @@ pub(crate) trait Timer {
     /// Look at the connection again no later than `at`.
     fn schedule(self: Pin<&mut Self>, handle: &ConnectionHandle, at: Instant);
     /// Ready when the timer has looked at the connection (its flags may have changed).
-    fn poll_check(self: Pin<&mut Self>, cx: &mut Context<'_>, handle: &ConnectionHandle)
-        -> Poll<()>;
+    fn poll_check(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        handle: &ConnectionHandle,
+    ) -> Poll<()>;
 }
 
 pin_project! {
@@ -781,6 +783,16 @@ impl Drop for Timers {
 
 /// The timers' task: sleeps until the earliest deadline, or until told; ends with its `Timers`.
 async fn run(timers: Weak<Timers>, wake: Arc<Notify>) {
+    // Dropped with its runtime: the next connection to start spawns the task again.
+    struct Running(Weak<Timers>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            if let Some(timers) = self.0.upgrade() {
+                timers.running.store(false, Ordering::Release);
+            }
+        }
+    }
+    let _running = Running(timers.clone());
     loop {
         let mut told = pin!(wake.notified());
         told.as_mut().enable();

@@ -403,7 +403,6 @@ where
             if let Some(budget) = &budget {
                 budget.update();
             }
-            let budget = budget.clone();
             let handle = layer.connection();
             let svc = KeepAlive::from_layer(service.clone(), layer.bind(handle.clone()));
             let watcher = drain.watcher();
@@ -433,14 +432,16 @@ where
                 // Only now does the connection stop counting for the drain: `on_close` has run.
                 drop(watcher);
                 drop(permit);
-                if let Some(budget) = budget {
-                    budget.update();
-                }
                 if let Some(panic) = panic {
                     std::panic::resume_unwind(panic);
                 }
             };
-            tokio::spawn(tracing::Instrument::instrument(task, span));
+            // A disabled span (no subscriber wants it) would still take its room in every task.
+            if span.is_disabled() {
+                tokio::spawn(task);
+            } else {
+                tokio::spawn(tracing::Instrument::instrument(task, span));
+            }
         }
 
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
