@@ -31,8 +31,12 @@ pub(crate) fn ns_of(at: Instant) -> u64 {
     nanos(at.saturating_duration_since(epoch()))
 }
 
+/// `d` in nanoseconds, saturating (in 64-bit arithmetic: cheaper than going through `as_nanos`).
+#[inline]
 pub(crate) fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+    d.as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(d.subsec_nanos()))
 }
 
 #[cfg(test)]
@@ -46,5 +50,11 @@ mod tests {
         let at = instant(now_ns());
         assert!(before <= at && at <= Instant::now());
         assert_eq!(instant(ns_of(at)), at);
+    }
+
+    #[test]
+    fn nanos_saturates() {
+        assert_eq!(nanos(Duration::new(3, 7)), 3_000_000_007);
+        assert_eq!(nanos(Duration::MAX), u64::MAX);
     }
 }
