@@ -412,12 +412,12 @@ impl Config {
 
     /// The `Keep-Alive` value for a response after which the connection accepts `remaining` more
     /// requests (`None`: unlimited).
-    pub(crate) fn advert(&self, remaining: Option<u64>) -> Option<HeaderValue> {
+    pub(crate) fn advert(&self, remaining: Option<u64>) -> Option<Advert> {
         let pressure = self.stats.pressure();
         if pressure > 0 {
             // Under pressure the advertised timeout shrinks with the enforced one; rare, so formatted.
             let timeout = scaled_timeout(self.idle_timeout, pressure);
-            return Some(advert_header(timeout, remaining).to_header_value());
+            return Some(Advert::format(timeout, remaining));
         }
         let adverts = *self
             .adverts
@@ -426,9 +426,45 @@ impl Config {
             (None, None) => 0,
             (Some(r), Some(_)) if r < adverts.len() as u64 => r as usize,
             // Beyond the table, or no count to go with a limit (no handle): formatted on the spot.
-            _ => return Some(advert_header(self.idle_timeout, remaining).to_header_value()),
+            _ => return Some(Advert::format(self.idle_timeout, remaining)),
         };
-        adverts.get(index).cloned()
+        adverts.get(index).map(Advert::Table)
+    }
+}
+
+/// A `Keep-Alive` value decided with the request: from the interned table, or formatted when the
+/// response is written. Small, so that the response future carrying it stays small.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Advert {
+    Table(&'static HeaderValue),
+    /// `remaining`: `u64::MAX` for no maximum (a remaining count is always below it).
+    Format {
+        timeout_secs: u64,
+        remaining: u64,
+    },
+}
+
+impl Advert {
+    fn format(timeout: Duration, remaining: Option<u64>) -> Self {
+        // Advertised in whole seconds: the formatted value floors the timeout anyway.
+        Advert::Format {
+            timeout_secs: timeout.as_secs(),
+            remaining: remaining.unwrap_or(u64::MAX),
+        }
+    }
+
+    pub(crate) fn value(self) -> HeaderValue {
+        match self {
+            Advert::Table(value) => value.clone(),
+            Advert::Format {
+                timeout_secs,
+                remaining,
+            } => advert_header(
+                Duration::from_secs(timeout_secs),
+                (remaining != u64::MAX).then_some(remaining),
+            )
+            .to_header_value(),
+        }
     }
 }
 
@@ -458,16 +494,16 @@ mod tests {
             .idle_timeout(Duration::from_millis(7900))
             .max_requests(10_000);
         let c = &layer.config;
-        assert_eq!(c.advert(Some(0)).unwrap(), "timeout=7, max=0");
-        assert_eq!(c.advert(Some(1)).unwrap(), "timeout=7, max=1");
-        assert_eq!(c.advert(Some(4095)).unwrap(), "timeout=7, max=4095");
-        assert_eq!(c.advert(Some(4096)).unwrap(), "timeout=7, max=4096");
-        assert_eq!(c.advert(Some(9999)).unwrap(), "timeout=7, max=9999");
+        assert_eq!(c.advert(Some(0)).unwrap().value(), "timeout=7, max=0");
+        assert_eq!(c.advert(Some(1)).unwrap().value(), "timeout=7, max=1");
+        assert_eq!(c.advert(Some(4095)).unwrap().value(), "timeout=7, max=4095");
+        assert_eq!(c.advert(Some(4096)).unwrap().value(), "timeout=7, max=4096");
+        assert_eq!(c.advert(Some(9999)).unwrap().value(), "timeout=7, max=9999");
 
         let unlimited = KeepAliveLayer::new()
             .idle_timeout(Duration::from_millis(300))
             .unlimited_requests();
-        assert_eq!(unlimited.config.advert(None).unwrap(), "timeout=0");
+        assert_eq!(unlimited.config.advert(None).unwrap().value(), "timeout=0");
     }
 
     #[test]
@@ -483,9 +519,15 @@ mod tests {
     #[test]
     fn builder_changes_reset_the_table() {
         let layer = KeepAliveLayer::new().max_requests(3);
-        assert_eq!(layer.config.advert(Some(2)).unwrap(), "timeout=5, max=2");
+        assert_eq!(
+            layer.config.advert(Some(2)).unwrap().value(),
+            "timeout=5, max=2"
+        );
         let layer = layer.idle_timeout(Duration::from_secs(9));
-        assert_eq!(layer.config.advert(Some(2)).unwrap(), "timeout=9, max=2");
+        assert_eq!(
+            layer.config.advert(Some(2)).unwrap().value(),
+            "timeout=9, max=2"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use http::header::{
 };
 use http::{Method, StatusCode, Version};
 
+use crate::layer::Advert;
 use crate::CloseReason;
 
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -69,7 +70,7 @@ pub(crate) enum Plan {
         head: bool,
         /// `None`: persistent so far, `Some(reason)`: this response is the last.
         close: Option<CloseReason>,
-        advert: Option<HeaderValue>,
+        advert: Option<Advert>,
     },
     /// HTTP/2 and HTTP/3: connection-specific fields never leave (RFC 9113 section 8.2.2).
     Strip,
@@ -121,7 +122,7 @@ pub(crate) fn finish_http1(
     http10: bool,
     mut close: Option<CloseReason>,
     self_delimited: impl FnOnce(&HeaderMap) -> bool,
-    advert: Option<HeaderValue>,
+    advert: Option<Advert>,
 ) -> Option<CloseReason> {
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Some(CloseReason::Upgraded);
@@ -140,7 +141,7 @@ pub(crate) fn finish_http1(
             },
         );
         match (close, advert) {
-            (None, Some(value)) => headers.insert(KEEP_ALIVE_OWNED, value),
+            (None, Some(advert)) => headers.insert(KEEP_ALIVE_OWNED, advert.value()),
             _ => headers.remove(&KEEP_ALIVE),
         };
         return close;
@@ -155,7 +156,7 @@ pub(crate) fn finish_http1(
                 headers.append(CONNECTION, KEEP_ALIVE_VALUE);
             }
             match advert {
-                Some(value) => headers.insert(KEEP_ALIVE_OWNED, value),
+                Some(advert) => headers.insert(KEEP_ALIVE_OWNED, advert.value()),
                 None => headers.remove(&KEEP_ALIVE),
             };
         }
