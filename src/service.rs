@@ -46,8 +46,17 @@ use crate::{CloseReason, ConnectionHandle, KeepAliveLayer, ResponseBody, Respons
 #[derive(Clone, Debug)]
 pub struct KeepAlive<S> {
     inner: S,
-    config: Arc<Config>,
-    handle: Option<ConnectionHandle>,
+    binding: Binding,
+}
+
+/// What a `KeepAlive` knows of its connection: one pointer, so that the clone hyper-util makes of the
+/// service for every request touches one reference count.
+#[derive(Clone, Debug)]
+enum Binding {
+    /// Bound to a connection, whose handle carries the policy it was made with.
+    Connection(ConnectionHandle),
+    /// The layer's policy; the handle, if any, comes with each request.
+    Unbound(Arc<Config>),
 }
 
 impl<S> KeepAlive<S> {
@@ -76,8 +85,10 @@ impl<S> KeepAlive<S> {
     pub(crate) fn from_layer(inner: S, layer: KeepAliveLayer) -> Self {
         KeepAlive {
             inner,
-            config: layer.config,
-            handle: layer.handle,
+            binding: match layer.handle {
+                Some(handle) => Binding::Connection(handle),
+                None => Binding::Unbound(layer.config),
+            },
         }
     }
 
@@ -131,19 +142,20 @@ where
         // Bound: borrowed, no reference count touched. From the extensions: cloned, as the request is
         // modified below.
         let found;
-        let handle = match &self.handle {
-            Some(handle) => Some(handle),
-            None => {
+        let (handle, config) = match &self.binding {
+            Binding::Connection(handle) => (Some(handle), handle.config()),
+            Binding::Unbound(config) => {
                 found = req.extensions().get::<ConnectionHandle>().cloned();
                 if found.is_none() {
                     warn_no_handle_once();
                 }
-                found.as_ref()
+                // The policy the connection was made with governs it; the layer's own only without a
+                // handle.
+                let handle = found.as_ref();
+                (handle, handle.map_or(&**config, ConnectionHandle::config))
             }
         };
         let mut req = req;
-        // The policy the connection was made with governs it; the layer's own only without a handle.
-        let config = handle.map_or(&*self.config, |h| h.config());
         let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
