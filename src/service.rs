@@ -138,7 +138,7 @@ where
     }
 
     #[inline(always)]
-    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         // Bound: borrowed, no reference count touched. From the extensions: cloned, as the request is
         // modified below.
         let found;
@@ -155,7 +155,6 @@ where
                 (handle, handle.map_or(&**config, ConnectionHandle::config))
             }
         };
-        let mut req = req;
         let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
