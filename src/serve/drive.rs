@@ -823,3 +823,85 @@ fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>)
     }
     handle.close_reason().unwrap_or(CloseReason::ClientClosed)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::KeepAliveLayer;
+
+    fn entries(timers: &Timers) -> usize {
+        timers.lock().entries.len()
+    }
+
+    #[tokio::test]
+    async fn entries_of_closed_connections_are_compacted() {
+        let timers = Arc::new(Timers::new());
+        let layer = KeepAliveLayer::new();
+        let kept: Vec<ConnectionHandle> = (0..10).map(|_| layer.connection()).collect();
+        for handle in &kept {
+            timers.live.fetch_add(1, Ordering::Relaxed);
+            timers.start(handle);
+        }
+        // Many short connections come and go: their entries stay behind until compacted.
+        for _ in 0..5_000 {
+            let handle = layer.connection();
+            timers.start(&handle);
+        }
+        let left = entries(&timers);
+        assert!(
+            left <= COMPACT_ABOVE + 1,
+            "{left} entries for {} live connections",
+            kept.len()
+        );
+        // The live ones are all still there, each with its current entry.
+        let heap = timers.lock();
+        for handle in &kept {
+            let at = handle.shared.scheduled_ns.load(Ordering::Relaxed);
+            assert!(heap
+                .entries
+                .iter()
+                .any(|e| e.at == at && e.conn.ptr_eq(&Arc::downgrade(&handle.shared))));
+        }
+    }
+
+    #[tokio::test]
+    async fn rising_pressure_moves_deadlines_earlier() {
+        let timers = Arc::new(Timers::new());
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(60));
+        let handle = layer.connection();
+        timers.live.fetch_add(1, Ordering::Relaxed);
+        timers.start(&handle);
+        let before = handle.shared.scheduled_ns.load(Ordering::Relaxed);
+        layer
+            .config
+            .stats
+            .set_pressure(crate::stats::PRESSURE_STEPS);
+        timers.pressure_rose();
+        let next = timers.tick().expect("a deadline");
+        let after = handle.shared.scheduled_ns.load(Ordering::Relaxed);
+        assert!(after < before, "{after} !< {before}");
+        // At the hard limit the idle limit is 1/16 of the timeout: under four seconds from now.
+        assert!(next <= Instant::now() + Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn a_due_connection_is_asked_to_close_and_dropped_after_its_grace() {
+        let timers = Arc::new(Timers::new());
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
+        let handle = layer.connection();
+        timers.live.fetch_add(1, Ordering::Relaxed);
+        timers.start(&handle);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        timers.tick();
+        assert_eq!(handle.close_reason(), Some(CloseReason::Idle));
+        assert_eq!(handle.driver_flags(), (true, false));
+        // The driver begins its graceful close, and the connection never goes: dropped after the
+        // grace period, not before (times in the future stand for the timer firing later).
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        assert!(check(&handle, began + GRACE / 2).is_some());
+        assert_eq!(handle.driver_flags(), (true, false));
+        assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+}
