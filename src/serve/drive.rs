@@ -829,6 +829,15 @@ mod tests {
     use super::*;
     use crate::KeepAliveLayer;
 
+    /// Timers watching one connection of `layer`, started.
+    fn one_watched(layer: &KeepAliveLayer) -> (Arc<Timers>, ConnectionHandle) {
+        let timers = Arc::new(Timers::new());
+        let handle = layer.connection();
+        timers.live.fetch_add(1, Ordering::Relaxed);
+        timers.start(&handle);
+        (timers, handle)
+    }
+
     fn entries(timers: &Timers) -> usize {
         timers.lock().entries.len()
     }
@@ -866,11 +875,8 @@ mod tests {
 
     #[tokio::test]
     async fn rising_pressure_moves_deadlines_earlier() {
-        let timers = Arc::new(Timers::new());
         let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(60));
-        let handle = layer.connection();
-        timers.live.fetch_add(1, Ordering::Relaxed);
-        timers.start(&handle);
+        let (timers, handle) = one_watched(&layer);
         let before = handle.shared.scheduled_ns.load(Ordering::Relaxed);
         layer
             .config
@@ -886,11 +892,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_due_connection_is_asked_to_close_and_dropped_after_its_grace() {
-        let timers = Arc::new(Timers::new());
         let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
-        let handle = layer.connection();
-        timers.live.fetch_add(1, Ordering::Relaxed);
-        timers.start(&handle);
+        let (timers, handle) = one_watched(&layer);
         tokio::time::sleep(Duration::from_millis(5)).await;
         timers.tick();
         assert_eq!(handle.close_reason(), Some(CloseReason::Idle));
