@@ -415,8 +415,17 @@ async fn soak() {
     let mut server = start(layer, app(calls.clone())).await;
 
     // Warm-up: the allocator's pools, the runtime's worker state and hyper's buffers reach their working
-    // size; memory is measured against this level.
-    round(&mut server, &calls, connections).await;
+    // size; memory is measured against this level. A long run warms up for its first quarter: glibc's
+    // per-thread arenas keep growing for a few rounds of thousands of connections before they level off
+    // (about 25 MB over the first four rounds of 5000, with this crate or without it).
+    let mut warm_up_rounds = 0;
+    loop {
+        round(&mut server, &calls, connections).await;
+        warm_up_rounds += 1;
+        if started.elapsed() >= Duration::from_secs(seconds) / 4 {
+            break;
+        }
+    }
     let baseline = rss_kb();
 
     let mut rounds = 0;
@@ -437,11 +446,11 @@ async fn soak() {
     let rest = server.finish().await;
     assert!(rest.is_empty(), "closes after the last round: {rest:?}");
     eprintln!(
-        "soak: {rounds} round(s) of {connections} connections after a warm-up, {accepted} accepted and \
+        "soak: {rounds} round(s) of {connections} connections after {warm_up_rounds} of warm-up, {accepted} accepted and \
          closed in {:?}; VmRSS {baseline} kB after the warm-up, {after} kB at the end; kinds {total:?}",
         started.elapsed()
     );
-    assert_eq!(accepted, (rounds + 1) * connections);
+    assert_eq!(accepted, (warm_up_rounds + rounds) * connections);
     assert!(
         after <= baseline + RSS_GROWTH_LIMIT_KB,
         "VmRSS grew from {baseline} kB to {after} kB"
