@@ -169,7 +169,8 @@ pub(crate) struct Shared {
     /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
     /// connection told to close can see whether it is still writing at the end of its grace period.
     /// Only the connection's own IO writes it.
-    writes: AtomicU64,
+    /// Compared for a change only, so it may wrap.
+    writes: AtomicU32,
     /// The close decided, if any (its reason in the low bits, see [`REASON`]), whether the connection's
     /// driver was asked to carry it out ([`REQUESTED`]), and whether it must drop the connection now
     /// ([`DROP_NOW`]).
@@ -182,7 +183,7 @@ pub(crate) struct Shared {
     /// Since when the driver has been closing the connection gracefully (`u64::MAX`: it has not begun),
     /// pushed forward whenever the connection is seen writing; and the write count seen then.
     grace_ns: AtomicU64,
-    writes_seen: AtomicU64,
+    writes_seen: AtomicU32,
 }
 
 impl ConnectionHandle {
@@ -203,12 +204,12 @@ impl ConnectionHandle {
                 idle_since_ns: AtomicU64::new(0),
                 write_blocked: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
-                writes: AtomicU64::new(0),
+                writes: AtomicU32::new(0),
                 close: AtomicU8::new(0),
                 waker: AtomicWaker::new(),
                 scheduled_ns: AtomicU64::new(0),
                 grace_ns: AtomicU64::new(u64::MAX),
-                writes_seen: AtomicU64::new(0),
+                writes_seen: AtomicU32::new(0),
             }),
         }
     }
@@ -253,7 +254,7 @@ impl ConnectionHandle {
     }
 
     /// Writes that went through on the connection's socket so far (counted by `serve::WatchedIo`).
-    pub(crate) fn writes(&self) -> u64 {
+    pub(crate) fn writes(&self) -> u32 {
         self.shared.writes.load(Ordering::Relaxed)
     }
 
