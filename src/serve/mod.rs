@@ -361,7 +361,8 @@ where
             limits,
             builder,
         } = self;
-        let builder = Arc::new(builder);
+        // What every connection's task needs from the server, behind one pointer.
+        let shared = Arc::new(ConnectionsShared { builder, on_close });
         // A layer reused after an earlier server drained starts serving again.
         layer.config.stats.set_draining(false);
         let drain = Drain::new();
@@ -408,12 +409,11 @@ where
             let handle = layer.connection();
             let svc = KeepAlive::from_layer(service.clone(), layer.bind(handle.clone()));
             let watcher = drain.watcher();
-            let builder = builder.clone();
-            let on_close = on_close.clone();
+            let shared = shared.clone();
             let span = tracing::debug_span!("connection", peer = ?addr);
             let task = async move {
                 // Pinned here, once: the connection is the largest part of the task.
-                let conn = pin!(builder.serve_connection_with_upgrades(
+                let conn = pin!(shared.builder.serve_connection_with_upgrades(
                     TokioIo::new(WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
                 ));
@@ -428,7 +428,7 @@ where
                             (reason, Some(panic))
                         }
                     };
-                if let Some(on_close) = on_close {
+                if let Some(on_close) = &shared.on_close {
                     on_close(&handle, reason);
                 }
                 // Only now does the connection stop counting for the drain: `on_close` has run.
@@ -454,6 +454,11 @@ where
         drain.drain(drain_timeout).await;
         Ok(())
     }
+}
+
+struct ConnectionsShared {
+    builder: auto::Builder<TokioExecutor>,
+    on_close: Option<OnClose>,
 }
 
 pin_project_lite::pin_project! {
