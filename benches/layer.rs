@@ -105,11 +105,12 @@ where
     total
 }
 
+/// A body that passes every frame through.
+type PassThrough =
+    http_body_util::combinators::MapFrame<Full<Bytes>, fn(Frame<Bytes>) -> Frame<Bytes>>;
+
 /// The body wrapped in a combinator that passes every frame through.
-fn wrap_body(
-    res: Response<Full<Bytes>>,
-) -> Response<http_body_util::combinators::MapFrame<Full<Bytes>, fn(Frame<Bytes>) -> Frame<Bytes>>>
-{
+fn wrap_body(res: Response<Full<Bytes>>) -> Response<PassThrough> {
     res.map(|body| http_body_util::BodyExt::map_frame(body, std::convert::identity as fn(_) -> _))
 }
 
