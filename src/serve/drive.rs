@@ -406,7 +406,8 @@ const CLOSING_RECHECK: Duration = Duration::from_millis(100);
 /// it if it was told to close and has neither finished nor written anything for the grace period, and
 /// says when to look again (`None`: never, it is being dropped).
 fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
-    if handle.driver_flags().1 {
+    let (_, dropping) = handle.driver_flags();
+    if dropping {
         return None;
     }
     if handle.in_grace() {
