@@ -411,6 +411,17 @@ impl ConnectionHandle {
         self.set_flag(DROP_NOW);
     }
 
+    /// The driver is done with the connection (closed, or upgraded and handed over): a timer that
+    /// still holds it lets it go. Wakes nobody.
+    pub(crate) fn mark_undriven(&self) {
+        self.shared.close.fetch_or(UNDRIVEN, Ordering::AcqRel);
+    }
+
+    /// Whether a timer should still look at the connection: it is driven and not being dropped.
+    pub(crate) fn wants_timer(&self) -> bool {
+        self.shared.close.load(Ordering::Acquire) & (DROP_NOW | UNDRIVEN) == 0
+    }
+
     fn set_flag(&self, flag: u8) {
         let before = self.shared.close.fetch_or(flag, Ordering::AcqRel);
         if before & flag == 0 {
@@ -584,6 +595,8 @@ const REASON: u8 = 0x0f;
 const REQUESTED: u8 = 0x10;
 /// The driver drops the connection at once.
 const DROP_NOW: u8 = 0x20;
+/// Nobody drives the connection any more (it closed, or was upgraded and handed over): its timer stops.
+const UNDRIVEN: u8 = 0x40;
 
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;

@@ -406,8 +406,7 @@ const CLOSING_RECHECK: Duration = Duration::from_millis(100);
 /// it if it was told to close and has neither finished nor written anything for the grace period, and
 /// says when to look again (`None`: never, it is being dropped).
 fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
-    let (_, dropping) = handle.driver_flags();
-    if dropping {
+    if !handle.wants_timer() {
         return None;
     }
     if handle.in_grace() {
@@ -512,6 +511,14 @@ pin_project! {
         started: bool,
         shutting_down: bool,
     }
+
+    impl<'a, C, T> PinnedDrop for Lifecycle<'a, C, T> {
+        fn drop(this: Pin<&mut Self>) {
+            // Ended or given up: the connection's timer lets it go (an upgraded connection's handle
+            // lives on in its IO, and must not be looked at for as long as the upgrade runs).
+            this.handle.mark_undriven();
+        }
+    }
 }
 
 impl<'a, C, T> Lifecycle<'a, C, T> {
@@ -539,6 +546,7 @@ impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
         }
         loop {
             if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
+                handle.mark_undriven();
                 return Poll::Ready(finished(handle, result));
             }
             // Registered before the flags are read: a flag set after this read wakes the task.
@@ -548,6 +556,7 @@ impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
             }
             let (requested, drop_now) = handle.driver_flags();
             if drop_now {
+                handle.mark_undriven();
                 return Poll::Ready(handle.close_reason().unwrap_or(CloseReason::Idle));
             }
             if requested && !*this.shutting_down {
@@ -907,5 +916,17 @@ mod tests {
         assert_eq!(handle.driver_flags(), (true, false));
         assert_eq!(check(&handle, began + GRACE), None);
         assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn a_connection_nobody_drives_leaves_the_timers() {
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
+        let (timers, handle) = one_watched(&layer);
+        // As when an upgraded connection's lifecycle ends while its IO keeps the handle.
+        handle.mark_undriven();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(timers.tick(), None);
+        assert_eq!(entries(&timers), 0);
+        assert_eq!(handle.close_reason(), None);
     }
 }
