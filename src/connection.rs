@@ -356,16 +356,7 @@ impl ConnectionHandle {
     /// assert!(!handle.close(CloseReason::Drain));
     /// ```
     pub fn close(&self, reason: CloseReason) -> bool {
-        let first = self
-            .shared
-            .close
-            .compare_exchange(
-                0,
-                reason.to_u8() | REQUESTED,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            )
-            .is_ok();
+        let first = self.decide(reason.to_u8() | REQUESTED);
         if first {
             self.shared.waker.wake();
         }
@@ -385,12 +376,18 @@ impl ConnectionHandle {
     /// Records `reason` without waking the driver: for decisions the protocol already carries out (a
     /// `Connection: close` response makes hyper close the connection after it).
     pub(crate) fn mark_closing(&self, reason: CloseReason) {
-        let _ = self.shared.close.compare_exchange(
-            0,
-            reason.to_u8(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        self.decide(reason.to_u8());
+    }
+
+    /// Records a close (`bits`: the reason, maybe with [`REQUESTED`]) if none is recorded yet; the
+    /// driver's flags may already be set. Returns whether this was the first decision.
+    fn decide(&self, bits: u8) -> bool {
+        self.shared
+            .close
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |close| {
+                (close & REASON == 0).then_some(close | bits)
+            })
+            .is_ok()
     }
 
     /// For whoever drives the connection: whether it was asked to close it gracefully, and whether to
@@ -704,5 +701,24 @@ mod tests {
         drop((guard_a, guard_b, guard_c));
         assert_eq!(handle.in_flight(), 0);
         assert!(handle.idle_since().is_some());
+    }
+
+    #[test]
+    fn a_close_is_still_recorded_after_the_driver_let_go() {
+        // A lifecycle dropped by a panic unwinding through it lets go first; the serve path then
+        // records the close as an error.
+        let handle = KeepAliveLayer::new().connection();
+        handle.mark_undriven();
+        assert_eq!(handle.close_reason(), None);
+        assert!(!handle.is_closing());
+        handle.mark_closing(CloseReason::Error);
+        assert_eq!(handle.close_reason(), Some(CloseReason::Error));
+        assert!(!handle.close(CloseReason::Drain));
+        assert!(!handle.wants_timer());
+
+        let other = KeepAliveLayer::new().connection();
+        other.drop_now();
+        assert!(other.close(CloseReason::Drain));
+        assert_eq!(other.close_reason(), Some(CloseReason::Drain));
     }
 }

@@ -546,8 +546,9 @@ impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
         }
         loop {
             if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
+                let reason = finished(handle, result);
                 handle.mark_undriven();
-                return Poll::Ready(finished(handle, result));
+                return Poll::Ready(reason);
             }
             // Registered before the flags are read: a flag set after this read wakes the task.
             if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
