@@ -4,7 +4,8 @@
 //! and the make-service it calls once per connection. This module uses both:
 //!
 //! - [`KeepAliveListener`] wraps any axum listener. Each accepted connection gets its
-//!   [`ConnectionHandle`] and one timer, carried by its IO ([`KeepAliveIo`]). When the connection has been
+//!   [`ConnectionHandle`], carried by its IO ([`KeepAliveIo`]), and a deadline in the listener's timer
+//!   (one task and one heap of deadlines for all its connections, as on the serve path). When the connection has been
 //!   idle for the timeout (nothing in flight, every response body sent), or has passed its maximum age,
 //!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
 //!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
@@ -54,9 +55,12 @@ use ::axum::response::Response;
 use ::axum::serve::{IncomingStream, Listener};
 use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
 use tower_service::Service;
 
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use crate::serve::Timers;
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -75,6 +79,7 @@ use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 pub struct KeepAliveListener<L> {
     inner: L,
     layer: KeepAliveLayer,
+    timers: Arc<Timers>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -95,6 +100,7 @@ impl<L> KeepAliveListener<L> {
                 config: layer.config,
                 handle: None,
             },
+            timers: Arc::new(Timers::new()),
         }
     }
 
@@ -140,7 +146,9 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = self.inner.accept().await;
         let handle = self.layer.connection();
-        (KeepAliveIo::new(io, handle), addr)
+        self.timers.live.fetch_add(1, Ordering::Relaxed);
+        self.timers.start(&handle);
+        (KeepAliveIo::new(io, handle, self.timers.clone()), addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -149,8 +157,8 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
 }
 
 pin_project! {
-    /// A connection accepted by [`KeepAliveListener`]: the IO, its [`ConnectionHandle`], and the one
-    /// timer that ends it once idle.
+    /// A connection accepted by [`KeepAliveListener`]: the IO and its [`ConnectionHandle`]. Once the
+    /// listener's timer finds the connection closing and idle, reads give end-of-file.
     ///
     /// ```
     /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
@@ -161,20 +169,28 @@ pin_project! {
         #[pin]
         inner: I,
         handle: ConnectionHandle,
-        // Boxed: axum needs the IO to be `Unpin`.
-        timer: Pin<Box<Sleep>>,
+        // The listener's timers, which wake this IO's task through the handle.
+        timers: Arc<Timers>,
         // Once end-of-file has been given, it is given again: the connection is over.
         closed: bool,
+    }
+
+    impl<I> PinnedDrop for KeepAliveIo<I> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // The connection is gone (the handle may live on elsewhere): its deadline goes too.
+            this.handle.mark_undriven();
+            this.timers.live.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
 impl<I> KeepAliveIo<I> {
-    fn new(inner: I, handle: ConnectionHandle) -> Self {
-        let deadline = handle.next_check();
+    fn new(inner: I, handle: ConnectionHandle, timers: Arc<Timers>) -> Self {
         KeepAliveIo {
             inner,
             handle,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            timers,
             closed: false,
         }
     }
@@ -212,7 +228,9 @@ impl<I: fmt::Debug> fmt::Debug for KeepAliveIo<I> {
 }
 
 impl<I> KeepAliveIo<I> {
-    /// Whether the connection should end now. Registers the timer's wake-up otherwise.
+    /// Whether the connection should end now: closing (idle for the timeout, past its maximum age, told
+    /// to close, the server shutting down) with nothing in flight. Registers the task to be woken when
+    /// the timers decide a close otherwise.
     fn should_end(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let this = self.project();
         if *this.closed {
@@ -220,30 +238,20 @@ impl<I> KeepAliveIo<I> {
         }
         let handle = &*this.handle;
         if handle.close_reason() == Some(CloseReason::Upgraded) {
-            // The upgraded protocol owns the IO now.
+            // The upgraded protocol owns the IO now, and the timers let it go.
+            if handle.wants_timer() {
+                handle.mark_undriven();
+            }
             return false;
         }
-        let idle = handle.in_flight() == 0;
-        if idle && handle.pending_close().is_some() {
+        // Registered before the state is read: a close decided after this read wakes the task. (A
+        // wake-up takes the registration, so it is made on every read; so did the timer this replaces.)
+        handle.register_driver(cx.waker());
+        if handle.in_flight() == 0 && handle.pending_close().is_some() {
+            // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
             *this.closed = true;
             return true;
-        }
-        while this.timer.as_mut().poll(cx).is_ready() {
-            let now = std::time::Instant::now();
-            match handle.due(now) {
-                Some(reason) if handle.in_flight() == 0 => {
-                    handle.close(reason);
-                    *this.closed = true;
-                    return true;
-                }
-                // Past its age but busy: the layer says `close` on the next response.
-                Some(reason) => {
-                    handle.close(reason);
-                    this.timer.as_mut().reset(handle.next_check());
-                }
-                None => this.timer.as_mut().reset(handle.next_check()),
-            }
         }
         false
     }

@@ -140,7 +140,7 @@
 //! ## 2. Keeping `axum::serve` (feature `axum`)
 //!
 //! [`axum::KeepAliveListener`] wraps the listener: each connection's IO
-//! carries its handle and one idle timer. [`axum::into_make_service`]
+//! carries its handle, and the listener keeps one timer for all of them. [`axum::into_make_service`]
 //! replaces `Router::into_make_service` and binds the layer to each connection.
 //!
 //! ```no_run

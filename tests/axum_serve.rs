@@ -158,3 +158,35 @@ async fn shutdown_makes_responses_say_close() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_h2c_connection_is_closed_after_the_timeout_and_not_before() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let stream = within("connect", tokio::net::TcpStream::connect(server.addr))
+        .await
+        .unwrap();
+    let (mut sender, conn) = within(
+        "the h2 handshake",
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+    )
+    .await
+    .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{}/", server.addr))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let res = within("a response", sender.send_request(req))
+        .await
+        .unwrap();
+    assert!(res.headers().get("keep-alive").is_none());
+    let body = within("the body", res.into_body().collect()).await.unwrap();
+    assert_eq!(body.to_bytes(), "hello");
+    let answered = Instant::now();
+    // The server ends the idle connection: the client's connection task finishes.
+    let _ = within("the server to close the idle connection", conn).await;
+    let idle = answered.elapsed();
+    assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+}

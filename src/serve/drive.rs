@@ -599,8 +599,8 @@ pub(crate) struct Timers {
     /// Wakes the timers' task: an entry earlier than it sleeps, a drain, a pressure rise, the end.
     wake: Arc<Notify>,
     running: AtomicBool,
-    /// Watchers alive.
-    live: AtomicUsize,
+    /// Connections watched and alive (drain watchers, or the axum path's IOs).
+    pub(crate) live: AtomicUsize,
     /// Told when `live` drops to zero.
     gone: Notify,
 }
@@ -655,7 +655,7 @@ impl Entry {
 const COMPACT_ABOVE: usize = 1024;
 
 impl Timers {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Timers {
             heap: Mutex::new(Heap {
                 entries: BinaryHeap::new(),
@@ -676,7 +676,7 @@ impl Timers {
     }
 
     /// A connection starts: its first deadline, or its close if the server is draining.
-    fn start(self: &Arc<Self>, handle: &ConnectionHandle) {
+    pub(crate) fn start(self: &Arc<Self>, handle: &ConnectionHandle) {
         if !self.running.swap(true, Ordering::AcqRel) {
             tokio::spawn(run(Arc::downgrade(self), self.wake.clone()));
         }

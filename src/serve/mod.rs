@@ -66,6 +66,8 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower_service::Service;
 
+#[cfg(feature = "axum")]
+pub(crate) use drive::Timers;
 pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
 pub use watched::WatchedIo;
