@@ -254,7 +254,7 @@
 //! | Feature | Default | What it adds |
 //! |---|---|---|
 //! | `serve` | yes | [`serve()`], [`ConnectionHandle::drive`], [`serve::Drain`]: the connection lifecycle over hyper and hyper-util (idle timeout, maximum age, GOAWAY, drain, connection budget). |
-//! | `axum` | no | [`axum::KeepAliveListener`] and [`axum::into_make_service`]: the lifecycle for apps that keep `axum::serve`. |
+//! | `axum` | no | [`axum::KeepAliveListener`] and [`axum::into_make_service`]: the lifecycle for apps that keep `axum::serve`, on the serve path's shared timer (enables `serve`). |
 //! | `headers` | no | [`KeepAliveHeader`] implements `headers::Header`. |
 //!
 //! Without default features the crate is the layer, the handle, the stats and the header type, over
