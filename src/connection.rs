@@ -146,19 +146,19 @@ pub struct ConnectionHandle {
 
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
-    /// When the connection was accepted, in nanoseconds since the process's epoch (`clock`): 8 bytes where an
-    /// `Instant` takes 16, for a handle that fits in 128 bytes with its allocation.
+    /// When the connection was accepted. Every time here is in nanoseconds since the process's epoch
+    /// (`clock`): 8 bytes where an `Instant` takes 16.
     opened_ns: u64,
-    /// This connection's maximum age with its jitter applied, in nanoseconds since `opened`; `u64::MAX` when
-    /// there is no maximum.
-    max_age_ns: u64,
+    /// When the connection reaches its maximum age (jitter applied); `u64::MAX` when it has none.
+    max_age_at_ns: u64,
     /// Requests in flight (low half) and requests started, modulo 2^32 (high half): one atomic
     /// addition starts a request. See [`ACTIVITY_REQUEST`].
     activity: AtomicU64,
     /// How many times the high half of `activity` wrapped around.
     requests_wrapped: AtomicU32,
-    /// Nanoseconds since `opened` at which `in_flight` last dropped to zero. Written before the decrement
-    /// that makes the connection idle, so whoever sees `in_flight == 0` also sees the matching time.
+    /// When `in_flight` last dropped to zero (when the connection was accepted, before its first
+    /// request). Written before the decrement that makes the connection idle, so whoever sees
+    /// `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
     /// Whether the connection's last write found the socket full: the response bodies are done, but
     /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
@@ -191,17 +191,17 @@ impl ConnectionHandle {
         // The precise clock, once per connection: `opened_at` is never later than the accept.
         let opened_ns = clock::now_ns();
         config.stats.connection_opened();
-        let max_age_ns = config.max_age.map_or(u64::MAX, |age| {
-            nanos(jitter(age, config.max_age_jitter, seed(opened_ns)))
+        let max_age_at_ns = config.max_age.map_or(u64::MAX, |age| {
+            opened_ns.saturating_add(nanos(jitter(age, config.max_age_jitter, seed(opened_ns))))
         });
         ConnectionHandle {
             shared: Arc::new(Shared {
                 config,
                 opened_ns,
-                max_age_ns,
+                max_age_at_ns,
                 activity: AtomicU64::new(0),
                 requests_wrapped: AtomicU32::new(0),
-                idle_since_ns: AtomicU64::new(0),
+                idle_since_ns: AtomicU64::new(opened_ns),
                 write_blocked: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
                 writes: AtomicU32::new(0),
@@ -249,8 +249,9 @@ impl ConnectionHandle {
         if self.shared.write_blocked.load(Ordering::Acquire) {
             return None;
         }
-        let ns = self.shared.idle_since_ns.load(Ordering::Relaxed);
-        Some(self.opened_at() + Duration::from_nanos(ns))
+        Some(clock::instant(
+            self.shared.idle_since_ns.load(Ordering::Relaxed),
+        ))
     }
 
     /// Writes that went through on the connection's socket so far (counted by `serve::WatchedIo`).
@@ -287,7 +288,7 @@ impl ConnectionHandle {
             // been fully sent. Idle time counts from here if that is later.
             shared
                 .idle_since_ns
-                .fetch_max(self.elapsed_ns(), Ordering::Relaxed);
+                .fetch_max(clock::now_ns(), Ordering::Relaxed);
             shared.write_blocked.store(false, Ordering::Release);
         }
     }
@@ -314,8 +315,8 @@ impl ConnectionHandle {
     /// assert!(age >= Duration::from_secs(54) && age <= Duration::from_secs(66));
     /// ```
     pub fn max_age_at(&self) -> Option<Instant> {
-        (self.shared.max_age_ns != u64::MAX)
-            .then(|| self.opened_at() + Duration::from_nanos(self.shared.max_age_ns))
+        let at = self.shared.max_age_at_ns;
+        (at != u64::MAX).then(|| clock::instant(at))
     }
 
     /// Why the connection is closing or closed, or `None` while it is kept alive.
@@ -469,7 +470,8 @@ impl ConnectionHandle {
 
     /// Whether the connection's maximum age has passed.
     pub(crate) fn is_past_max_age(&self) -> bool {
-        self.shared.max_age_ns != u64::MAX && self.elapsed_ns() >= self.shared.max_age_ns
+        let at = self.shared.max_age_at_ns;
+        at != u64::MAX && clock::now_ns() >= at
     }
 
     /// Counts a new request and marks it in flight. Returns the request's 1-based number on this connection.
@@ -535,11 +537,6 @@ impl ConnectionHandle {
         };
         tokio::time::Instant::from_std(self.max_age_at().map_or(at, |age| age.min(at)))
     }
-
-    /// Time since the connection was accepted, by the cheap clock of the per-request path.
-    fn elapsed_ns(&self) -> u64 {
-        clock::now_ns().saturating_sub(self.shared.opened_ns)
-    }
 }
 
 impl fmt::Debug for ConnectionHandle {
@@ -578,7 +575,7 @@ impl Drop for InFlight {
         // of an earlier idle period (which could close the connection right under the client).
         shared
             .idle_since_ns
-            .store(self.handle.elapsed_ns(), Ordering::Relaxed);
+            .store(clock::now_ns(), Ordering::Relaxed);
         // No wake-up here: the driver's one timer finds the connection idle when it fires, so a request
         // costs no lock or syscall.
         let before = shared.activity.fetch_sub(1, Ordering::AcqRel);
