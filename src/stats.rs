@@ -166,8 +166,9 @@ impl Counters {
         self.pressure.load(Relaxed)
     }
 
-    pub(crate) fn set_pressure(&self, level: u32) {
-        self.pressure.store(level.min(PRESSURE_STEPS), Relaxed);
+    /// Sets the pressure level; returns the one it replaces.
+    pub(crate) fn set_pressure(&self, level: u32) -> u32 {
+        self.pressure.swap(level.min(PRESSURE_STEPS), Relaxed)
     }
 
     pub(crate) fn is_draining(&self) -> bool {

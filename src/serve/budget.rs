@@ -95,9 +95,8 @@ impl Budget {
     pub(crate) fn update(&self) {
         let open = self.limits.hard - self.permits.available_permits();
         let level = self.limits.pressure(open);
-        if self.counters.pressure() != level {
-            self.counters.set_pressure(level);
-            self.signal.set(level);
+        if level > self.counters.set_pressure(level) {
+            self.signal.rose();
         }
     }
 }

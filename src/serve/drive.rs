@@ -3,7 +3,7 @@
 use std::collections::BinaryHeap;
 use std::future::Future;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -243,7 +243,6 @@ impl Drain {
     pub(crate) fn pressure_sender(&self) -> PressureSender {
         PressureSender {
             timers: self.timers.clone(),
-            level: AtomicU32::new(0),
         }
     }
 
@@ -295,16 +294,13 @@ impl Drain {
 /// shrink or grow with it.
 pub(crate) struct PressureSender {
     timers: Arc<Timers>,
-    level: AtomicU32,
 }
 
 impl PressureSender {
-    pub(crate) fn set(&self, level: u32) {
-        // Limits that grow need nothing: each connection's deadline is looked at again when it comes,
-        // and moved later. Limits that shrink move every deadline earlier now.
-        if level > self.level.swap(level, Ordering::Relaxed) {
-            self.timers.pressure_rose();
-        }
+    /// The pressure rose: idle limits shrank, so every deadline moves earlier now. (Limits that grow
+    /// need nothing: each deadline is looked at again when it comes, and moved later.)
+    pub(crate) fn rose(&self) {
+        self.timers.pressure_rose();
     }
 }
 
