@@ -415,10 +415,30 @@ async fn h2_get_ok(sender: &mut SendRequest<Empty<Bytes>>, addr: SocketAddr) {
     assert_eq!(body, "hello");
 }
 
+/// The end of an h2c fault: the connection serves one more request, is reaped as idle on time with
+/// `requests` served and nothing in flight, and the client sees it end.
+async fn serves_on_then_reaped(
+    mut server: hardening_support::TestServer,
+    mut sender: SendRequest<Empty<Bytes>>,
+    conn: JoinHandle<Result<(), hyper::Error>>,
+    requests: u64,
+) {
+    let addr = server.addr;
+    let floor = Instant::now();
+    h2_get_ok(&mut sender, addr).await;
+    let closed = server.next_close().await;
+    assert_reaped_idle(&closed, floor, requests);
+    within("the client connection to end", conn)
+        .await
+        .unwrap()
+        .unwrap();
+    server.finish().await;
+}
+
 #[tokio::test]
 async fn h2_streams_reset_by_the_client_release_their_count() {
     let (app, mut events) = FaultApp::new();
-    let mut server = start(policy(), app.service()).await;
+    let server = start(policy(), app.service()).await;
     let addr = server.addr;
     let (mut sender, conn) = connect_h2(addr).await;
 
@@ -448,15 +468,7 @@ async fn h2_streams_reset_by_the_client_release_their_count() {
     assert_eq!(next_event(&mut events).await, Event::Dropped("slow-stream"));
 
     // The connection serves on, then is reaped on time as idle: nothing stayed in flight.
-    let floor = Instant::now();
-    h2_get_ok(&mut sender, addr).await;
-    let closed = server.next_close().await;
-    assert_reaped_idle(&closed, floor, 3);
-    within("the client connection to end", conn)
-        .await
-        .unwrap()
-        .unwrap();
-    server.finish().await;
+    serves_on_then_reaped(server, sender, conn, 3).await;
 }
 
 /// One connection through a hand-written hyper-util loop and `ConnectionHandle::drive`, with an inner
@@ -567,15 +579,7 @@ async fn inner_service_error_through_the_serve_path() {
     )
     .await
     .expect_err("a failed service resets its stream");
-    let floor = Instant::now();
-    h2_get_ok(&mut sender, server.addr).await;
-    let closed = server.next_close().await;
-    assert_reaped_idle(&closed, floor, 2);
-    within("the client connection to end", conn)
-        .await
-        .unwrap()
-        .unwrap();
-    server.finish().await;
+    serves_on_then_reaped(server, sender, conn, 2).await;
 }
 
 #[tokio::test]
@@ -609,15 +613,7 @@ async fn a_panic_behind_catch_panic_answers_500_and_keeps_the_books() {
     .unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     drop(res);
-    let floor = Instant::now();
-    h2_get_ok(&mut sender, server.addr).await;
-    let closed = server.next_close().await;
-    assert_reaped_idle(&closed, floor, 2);
-    within("the client connection to end", conn)
-        .await
-        .unwrap()
-        .unwrap();
-    server.finish().await;
+    serves_on_then_reaped(server, sender, conn, 2).await;
 }
 
 /// Without `CatchPanic` the panic unwinds through the connection: hyper has no answer to give, the
@@ -698,15 +694,7 @@ async fn a_response_body_failing_midway_closes_the_connection() {
     .unwrap();
     let body = within("the failing body", res.into_body().collect()).await;
     assert!(body.is_err(), "the stream was not reset");
-    let floor = Instant::now();
-    h2_get_ok(&mut sender, server.addr).await;
-    let closed = server.next_close().await;
-    assert_reaped_idle(&closed, floor, 2);
-    within("the client connection to end", conn)
-        .await
-        .unwrap()
-        .unwrap();
-    server.finish().await;
+    serves_on_then_reaped(server, sender, conn, 2).await;
 }
 
 #[tokio::test]
