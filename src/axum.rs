@@ -337,14 +337,9 @@ where
     }
 
     fn call(&mut self, stream: IncomingStream<'_, L>) -> Self::Future {
-        let io = stream.io();
-        let handle = io.handle.clone();
-        let layer = KeepAliveLayer {
-            config: handle.shared.config.clone(),
-            handle: Some(handle.clone()),
-        };
+        let handle = stream.io().handle.clone();
         std::future::ready(Ok(ConnectionService {
-            inner: KeepAlive::from_layer(self.service.clone(), layer),
+            inner: KeepAlive::bound(self.service.clone(), handle),
         }))
     }
 }

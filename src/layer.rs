@@ -351,7 +351,7 @@ impl<S> Layer<S> for KeepAliveLayer {
     type Service = KeepAlive<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        KeepAlive::from_layer(inner, self.clone())
+        KeepAlive::from_layer(inner, self)
     }
 }
 

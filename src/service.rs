@@ -70,7 +70,7 @@ impl<S> KeepAlive<S> {
     /// }));
     /// ```
     pub fn new(inner: S) -> Self {
-        Self::from_layer(inner, KeepAliveLayer::new())
+        Self::from_layer(inner, &KeepAliveLayer::new())
     }
 
     /// A [`KeepAliveLayer`] with the default policy.
@@ -82,13 +82,22 @@ impl<S> KeepAlive<S> {
         KeepAliveLayer::new()
     }
 
-    pub(crate) fn from_layer(inner: S, layer: KeepAliveLayer) -> Self {
+    /// Takes from `layer` only what the service keeps: its handle if bound, its policy otherwise.
+    pub(crate) fn from_layer(inner: S, layer: &KeepAliveLayer) -> Self {
+        match &layer.handle {
+            Some(handle) => Self::bound(inner, handle.clone()),
+            None => KeepAlive {
+                inner,
+                binding: Binding::Unbound(layer.config.clone()),
+            },
+        }
+    }
+
+    /// Bound to the connection of `handle`, whose policy it follows.
+    pub(crate) fn bound(inner: S, handle: ConnectionHandle) -> Self {
         KeepAlive {
             inner,
-            binding: match layer.handle {
-                Some(handle) => Binding::Connection(handle),
-                None => Binding::Unbound(layer.config),
-            },
+            binding: Binding::Connection(handle),
         }
     }
 

@@ -409,7 +409,7 @@ where
                 budget.update();
             }
             let handle = layer.connection();
-            let svc = KeepAlive::from_layer(service.clone(), layer.bind(handle.clone()));
+            let svc = KeepAlive::bound(service.clone(), handle.clone());
             let watcher = drain.watcher();
             let shared = shared.clone();
             let span = tracing::debug_span!("connection", peer = ?addr);
