@@ -3,7 +3,8 @@
 //! Pure functions over header maps, so that the rules can be tested and fuzzed without a connection.
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING, UPGRADE,
+    Entry, HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, TE, TRANSFER_ENCODING,
+    UPGRADE,
 };
 use http::{Method, StatusCode, Version};
 
@@ -31,8 +32,13 @@ pub(crate) struct ConnectionTokens {
 
 impl ConnectionTokens {
     pub(crate) fn parse(headers: &HeaderMap) -> Self {
+        Self::of_lines(headers.get_all(CONNECTION).iter())
+    }
+
+    /// The same over the given `Connection` field lines.
+    fn of_lines<'a>(lines: impl Iterator<Item = &'a HeaderValue>) -> Self {
         let mut tokens = ConnectionTokens::default();
-        for value in headers.get_all(CONNECTION) {
+        for value in lines {
             // hyper reads only field lines of visible ASCII: a `keep-alive` on any other line does not keep
             // its connection open, so it must not be advertised either. A `close` there still counts:
             // closing is always safe.
@@ -130,30 +136,47 @@ pub(crate) fn finish_http1(
     if close.is_none() && http10 && !self_delimited(headers) {
         close = Some(CloseReason::Service);
     }
-    // The usual response has no `Connection` of its own.
-    if !headers.contains_key(CONNECTION) {
-        headers.insert(
-            CONNECTION,
-            if close.is_none() {
-                KEEP_ALIVE_VALUE
-            } else {
-                CLOSE_VALUE
-            },
-        );
+    // The usual response has no `Connection` of its own: one lookup both finds that and adds ours. When
+    // it had one, the line added here takes part below as if the service had sent it: `keep-alive` is
+    // what a persistent response ends up with anyway, and `close` what a closing one does.
+    let ours = if close.is_none() {
+        KEEP_ALIVE_VALUE
+    } else {
+        CLOSE_VALUE
+    };
+    if !headers.append(CONNECTION, ours) {
         match (close, advert) {
             (None, Some(advert)) => headers.insert(KEEP_ALIVE_OWNED, advert.value()),
             _ => headers.remove(&KEEP_ALIVE),
         };
         return close;
     }
-    let tokens = ConnectionTokens::parse(headers);
+    // The service's own lines: all but ours, the last.
+    let lines = headers.get_all(CONNECTION).iter().count();
+    let tokens = ConnectionTokens::of_lines(headers.get_all(CONNECTION).iter().take(lines - 1));
     if close.is_none() && tokens.close {
         close = Some(CloseReason::Service);
     }
     match close {
         None => {
-            if !tokens.keep_alive {
-                headers.append(CONNECTION, KEEP_ALIVE_VALUE);
+            if tokens.keep_alive {
+                // The service said `keep-alive` itself: ours would repeat it.
+                let theirs: Vec<HeaderValue> = headers
+                    .get_all(CONNECTION)
+                    .iter()
+                    .take(lines - 1)
+                    .cloned()
+                    .collect();
+                if let Entry::Occupied(mut entry) = headers.entry(CONNECTION) {
+                    // In place: the field keeps its position among the others.
+                    let mut theirs = theirs.into_iter();
+                    if let Some(first) = theirs.next() {
+                        entry.insert(first);
+                    }
+                    for line in theirs {
+                        entry.append(line);
+                    }
+                }
             }
             match advert {
                 Some(advert) => headers.insert(KEEP_ALIVE_OWNED, advert.value()),
@@ -362,6 +385,35 @@ mod tests {
             ["close, X-Foo"]
         );
         assert!(!h.contains_key(&KEEP_ALIVE));
+    }
+
+    #[test]
+    fn persistent_response_keeps_its_own_lines_in_place_and_says_keep_alive_once() {
+        let lines = |h: &HeaderMap| h.get_all(CONNECTION).iter().cloned().collect::<Vec<_>>();
+        // Said by the service already, on its second line: not said again, and `Connection` stays first.
+        let mut h = map(&[
+            ("connection", "X-Foo"),
+            ("content-type", "text/plain"),
+            ("connection", "Keep-Alive"),
+        ]);
+        assert_eq!(
+            finish_http1(StatusCode::OK, &mut h, false, None, |_| true, None),
+            None
+        );
+        assert_eq!(lines(&h), ["X-Foo", "Keep-Alive"]);
+        assert_eq!(h.keys().next(), Some(&CONNECTION));
+        // Not said: added after the service's own.
+        let mut h = map(&[("connection", "X-Foo")]);
+        assert_eq!(
+            finish_http1(StatusCode::OK, &mut h, false, None, |_| true, None),
+            None
+        );
+        assert_eq!(lines(&h), ["X-Foo", "keep-alive"]);
+        // The service's `close` turns the response into the last, ours notwithstanding.
+        let mut h = map(&[("connection", "close")]);
+        let out = finish_http1(StatusCode::OK, &mut h, false, None, |_| true, None);
+        assert_eq!(out, Some(CloseReason::Service));
+        assert_eq!(lines(&h), ["close"]);
     }
 
     #[test]
