@@ -10,6 +10,7 @@
 //! ```text
 //! cargo bench --bench layer
 //! cargo bench --bench layer -- --warm-up-time 1 --measurement-time 3   # short, as bench/run does
+//! ALTERNATE=2000 cargo bench --bench layer   # bare and layered batches in alternation, median difference
 //! ```
 //!
 //! Results and how to read them: BENCHMARKS.md.
@@ -21,7 +22,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::{criterion_group, BenchmarkId, Criterion};
 use futures_util::FutureExt;
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response, Version};
@@ -212,5 +213,45 @@ fn connection(c: &mut Criterion) {
     });
 }
 
+/// The layer's cost per request as the median difference between bare and layered batches of one
+/// connection's requests, run in alternation: slow drifts of a shared machine (another job starting,
+/// the CPU's clock) fall on both sides of each difference. Finer than comparing two criterion medians
+/// measured seconds apart, and the way to compare two builds of the crate: run it on each.
+///
+/// ```text
+/// ALTERNATE=2000 cargo bench --bench layer     # batch pairs per protocol
+/// ```
+fn alternate(pairs: usize) {
+    let layer = KeepAliveLayer::new();
+    for (name, version) in [("http1.1", Version::HTTP_11), ("http2", Version::HTTP_2)] {
+        let mut deltas: Vec<f64> = (0..pairs)
+            .map(|_| {
+                let bare = run(PER_CONNECTION, version, || inner(hello));
+                let layered = run(PER_CONNECTION, version, || {
+                    layer.bind(layer.connection()).layer(inner(hello))
+                });
+                (layered.as_nanos() as f64 - bare.as_nanos() as f64) / PER_CONNECTION as f64
+            })
+            .collect();
+        deltas.sort_by(f64::total_cmp);
+        let at = |q: usize| deltas[(deltas.len() - 1) * q / 4];
+        println!(
+            "{name}: layer - bare, median {:+.1} ns per request (quartiles {:+.1} / {:+.1}; {pairs} pairs of {PER_CONNECTION})",
+            at(2),
+            at(1),
+            at(3),
+        );
+    }
+}
+
 criterion_group!(benches, requests, two_threads, connection);
-criterion_main!(benches);
+
+fn main() {
+    match std::env::var("ALTERNATE").ok().and_then(|n| n.parse().ok()) {
+        Some(pairs) if pairs > 0 => alternate(pairs),
+        _ => {
+            benches();
+            Criterion::default().configure_from_args().final_summary();
+        }
+    }
+}
