@@ -68,10 +68,10 @@ async fn http1_idle_connection_closed_after_timeout() {
     // 1.5 s enforced, `timeout=1` advertised: the client-side bound is what the client was promised.
     let timeout = TIMEOUT_1_5;
     let mut server = start(idle(timeout)).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let res = client.get("/").await;
     assert_eq!((res.status, res.body_str()), (200, "hello"));
-    assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+    assert_eq!(res.header("connection"), Some("keep-alive"));
     assert!(
         res.header("keep-alive")
             .is_some_and(|v| v.starts_with("timeout=1")),
@@ -153,13 +153,13 @@ async fn http2_idle_goaway_on_the_wire() {
 async fn http1_streaming_response_longer_than_idle_timeout_is_not_cut() {
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let sent = Instant::now();
     let res = client.get("/stream?chunks=5&ms=400").await;
     assert_eq!(res.status, 200);
     assert_eq!(res.body_str(), stream_body(5));
     assert!(client.last_byte_at.duration_since(sent) >= ms(1600));
-    assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+    assert_eq!(res.header("connection"), Some("keep-alive"));
     let last_byte = client.last_byte_at;
 
     // Reaped once idle, a full timeout after the body ended.
@@ -192,12 +192,12 @@ async fn http1_large_body_to_a_slow_reader_is_not_cut() {
     let timeout = SEC;
     let len = 32 * 1024 * 1024;
     let mut server = start(idle(timeout)).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     client.send(get_request(&format!("/big?bytes={len}"))).await;
     // A client that reads nothing for longer than idle timeout + grace: the socket buffers fill up and
     // the rest of the body waits in the server.
     tokio::time::sleep(ms(3000)).await;
-    let res = client.response().await;
+    let res = client.read_response().await;
     assert_eq!(res.status, 200);
     assert_eq!(res.body.len(), len, "body cut");
     let _ = client.eof().await;
@@ -236,12 +236,12 @@ async fn http2_large_body_to_a_stalled_reader_is_not_cut() {
 async fn http1_slow_request_is_never_cut() {
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let sent = Instant::now();
     let res = client.get("/slow?ms=2500").await;
     assert_eq!((res.status, res.body_str()), (200, "slept"));
     assert!(sent.elapsed() >= ms(2500));
-    assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+    assert_eq!(res.header("connection"), Some("keep-alive"));
     server.assert_no_close();
     let last_byte = client.last_byte_at;
     let eof = client.eof().await;
@@ -403,7 +403,7 @@ async fn http2_max_requests_goaway_on_the_wire() {
 #[tokio::test]
 async fn http1_max_requests_pipelined_stop_at_the_limit() {
     let mut server = start(idle(Duration::from_secs(30)).max_requests(2)).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let pipelined = [
         get_request("/"),
         get_request("/"),
@@ -411,10 +411,10 @@ async fn http1_max_requests_pipelined_stop_at_the_limit() {
     ]
     .concat();
     client.send(pipelined).await;
-    let first = client.response().await;
-    assert_eq!(first.header("connection").as_deref(), Some("keep-alive"));
-    let second = client.response().await;
-    assert_eq!(second.header("connection").as_deref(), Some("close"));
+    let first = client.read_response().await;
+    assert_eq!(first.header("connection"), Some("keep-alive"));
+    let second = client.read_response().await;
+    assert_eq!(second.header("connection"), Some("close"));
     client.eof().await;
     let closed = server.next_close().await;
     assert_eq!(closed.reason, CloseReason::MaxRequests);
@@ -435,9 +435,9 @@ async fn max_age_closes_idle_connections_with_jitter() {
     let mut clients = Vec::new();
     for _ in 0..4 {
         let connecting = Instant::now();
-        let mut client = Raw::connect(server.addr).await;
+        let mut client = RawClient::connect(server.addr).await;
         let res = client.get("/").await;
-        assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+        assert_eq!(res.header("connection"), Some("keep-alive"));
         clients.push((connecting, client));
     }
     for (connecting, client) in &mut clients {
@@ -471,13 +471,13 @@ async fn max_age_closes_idle_connections_with_jitter() {
 #[tokio::test]
 async fn max_age_busy_http1_connection_closes_after_next_response() {
     let mut server = start(max_age_layer()).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let res = client.get("/").await;
-    assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+    assert_eq!(res.header("connection"), Some("keep-alive"));
     // In flight across the maximum age (at most 1.1 s).
     let res = client.get("/slow?ms=1600").await;
     assert_eq!((res.status, res.body_str()), (200, "slept"));
-    assert_eq!(res.header("connection").as_deref(), Some("close"));
+    assert_eq!(res.header("connection"), Some("close"));
     assert_eq!(res.header("keep-alive"), None);
     client.eof().await;
     let closed = server.next_close().await;
@@ -500,9 +500,9 @@ async fn max_age_busy_http2_connection_closes_after_its_stream() {
 #[tokio::test]
 async fn drain_http1_finishes_in_flight_closes_idle_refuses_new() {
     let mut server = start(idle(Duration::from_secs(30))).await;
-    let mut idle_client = Raw::connect(server.addr).await;
+    let mut idle_client = RawClient::connect(server.addr).await;
     assert_eq!(idle_client.get("/").await.status, 200);
-    let mut busy = Raw::connect(server.addr).await;
+    let mut busy = RawClient::connect(server.addr).await;
     busy.send(get_request("/slow?ms=1500")).await;
     assert_eq!(server.handler_started().await, "slow");
 
@@ -520,9 +520,9 @@ async fn drain_http1_finishes_in_flight_closes_idle_refuses_new() {
         "a new connection was accepted during drain"
     );
 
-    let res = busy.response().await;
+    let res = busy.read_response().await;
     assert_eq!((res.status, res.body_str()), (200, "slept"));
-    assert_eq!(res.header("connection").as_deref(), Some("close"));
+    assert_eq!(res.header("connection"), Some("close"));
     assert_eq!(res.header("keep-alive"), None);
     busy.eof().await;
     server.finished(WAIT).await;
@@ -577,7 +577,7 @@ async fn drain_http2_finishes_in_flight_closes_idle_refuses_new() {
 #[tokio::test]
 async fn drain_deadline_cuts_http1_request() {
     let mut server = start_with(idle(Duration::from_secs(30)), Some(ms(500))).await;
-    let mut busy = Raw::connect(server.addr).await;
+    let mut busy = RawClient::connect(server.addr).await;
     busy.send(get_request("/slow?ms=10000")).await;
     assert_eq!(server.handler_started().await, "slow");
     server.shutdown();
@@ -618,7 +618,7 @@ async fn silent_connection_closed_after_idle_timeout() {
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
     let connecting = Instant::now();
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let eof = client.eof().await;
     assert_between(
         "EOF of a silent connection",
@@ -632,7 +632,7 @@ async fn silent_connection_closed_after_idle_timeout() {
 }
 
 /// Dribbles `head` one byte every 300 ms and never finishes it; returns when the server closed.
-async fn dribble(client: &mut Raw<TcpStream>, head: &[u8]) -> Instant {
+async fn dribble(client: &mut RawClient, head: &[u8]) -> Instant {
     let mut bytes = head.iter().copied().cycle();
     let mut tick = tokio::time::interval(ms(300));
     let mut buf = [0u8; 1024];
@@ -662,7 +662,7 @@ async fn slow_http1_request_head_is_closed() {
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
     let connecting = Instant::now();
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let eof = dribble(
         &mut client,
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
@@ -686,7 +686,7 @@ async fn slow_http2_preface_is_closed() {
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
     let connecting = Instant::now();
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     let eof = dribble(&mut client, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
     assert_between(
         "close of a slow preface",
@@ -768,10 +768,10 @@ async fn unix_socket_request_then_idle_close() {
     let stream = within("connect", WAIT, tokio::net::UnixStream::connect(&path))
         .await
         .unwrap();
-    let mut client = Raw::new(stream);
+    let mut client = RawClient::new(stream);
     let res = client.get("/").await;
     assert_eq!((res.status, res.body_str()), (200, "hello"));
-    assert_eq!(res.header("connection").as_deref(), Some("keep-alive"));
+    assert_eq!(res.header("connection"), Some("keep-alive"));
     let last_byte = client.last_byte_at;
     let eof = client.eof().await;
     let closed = server.next_close().await;
@@ -783,7 +783,7 @@ async fn unix_socket_request_then_idle_close() {
 #[tokio::test]
 async fn client_shutting_down_write_side_is_client_closed() {
     let mut server = start(idle(Duration::from_secs(30))).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     assert_eq!(client.get("/").await.status, 200);
     let shut = Instant::now();
     client.stream_mut().shutdown().await.unwrap();
@@ -797,7 +797,7 @@ async fn client_shutting_down_write_side_is_client_closed() {
 #[tokio::test]
 async fn client_dropping_socket_is_client_closed() {
     let mut server = start(idle(Duration::from_secs(30))).await;
-    let mut client = Raw::connect(server.addr).await;
+    let mut client = RawClient::connect(server.addr).await;
     assert_eq!(client.get("/").await.status, 200);
     let dropped = Instant::now();
     drop(client);

@@ -1,5 +1,5 @@
 //! Shared by the integration tests: a hand-written hyper-util accept loop on 127.0.0.1 (HTTP/1 and h2c on
-//! one port), a test app, and a raw HTTP/1 client that checks the bytes on the wire.
+//! one port), a test app, and the raw HTTP/1 client that checks the bytes on the wire (`tests/raw`).
 
 // Each test file uses its own part of this module.
 #![allow(dead_code)]
@@ -18,13 +18,16 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tower::util::BoxCloneService;
 use tower::{Layer, Service, ServiceExt};
 use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
+
+#[path = "../raw/mod.rs"]
+mod raw;
+pub use raw::{RawClient, RawResponse};
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);
@@ -233,217 +236,6 @@ pub fn http_get(path: &str, version: &str, lines: &[&str]) -> String {
 }
 
 /// One response as read off the wire.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub status_line: String,
-    /// Field lines in the order received, names as sent.
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl RawResponse {
-    /// Every value of `name` (case-insensitive), one per field line, in order.
-    pub fn values(&self, name: &str) -> Vec<&str> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect()
-    }
-
-    /// The value of `name`, which must appear on at most one field line.
-    pub fn header(&self, name: &str) -> Option<&str> {
-        let values = self.values(name);
-        assert!(
-            values.len() <= 1,
-            "{name} sent on {} field lines: {values:?}\n{self:#?}",
-            values.len()
-        );
-        values.first().copied()
-    }
-
-    /// The field lines other than `date`, which changes every second.
-    pub fn headers_without_date(&self) -> Vec<(&str, &str)> {
-        self.headers
-            .iter()
-            .filter(|(n, _)| !n.eq_ignore_ascii_case("date"))
-            .map(|(n, v)| (n.as_str(), v.as_str()))
-            .collect()
-    }
-
-    pub fn body_str(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("body is not UTF-8")
-    }
-}
-
-/// A raw HTTP/1 client: writes exact bytes, parses responses itself.
-pub struct RawClient {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    eof: bool,
-}
-
-impl RawClient {
-    pub async fn connect(addr: SocketAddr) -> Self {
-        let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
-        RawClient {
-            stream,
-            buf: Vec::new(),
-            eof: false,
-        }
-    }
-
-    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        within("write", self.stream.write_all(bytes.as_ref()))
-            .await
-            .unwrap();
-    }
-
-    /// Sends `request` and reads one response to it.
-    pub async fn request(&mut self, request: impl AsRef<[u8]>) -> RawResponse {
-        self.send(request).await;
-        self.read_response().await
-    }
-
-    /// Reads more bytes into the buffer; returns how many (0: the server closed its side).
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 4096];
-        let n = within("bytes from the server", self.stream.read(&mut chunk))
-            .await
-            .expect("read failed");
-        if n == 0 {
-            self.eof = true;
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(
-                self.fill().await > 0,
-                "EOF after {} of {n} bytes",
-                self.buf.len()
-            );
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    async fn take_line(&mut self) -> String {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
-                return String::from_utf8(line[..i].to_vec()).expect("line is not UTF-8");
-            }
-            assert!(
-                self.fill().await > 0,
-                "EOF inside a line: {:?}",
-                String::from_utf8_lossy(&self.buf)
-            );
-        }
-    }
-
-    /// Reads one response to a GET: the head, then the body by `Transfer-Encoding: chunked`,
-    /// `Content-Length`, or up to EOF when it has neither.
-    pub async fn read_response(&mut self) -> RawResponse {
-        self.read(false).await
-    }
-
-    /// Reads one response to a HEAD request: a head with no body.
-    pub async fn read_head_response(&mut self) -> RawResponse {
-        self.read(true).await
-    }
-
-    async fn read(&mut self, head_only: bool) -> RawResponse {
-        let status_line = self.take_line().await;
-        let mut headers = Vec::new();
-        loop {
-            let line = self.take_line().await;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line
-                .split_once(':')
-                .unwrap_or_else(|| panic!("malformed field line {line:?}"));
-            headers.push((name.to_string(), value.trim().to_string()));
-        }
-        let mut res = RawResponse {
-            status_line,
-            headers,
-            body: Vec::new(),
-        };
-        let status: u16 = res
-            .status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("malformed status line {:?}", res.status_line));
-        if head_only || status < 200 || status == 204 || status == 304 {
-            return res;
-        }
-        let chunked = res
-            .values("transfer-encoding")
-            .iter()
-            .any(|v| v.eq_ignore_ascii_case("chunked"));
-        if chunked {
-            assert!(
-                res.header("content-length").is_none(),
-                "both lengths: {res:#?}"
-            );
-            loop {
-                let size_line = self.take_line().await;
-                let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                    .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
-                if size == 0 {
-                    // No trailers expected: the empty line that ends the message.
-                    assert_eq!(self.take_line().await, "", "trailers after the last chunk");
-                    break;
-                }
-                let data = self.take(size).await;
-                res.body.extend_from_slice(&data);
-                assert_eq!(self.take_line().await, "", "chunk not followed by CRLF");
-            }
-        } else if let Some(len) = res.header("content-length") {
-            let len: usize = len.parse().expect("bad content-length");
-            res.body = self.take(len).await;
-        } else {
-            // Close-delimited (RFC 9112 section 6.3): the body is everything up to EOF.
-            while self.fill().await > 0 {}
-            res.body = std::mem::take(&mut self.buf);
-        }
-        res
-    }
-
-    /// Asserts that the server closes the connection (a read returns 0) with nothing more sent.
-    pub async fn expect_eof(&mut self) {
-        assert!(
-            self.buf.is_empty(),
-            "unexpected bytes before EOF: {:?}",
-            String::from_utf8_lossy(&self.buf)
-        );
-        if !self.eof {
-            let n = self.fill().await;
-            assert_eq!(
-                n,
-                0,
-                "expected EOF, got {:?}",
-                String::from_utf8_lossy(&self.buf)
-            );
-        }
-    }
-
-    /// Whether the server has closed the connection (EOF read).
-    pub fn saw_eof(&self) -> bool {
-        self.eof
-    }
-
-    /// The underlying stream, for a client that takes over the connection (WebSocket).
-    pub fn into_stream(self) -> TcpStream {
-        assert!(self.buf.is_empty(), "unread bytes");
-        self.stream
-    }
-}
-
 /// Asserts a response's status line and its field lines (other than `date`, sent once) exactly and in order.
 #[track_caller]
 pub fn assert_head(res: &RawResponse, status_line: &str, headers: &[(&str, &str)]) {

@@ -1,6 +1,6 @@
-//! For `tests/lifecycle.rs`: a server on the crate's serve path that reports every close, a test app, a raw
-//! HTTP/1 client that notes when bytes and EOF arrive, hyper's HTTP/2 client, and a raw HTTP/2 frame reader
-//! for seeing GOAWAY on the wire.
+//! For `tests/lifecycle.rs`: a server on the crate's serve path that reports every close, a test app, the
+//! raw HTTP/1 client (`tests/raw`), hyper's HTTP/2 client, and a raw HTTP/2 frame reader for seeing GOAWAY
+//! on the wire.
 
 // Each test uses its own part of this module.
 #![allow(dead_code)]
@@ -22,12 +22,16 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tower_keepalive::serve::Listener;
 use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
+
+#[path = "../raw/mod.rs"]
+mod raw;
+pub use raw::{get_request, is_reset, RawClient};
 
 /// The bound on any single wait that has no tighter bound of its own.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -242,191 +246,6 @@ async fn echo(mut socket: WebSocket) {
 }
 
 /// A GET request's bytes.
-pub fn get_request(path: &str) -> String {
-    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-}
-
-/// One HTTP/1 response as read off the wire.
-#[derive(Debug)]
-pub struct RawResponse {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-}
-
-impl RawResponse {
-    /// The values of `name`, comma-joined, lower-cased; `None` if absent.
-    pub fn header(&self, name: &str) -> Option<String> {
-        let values: Vec<&str> = self
-            .headers
-            .iter()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-            .collect();
-        (!values.is_empty()).then(|| values.join(", ").to_ascii_lowercase())
-    }
-
-    pub fn body_str(&self) -> &str {
-        std::str::from_utf8(&self.body).expect("body is not UTF-8")
-    }
-}
-
-/// A raw HTTP/1 client over any stream; knows when the last byte and EOF arrived.
-pub struct Raw<S> {
-    stream: S,
-    buf: Vec<u8>,
-    /// When the last byte was read.
-    pub last_byte_at: Instant,
-}
-
-impl Raw<TcpStream> {
-    pub async fn connect(addr: SocketAddr) -> Self {
-        Raw::new(
-            within("connect", WAIT, TcpStream::connect(addr))
-                .await
-                .unwrap(),
-        )
-    }
-}
-
-impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
-    pub fn new(stream: S) -> Self {
-        Raw {
-            stream,
-            buf: Vec::new(),
-            last_byte_at: Instant::now(),
-        }
-    }
-
-    pub fn stream_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    pub fn into_stream(self) -> S {
-        self.stream
-    }
-
-    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        within("write", WAIT, self.stream.write_all(bytes.as_ref()))
-            .await
-            .unwrap();
-    }
-
-    /// Sends a GET for `path` and reads its response.
-    pub async fn get(&mut self, path: &str) -> RawResponse {
-        self.send(get_request(path)).await;
-        self.response().await
-    }
-
-    /// Reads more bytes; 0 at EOF. A reset counts as EOF.
-    async fn fill(&mut self) -> usize {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = match within("bytes from the server", WAIT, self.stream.read(&mut chunk)).await {
-            Ok(n) => n,
-            Err(err) if is_reset(&err) => 0,
-            Err(err) => panic!("read failed: {err}"),
-        };
-        if n > 0 {
-            self.last_byte_at = Instant::now();
-        }
-        self.buf.extend_from_slice(&chunk[..n]);
-        n
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<u8> {
-        while self.buf.len() < n {
-            assert!(
-                self.fill().await > 0,
-                "EOF after {} of {n} bytes",
-                self.buf.len()
-            );
-        }
-        self.buf.drain(..n).collect()
-    }
-
-    async fn line(&mut self) -> String {
-        loop {
-            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
-                return String::from_utf8(line[..i].to_vec()).expect("line is not UTF-8");
-            }
-            assert!(
-                self.fill().await > 0,
-                "EOF inside a line: {:?}",
-                String::from_utf8_lossy(&self.buf)
-            );
-        }
-    }
-
-    /// Reads one response (not to a HEAD request): chunked or with a Content-Length.
-    pub async fn response(&mut self) -> RawResponse {
-        let status_line = self.line().await;
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
-        let mut res = RawResponse {
-            status,
-            headers: Vec::new(),
-            body: Vec::new(),
-        };
-        loop {
-            let line = self.line().await;
-            if line.is_empty() {
-                break;
-            }
-            let (name, value) = line.split_once(':').expect("bad field line");
-            res.headers
-                .push((name.to_string(), value.trim().to_string()));
-        }
-        if res.header("transfer-encoding").as_deref() == Some("chunked") {
-            loop {
-                let size = self.line().await;
-                let size = usize::from_str_radix(size.trim(), 16).expect("bad chunk size");
-                if size == 0 {
-                    assert_eq!(self.line().await, "");
-                    break;
-                }
-                let data = self.take(size).await;
-                res.body.extend_from_slice(&data);
-                assert_eq!(self.line().await, "");
-            }
-        } else if let Some(len) = res.header("content-length") {
-            res.body = self.take(len.parse().expect("bad content-length")).await;
-        } else if status != 101 && status != 204 && status != 304 {
-            panic!("response with no length: {res:?}");
-        }
-        res
-    }
-
-    /// Reads until EOF (or a reset), which must come with no more bytes; returns when it came.
-    pub async fn eof(&mut self) -> Instant {
-        let n = self.fill().await;
-        assert_eq!(
-            n,
-            0,
-            "bytes where EOF was expected: {:?}",
-            String::from_utf8_lossy(&self.buf)
-        );
-        assert!(
-            self.buf.is_empty(),
-            "unread bytes before EOF: {:?}",
-            self.buf
-        );
-        Instant::now()
-    }
-}
-
-pub fn is_reset(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-    )
-}
-
 /// An HTTP/2 (prior knowledge) client connection made with hyper.
 pub struct H2 {
     pub sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,

@@ -1,0 +1,287 @@
+//! A raw HTTP/1 client for the integration tests: writes exact bytes, parses the responses itself, and
+//! notes when the last byte and the end of the stream arrived. Included by `tests/common` and
+//! `tests/lifecycle_support`.
+
+// Each test file uses its own part of this module.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The bound on every read and write: generous, the test machine is shared.
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+}
+
+/// A GET for `path` over HTTP/1.1, with nothing but `Host`.
+pub fn get_request(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+}
+
+/// Whether a read or write failed because the peer reset or dropped the connection.
+pub fn is_reset(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+/// One HTTP/1 response as read off the wire.
+#[derive(Debug)]
+pub struct RawResponse {
+    pub status_line: String,
+    pub status: u16,
+    /// Field lines in the order received, names as sent.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Every value of `name` (case-insensitive), one per field line, in order.
+    pub fn values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The value of `name`, which must appear on at most one field line.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let values = self.values(name);
+        assert!(
+            values.len() <= 1,
+            "{name} sent on {} field lines: {values:?}\n{self:#?}",
+            values.len()
+        );
+        values.first().copied()
+    }
+
+    /// The field lines other than `date`, which changes every second.
+    pub fn headers_without_date(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| !n.eq_ignore_ascii_case("date"))
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect()
+    }
+
+    pub fn body_str(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("body is not UTF-8")
+    }
+}
+
+/// A raw HTTP/1 client over any stream (TCP unless said otherwise).
+pub struct RawClient<S = TcpStream> {
+    stream: S,
+    buf: Vec<u8>,
+    /// When the end of the stream was read (a reset counts), if it was.
+    eof_at: Option<Instant>,
+    reset: bool,
+    /// When the last byte was read.
+    pub last_byte_at: Instant,
+}
+
+impl RawClient<TcpStream> {
+    pub async fn connect(addr: SocketAddr) -> Self {
+        RawClient::new(bounded("connect", TcpStream::connect(addr)).await.unwrap())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    pub fn new(stream: S) -> Self {
+        RawClient {
+            stream,
+            buf: Vec::new(),
+            eof_at: None,
+            reset: false,
+            last_byte_at: Instant::now(),
+        }
+    }
+
+    pub fn stream_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// The underlying stream, for a client that takes over the connection (WebSocket).
+    pub fn into_stream(self) -> S {
+        assert!(self.buf.is_empty(), "unread bytes");
+        self.stream
+    }
+
+    pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
+        bounded("write", self.stream.write_all(bytes.as_ref()))
+            .await
+            .unwrap();
+    }
+
+    /// Sends `request` and reads one response to it.
+    pub async fn request(&mut self, request: impl AsRef<[u8]>) -> RawResponse {
+        self.send(request).await;
+        self.read_response().await
+    }
+
+    /// Sends a GET for `path` ([`get_request`]) and reads its response.
+    pub async fn get(&mut self, path: &str) -> RawResponse {
+        self.request(get_request(path)).await
+    }
+
+    /// Reads more bytes into the buffer; returns how many (0: the server closed its side, or reset it).
+    async fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = match bounded("bytes from the server", self.stream.read(&mut chunk)).await {
+            Ok(n) => n,
+            Err(err) if is_reset(&err) => {
+                self.reset = true;
+                0
+            }
+            Err(err) => panic!("read failed: {err}"),
+        };
+        if n == 0 {
+            self.eof_at.get_or_insert_with(Instant::now);
+        } else {
+            self.last_byte_at = Instant::now();
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(
+                self.fill().await > 0,
+                "EOF after {} of {n} bytes",
+                self.buf.len()
+            );
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn take_line(&mut self) -> String {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line: Vec<u8> = self.buf.drain(..i + 2).collect();
+                return String::from_utf8(line[..i].to_vec()).expect("line is not UTF-8");
+            }
+            assert!(
+                self.fill().await > 0,
+                "EOF inside a line: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+
+    /// Reads one response to a GET: the head, then the body by `Transfer-Encoding: chunked`,
+    /// `Content-Length`, or up to EOF when it has neither (none for 1xx, 204 and 304).
+    pub async fn read_response(&mut self) -> RawResponse {
+        self.read(false).await
+    }
+
+    /// Reads one response to a HEAD request: a head with no body.
+    pub async fn read_head_response(&mut self) -> RawResponse {
+        self.read(true).await
+    }
+
+    async fn read(&mut self, head_only: bool) -> RawResponse {
+        let status_line = self.take_line().await;
+        let status: u16 = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("malformed status line {status_line:?}"));
+        let mut headers = Vec::new();
+        loop {
+            let line = self.take_line().await;
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line
+                .split_once(':')
+                .unwrap_or_else(|| panic!("malformed field line {line:?}"));
+            headers.push((name.to_string(), value.trim().to_string()));
+        }
+        let mut res = RawResponse {
+            status_line,
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_only || status < 200 || status == 204 || status == 304 {
+            return res;
+        }
+        let chunked = res
+            .values("transfer-encoding")
+            .iter()
+            .any(|v| v.eq_ignore_ascii_case("chunked"));
+        if chunked {
+            assert!(
+                res.header("content-length").is_none(),
+                "both lengths: {res:#?}"
+            );
+            loop {
+                let size_line = self.take_line().await;
+                let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
+                    .unwrap_or_else(|_| panic!("bad chunk size {size_line:?}"));
+                if size == 0 {
+                    // No trailers expected: the empty line that ends the message.
+                    assert_eq!(self.take_line().await, "", "trailers after the last chunk");
+                    break;
+                }
+                let data = self.take(size).await;
+                res.body.extend_from_slice(&data);
+                assert_eq!(self.take_line().await, "", "chunk not followed by CRLF");
+            }
+        } else if let Some(len) = res.header("content-length") {
+            let len: usize = len.parse().expect("bad content-length");
+            res.body = self.take(len).await;
+        } else {
+            // Close-delimited (RFC 9112 section 6.3): the body is everything up to EOF.
+            while self.fill().await > 0 {}
+            res.body = std::mem::take(&mut self.buf);
+        }
+        res
+    }
+
+    /// Waits for the end of the stream, which must come with no more bytes: a close or a reset. Returns
+    /// when it was read.
+    pub async fn eof(&mut self) -> Instant {
+        if self.eof_at.is_none() {
+            let n = self.fill().await;
+            assert_eq!(
+                n,
+                0,
+                "bytes where EOF was expected: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+        assert!(
+            self.buf.is_empty(),
+            "unread bytes before EOF: {:?}",
+            String::from_utf8_lossy(&self.buf)
+        );
+        self.eof_at.expect("EOF read")
+    }
+
+    /// Asserts that the server closes the connection cleanly (a read returns 0, no reset) with nothing
+    /// more sent.
+    pub async fn expect_eof(&mut self) {
+        self.eof().await;
+        assert!(!self.reset, "the connection was reset, not closed");
+    }
+
+    /// Whether the server has closed the connection (EOF or a reset read).
+    pub fn saw_eof(&self) -> bool {
+        self.eof_at.is_some()
+    }
+}
