@@ -153,7 +153,12 @@ pub(crate) fn finish_http1(
     }
     // The service's own lines: all but ours, the last.
     let lines = headers.get_all(CONNECTION).iter().count();
-    let tokens = ConnectionTokens::of_lines(headers.get_all(CONNECTION).iter().take(lines - 1));
+    let tokens = ConnectionTokens::of_lines(
+        headers
+            .get_all(CONNECTION)
+            .iter()
+            .take(lines.saturating_sub(1)),
+    );
     if close.is_none() && tokens.close {
         close = Some(CloseReason::Service);
     }
@@ -164,7 +169,7 @@ pub(crate) fn finish_http1(
                 let theirs: Vec<HeaderValue> = headers
                     .get_all(CONNECTION)
                     .iter()
-                    .take(lines - 1)
+                    .take(lines.saturating_sub(1))
                     .cloned()
                     .collect();
                 if let Entry::Occupied(mut entry) = headers.entry(CONNECTION) {
