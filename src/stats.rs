@@ -1,8 +1,10 @@
 //! Server-wide counters: connections open and idle, requests in flight and served, closes by reason, and
 //! the distribution of requests per connection.
 //!
-//! Kept by every [`ConnectionHandle`] made from one [`KeepAliveLayer`] (and its clones), with relaxed
-//! atomic counters: a few atomic additions per request, no lock, no allocation. Read them with
+//! Kept by every [`ConnectionHandle`] made from one [`KeepAliveLayer`] (and its clones), in shards of
+//! relaxed atomic counters: per request, a thread moves a few counters of a shard it owns with plain loads
+//! and stores (threads beyond the shards share a few with atomic additions); no lock, no allocation. A
+//! snapshot sums the shards. Read them with
 //! [`KeepAliveLayer::stats`] and [`Stats::snapshot`], for logs or a metrics endpoint.
 //!
 //! # Example
