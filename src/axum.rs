@@ -5,10 +5,10 @@
 //!
 //! - [`KeepAliveListener`] wraps any axum listener. Each accepted connection gets its
 //!   [`ConnectionHandle`], carried by its IO ([`KeepAliveIo`]), and a deadline in the listener's timer
-//!   (one task and one heap of deadlines for all its connections, as on the serve path). When the connection has been
-//!   idle for the timeout (nothing in flight, every response body sent), or has passed its maximum age,
-//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
-//!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
+//!   (one task and one heap of deadlines for all its connections, as on the serve path). When the
+//!   connection has been idle for the timeout (nothing in flight, every response body sent), or has
+//!   passed its maximum age, or has been told to close (HTTP/2 maximum requests) and is idle, the next
+//!   read returns end-of-file: hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
 //!   request head, is closed the same way.
 //! - [`into_make_service`] applies the keep-alive layer to the whole router per connection, bound to that
 //!   connection's handle, so every request is tracked: nothing busy is ever closed.

@@ -25,7 +25,7 @@ fn epoch() -> &'static Epoch {
     EPOCH.get_or_init(|| {
         // The reading first: `at` is then never earlier than the moment `ns` names, so an `Instant`
         // converted from a reading errs late (by the few nanoseconds between the two), never early.
-        let ns = raw_ns();
+        let ns = now_ns();
         Epoch {
             at: Instant::now(),
             ns,
@@ -34,14 +34,9 @@ fn epoch() -> &'static Epoch {
 }
 
 /// Now, in nanoseconds.
-#[inline]
-pub(crate) fn now_ns() -> u64 {
-    raw_ns()
-}
-
 #[cfg(any(target_os = "linux", target_os = "android"))]
 #[inline]
-fn raw_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     // Fails only for a clock the kernel does not have. `Instant::now` reads the same clock and panics
     // the same way: there is no reading to fall back on that is never early.
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
@@ -53,9 +48,10 @@ fn raw_ns() -> u64 {
         .saturating_add(u64::try_from(ts.tv_nsec()).unwrap_or(0))
 }
 
+/// Now, in nanoseconds.
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 #[inline]
-fn raw_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     nanos(START.get_or_init(Instant::now).elapsed())
 }

@@ -146,8 +146,8 @@ pub struct ConnectionHandle {
 
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
-    /// When the connection was accepted. Every time here is in nanoseconds since the process's epoch
-    /// (`clock`): 8 bytes where an `Instant` takes 16.
+    /// When the connection was accepted. Every time here is a reading of `clock` in nanoseconds: 8 bytes
+    /// where an `Instant` takes 16.
     opened_ns: u64,
     /// When the connection reaches its maximum age (jitter applied); `u64::MAX` when it has none.
     max_age_at_ns: u64,
@@ -177,8 +177,8 @@ pub(crate) struct Shared {
     close: AtomicU8,
     /// Wakes whoever drives the connection when one of the `close` flags is set.
     waker: AtomicWaker,
-    /// When the connection's timer next looks at it, in nanoseconds since the clock's epoch: a timer
-    /// entry for another time is stale.
+    /// When the connection's timer next looks at it (a `clock` reading): a timer entry for another time
+    /// is stale.
     pub(crate) scheduled_ns: AtomicU64,
     /// Since when the driver has been closing the connection gracefully (`u64::MAX`: it has not begun),
     /// pushed forward whenever the connection is seen writing; and the write count seen then.
@@ -527,15 +527,15 @@ impl ConnectionHandle {
     /// When [`due`](Self::due) may next say something, for the connection's one timer: the end of the
     /// idle period if idle; while busy, a re-check later (cheaper than a wake-up on every request);
     /// never past the maximum age.
-    #[cfg(any(feature = "serve", feature = "axum"))]
-    pub(crate) fn next_check(&self) -> tokio::time::Instant {
+    #[cfg(feature = "serve")]
+    pub(crate) fn next_check(&self) -> Instant {
         let limit = self.idle_limit();
         let at = match self.idle_since() {
             Some(since) => since + limit,
             // Not sooner than every 1/16 of the timeout, even when pressure shrinks the limit to nothing.
             None => Instant::now() + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
         };
-        tokio::time::Instant::from_std(self.max_age_at().map_or(at, |age| age.min(at)))
+        self.max_age_at().map_or(at, |age| age.min(at))
     }
 }
 

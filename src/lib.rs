@@ -222,10 +222,10 @@
 //!
 //! - **Counters**: [`KeepAliveLayer::stats`] is a live view, shared by every connection made from the
 //!   layer: connections opened, open and idle, requests started and in flight, closes by
-//!   [`CloseReason`], the distribution of requests per connection, and the connection pressure. Per request, a
-//!   few counters in a shard owned by the thread move with plain loads and stores (no lock, no locked
-//!   instruction): cheap enough to leave on. A layer, its clones and the layers
-//!   built from it share one set of counters: use one layer per server. `examples/metrics.rs` exports a
+//!   [`CloseReason`], the distribution of requests per connection, and the connection pressure. Per
+//!   request, a few counters in a shard owned by the thread move with plain loads and stores (no lock,
+//!   no locked instruction): cheap enough to leave on. A layer, its clones and the layers built from it
+//!   share one set of counters: use one layer per server. `examples/metrics.rs` exports a
 //!   [`StatsSnapshot`] in the Prometheus text format.
 //! - **Each connection**: [`ConnectionHandle`] gives its request count, what is in flight, since when
 //!   it is idle, its age, and its [`CloseReason`] once decided. On the serve path,

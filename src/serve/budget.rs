@@ -77,7 +77,6 @@ impl Budget {
         }
     }
 
-    /// Waits for room for one more connection.
     /// Waits for room for one more connection; the connection holds the returned admission while it
     /// is open. `None` once the budget is closed (never: it is not).
     pub(crate) async fn admit(self: &Arc<Self>) -> Option<Admission> {

@@ -388,7 +388,7 @@ impl ConnectionHandle {
         let mut conn = Box::pin(conn);
         async move {
             let timer = OwnTimer {
-                sleep: tokio::time::sleep_until(self.next_check()),
+                sleep: tokio::time::sleep_until(self.next_check().into()),
             };
             Lifecycle::new(&self, conn.as_mut(), timer).await
         }
@@ -427,9 +427,9 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         if handle.in_flight() == 0 {
             handle.request_driver();
         }
-        Some(handle.next_check().into_std().max(now + CLOSING_RECHECK))
+        Some(handle.next_check().max(now + CLOSING_RECHECK))
     } else {
-        Some(handle.next_check().into_std().max(now))
+        Some(handle.next_check().max(now))
     }
 }
 
@@ -604,7 +604,7 @@ pub(crate) struct Timers {
 #[derive(Debug)]
 struct Heap {
     entries: BinaryHeap<Entry>,
-    /// When the task wakes next, in ns since the clock's epoch (`u64::MAX`: when told).
+    /// When the task wakes next, a `clock` reading (`u64::MAX`: when told).
     wakes_at: u64,
     state: DrainState,
     /// Connection pressure rose: every deadline must be computed again.
@@ -688,7 +688,7 @@ impl Timers {
                 return;
             }
         }
-        let at = clock::ns_of(handle.next_check().into_std());
+        let at = clock::ns_of(handle.next_check());
         self.push(&mut heap, handle, at);
     }
 
@@ -739,7 +739,7 @@ impl Timers {
                     return false;
                 };
                 if !handle.in_grace() {
-                    let at = clock::ns_of(handle.next_check().into_std());
+                    let at = clock::ns_of(handle.next_check());
                     if at < entry.at {
                         entry.at = at;
                         handle.shared.scheduled_ns.store(at, Ordering::Relaxed);
