@@ -34,10 +34,7 @@ pub const WAIT: Duration = Duration::from_secs(5);
 
 /// Awaits `fut` for at most [`WAIT`], panicking with `what` if it takes longer.
 pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {
-    match tokio::time::timeout(WAIT, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
-    }
+    raw::within(what, WAIT, fut).await
 }
 
 pub type Body = BoxBody<Bytes, Infallible>;

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::{Future, IntoFuture};
+use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -31,21 +31,13 @@ use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 #[path = "../raw/mod.rs"]
 mod raw;
-pub use raw::{get_request, is_reset, RawClient};
+pub use raw::{get_request, is_reset, within, RawClient};
 
 /// The bound on any single wait that has no tighter bound of its own.
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// How late "soon after" may be on a loaded 2-core machine.
 pub const SLACK: Duration = Duration::from_secs(3);
-
-/// Awaits `fut` for at most `limit`, panicking with `what` if it takes longer.
-pub async fn within<F: Future>(what: &str, limit: Duration, fut: F) -> F::Output {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
 
 /// Asserts `lo <= elapsed < hi`.
 #[track_caller]

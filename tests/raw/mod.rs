@@ -16,10 +16,12 @@ use tokio::net::TcpStream;
 /// The bound on every read and write: generous, the test machine is shared.
 const WAIT: Duration = Duration::from_secs(10);
 
-async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+/// Awaits `fut` for at most `limit`, panicking with `what` if it takes longer.
+pub async fn within<F: Future>(what: &str, limit: Duration, fut: F) -> F::Output {
+    match tokio::time::timeout(limit, fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
+    }
 }
 
 /// A GET for `path` over HTTP/1.1, with nothing but `Host`.
@@ -95,7 +97,11 @@ pub struct RawClient<S = TcpStream> {
 
 impl RawClient<TcpStream> {
     pub async fn connect(addr: SocketAddr) -> Self {
-        RawClient::new(bounded("connect", TcpStream::connect(addr)).await.unwrap())
+        RawClient::new(
+            within("connect", WAIT, TcpStream::connect(addr))
+                .await
+                .unwrap(),
+        )
     }
 }
 
@@ -121,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     }
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        bounded("write", self.stream.write_all(bytes.as_ref()))
+        within("write", WAIT, self.stream.write_all(bytes.as_ref()))
             .await
             .unwrap();
     }
@@ -140,7 +146,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Reads more bytes into the buffer; returns how many (0: the server closed its side, or reset it).
     async fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 16 * 1024];
-        let n = match bounded("bytes from the server", self.stream.read(&mut chunk)).await {
+        let n = match within("bytes from the server", WAIT, self.stream.read(&mut chunk)).await {
             Ok(n) => n,
             Err(err) if is_reset(&err) => {
                 self.reset = true;
