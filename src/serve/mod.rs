@@ -61,7 +61,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower_service::Service;
@@ -108,8 +108,12 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
 
 fn default_builder() -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Every timed setting a user can reach through `http_builder` (HTTP/2 PING keep-alive, HTTP/1
+    // header-read timeout) needs a timer: without one, hyper panics inside each connection.
+    builder.http1().timer(TokioTimer::new());
+    builder.http2().timer(TokioTimer::new());
     // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would close
-    // a connection before the advertised timeout, and without a timer hyper warns on each one.
+    // a connection before the advertised timeout.
     builder.http1().header_read_timeout(None);
     builder
 }
@@ -244,9 +248,12 @@ impl<L, S, F> Serve<L, S, F> {
     }
 
     /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
-    /// and frame sizes, and so on. The serve path starts from `auto::Builder::new(TokioExecutor::new())`
-    /// with hyper's HTTP/1 header-read timer off (the lifecycle closes idle connections and slow heads
-    /// itself; turning hyper's timer back on would close connections before the advertised timeout).
+    /// and frame sizes, PING keep-alive, and so on. The serve path starts from
+    /// `auto::Builder::new(TokioExecutor::new())` with a [`TokioTimer`] for both protocols, so every
+    /// timed setting is safe to turn on (HTTP/2's `keep_alive_interval` sends PINGs and closes a
+    /// connection whose peer stops answering them), and with hyper's HTTP/1 header-read timer off (the
+    /// lifecycle closes idle connections and slow heads itself; turning hyper's timer back on would close
+    /// idle connections at that timeout, before the advertised one if it is shorter).
     ///
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
@@ -255,7 +262,10 @@ impl<L, S, F> Serve<L, S, F> {
     /// tower_keepalive::serve(listener, app)
     ///     .http_builder(|builder| {
     ///         builder.http1().max_buf_size(64 * 1024);
-    ///         builder.http2().max_concurrent_streams(100);
+    ///         builder
+    ///             .http2()
+    ///             .max_concurrent_streams(100)
+    ///             .keep_alive_interval(Some(std::time::Duration::from_secs(20)));
     ///     })
     ///     .await?;
     /// # Ok(())
