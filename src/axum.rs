@@ -178,8 +178,10 @@ pin_project! {
     impl<I> PinnedDrop for KeepAliveIo<I> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            // The connection is gone (the handle may live on elsewhere): its deadline goes too.
+            // The connection is gone (the handle may live on elsewhere): its deadline goes too, and it
+            // counts as closed now.
             this.handle.mark_undriven();
+            this.handle.report_closed(CloseReason::ClientClosed);
             this.timers.live.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -238,9 +240,11 @@ impl<I> KeepAliveIo<I> {
         }
         let handle = &*this.handle;
         if handle.close_reason() == Some(CloseReason::Upgraded) {
-            // The upgraded protocol owns the IO now, and the timers let it go.
+            // The upgraded protocol owns the IO now, and the timers let it go; HTTP is over on it, as
+            // the serve path counts it.
             if handle.wants_timer() {
                 handle.mark_undriven();
+                handle.report_closed(CloseReason::Upgraded);
             }
             return false;
         }

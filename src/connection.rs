@@ -415,6 +415,17 @@ impl ConnectionHandle {
         self.shared.close.fetch_or(UNDRIVEN, Ordering::AcqRel);
     }
 
+    /// The connection is over for HTTP (its driver finished, its IO was dropped, or it was upgraded):
+    /// counts it closed in the stats and logs the `connection closed` event, once, whoever keeps a clone
+    /// of the handle afterwards. The first close decided stays the reason; `reason` is used when none was.
+    pub(crate) fn report_closed(&self, reason: CloseReason) {
+        let before = self.shared.close.fetch_or(REPORTED, Ordering::AcqRel);
+        if before & REPORTED == 0 {
+            self.shared
+                .closed(CloseReason::from_u8(before & REASON).unwrap_or(reason));
+        }
+    }
+
     /// Whether a timer should still look at the connection: it is driven and not being dropped.
     pub(crate) fn wants_timer(&self) -> bool {
         self.shared.close.load(Ordering::Acquire) & (DROP_NOW | UNDRIVEN) == 0
@@ -591,6 +602,8 @@ const REQUESTED: u8 = 0x10;
 const DROP_NOW: u8 = 0x20;
 /// Nobody drives the connection any more (it closed, or was upgraded and handed over): its timer stops.
 const UNDRIVEN: u8 = 0x40;
+/// The connection's end has been counted and logged ([`ConnectionHandle::report_closed`]).
+const REPORTED: u8 = 0x80;
 
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;
@@ -606,14 +619,23 @@ impl Shared {
     }
 }
 
-impl Drop for Shared {
-    fn drop(&mut self) {
-        // The last clone of the handle is gone: so is the connection.
+impl Shared {
+    /// Counts the connection closed and logs it, for `reason`.
+    fn closed(&self, reason: CloseReason) {
         let requests = self.requests();
-        let reason = CloseReason::from_u8(*self.close.get_mut() & REASON)
-            .unwrap_or(CloseReason::ClientClosed);
         self.config.stats.connection_closed(reason, requests);
         tracing::debug!(reason = reason.as_str(), requests, "connection closed");
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // Nobody reported the end (no driver: the layer alone, in someone else's accept loop): the last
+        // clone of the handle going is the latest sign of it.
+        let close = *self.close.get_mut();
+        if close & REPORTED == 0 {
+            self.closed(CloseReason::from_u8(close & REASON).unwrap_or(CloseReason::ClientClosed));
+        }
     }
 }
 

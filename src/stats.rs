@@ -7,6 +7,12 @@
 //! snapshot sums the shards. Read them with
 //! [`KeepAliveLayer::stats`] and [`Stats::snapshot`], for logs or a metrics endpoint.
 //!
+//! A connection counts as closed when it ends: when the serve path's driver (or
+//! [`ConnectionHandle::drive`]) finishes with it, when the `axum::serve` path drops its IO, or when it is
+//! upgraded (HTTP is over on it). A handle kept after that does not keep it counted open. Without a
+//! driver (the layer alone in an accept loop of your own, no `drive`), the end is known only when the
+//! last clone of the handle is dropped, as in the example below.
+//!
 //! # Example
 //!
 //! ```
@@ -24,6 +30,7 @@
 //! ```
 //!
 //! [`ConnectionHandle`]: crate::ConnectionHandle
+//! [`ConnectionHandle::drive`]: crate::ConnectionHandle::drive
 //! [`KeepAliveLayer`]: crate::KeepAliveLayer
 //! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
 

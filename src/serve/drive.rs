@@ -544,6 +544,7 @@ impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
             if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
                 let reason = finished(handle, result);
                 handle.mark_undriven();
+                handle.report_closed(reason);
                 return Poll::Ready(reason);
             }
             // Registered before the flags are read: a flag set after this read wakes the task.
@@ -554,7 +555,9 @@ impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
             let (requested, drop_now) = handle.driver_flags();
             if drop_now {
                 handle.mark_undriven();
-                return Poll::Ready(handle.close_reason().unwrap_or(CloseReason::Idle));
+                let reason = handle.close_reason().unwrap_or(CloseReason::Idle);
+                handle.report_closed(reason);
+                return Poll::Ready(reason);
             }
             if requested && !*this.shutting_down {
                 this.conn.as_mut().graceful_shutdown();

@@ -437,6 +437,7 @@ where
                         Err(panic) => {
                             handle.mark_closing(CloseReason::Error);
                             let reason = handle.close_reason().unwrap_or(CloseReason::Error);
+                            handle.report_closed(reason);
                             (reason, Some(panic))
                         }
                     };
