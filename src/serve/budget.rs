@@ -9,8 +9,9 @@ use super::drive::PressureSender;
 use crate::stats::{Counters, PRESSURE_STEPS};
 
 /// Connection limits: below `soft` nothing changes; between `soft` and `hard` the idle timeout (advertised
-/// and enforced) shrinks in proportion, so the longest-idle connections close first; at `hard` new
-/// connections wait in the listener's accept queue.
+/// and enforced) shrinks in proportion, so the longest-idle connections close first, even before the
+/// timeout their last response advertised; at `hard` new connections wait in the listener's accept
+/// queue.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Limits {
     pub(crate) soft: usize,

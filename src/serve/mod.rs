@@ -8,7 +8,7 @@
 //!
 //! - **idle timeout**: a connection with nothing in flight and every response body sent is closed once it
 //!   has been idle for the timeout: HTTP/1 by closing it, HTTP/2 with GOAWAY. Never before the advertised
-//!   `timeout=`. A connection that is accepted and never sends a byte, or that dribbles its request head,
+//!   `timeout=`, except under connection pressure (see the budget below). A connection that is accepted and never sends a byte, or that dribbles its request head,
 //!   is closed too (hyper-util's protocol detection runs no timer of its own);
 //! - **maximum requests**: HTTP/1 says `Connection: close` on the last response; HTTP/2 gets GOAWAY after
 //!   the last stream (RFC 9113 section 6.8), and the streams in flight finish;
@@ -17,6 +17,10 @@
 //! - **drain** on a shutdown signal: idle connections close at once, requests in flight finish with
 //!   `Connection: close` (HTTP/1) or after GOAWAY (HTTP/2); the serve future returns once every connection
 //!   is gone, or when the drain deadline passes;
+//! - **connection budget** ([`Serve::connection_limits`]): above the soft limit of open connections
+//!   the idle timeout shrinks, and idle connections may be closed *before* the `timeout=` their last
+//!   response advertised, longest idle first (close reason [`CloseReason::Pressure`]); this is the one
+//!   exception to the promise above, and the trade it makes is admitting new clients;
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
 //!
@@ -214,6 +218,15 @@ impl<L, S, F> Serve<L, S, F> {
     /// close first (close reason [`CloseReason::Pressure`], HTTP/2 with GOAWAY) and new clients are
     /// admitted; at `hard` no idle connection is kept, and new connections wait in the listener's accept
     /// queue rather than being accepted and dropped. A request in flight is never cut.
+    ///
+    /// What a client may see: responses sent under pressure advertise the shortened timeout
+    /// (`Keep-Alive: timeout=1` at the hard limit of a 16 s timeout), but a connection that was told a
+    /// longer `timeout=` before the pressure rose may be closed before it runs out. Only idle
+    /// connections are closed this way: on HTTP/1 the server closes its side with no bytes sent (a
+    /// clean FIN, as RFC 9112 section 9.6 allows at any time), so a client that sends a request at that
+    /// moment sees the connection close under it and, as RFC 9112 section 9.3.1 says, retries it on a
+    /// new connection if it is idempotent (browsers, curl and undici do); on HTTP/2 the connection gets
+    /// GOAWAY (RFC 9113 section 6.8) with the last stream it processed, so no request is lost.
     ///
     /// By default the budget comes from the process's file-descriptor limit (`RLIMIT_NOFILE`, less a
     /// tenth of it and at least 32 for the rest of the process; soft at three quarters), so the accept
