@@ -117,9 +117,9 @@ async fn assert_refused(
 async fn thousands_of_connection_tokens_keep_a_connection_alive_and_strip_only_what_they_may() {
     let mut server = start(policy().strip_request_hop_by_hop(true), echo_app()).await;
 
-    // 5000 tokens in one field line, about 50 KB: within hyper's limits. One of them names a field the
-    // request carries; it is removed, and nothing else is.
-    let tokens: Vec<String> = (0..5000).map(|i| format!("x-token-{i}")).collect();
+    // 4000 tokens in one field line, about 55 KB: within the serve path's 64 KiB head. One of them names
+    // a field the request carries; it is removed, and nothing else is.
+    let tokens: Vec<String> = (0..4000).map(|i| format!("x-token-{i}")).collect();
     let connection = format!("Connection: keep-alive, {}", tokens.join(", "));
     let request = raw_get(
         "/",
@@ -137,8 +137,8 @@ async fn thousands_of_connection_tokens_keep_a_connection_alive_and_strip_only_w
     );
     assert_closes_after_one(&mut server, &request).await;
 
-    // One token of 70 000 bytes: longer than any field name can be, so it names nothing.
-    let long = format!("Connection: keep-alive, {}", "a".repeat(70_000));
+    // One token of 60 000 bytes: it names no field of the request, so nothing goes.
+    let long = format!("Connection: keep-alive, {}", "a".repeat(60_000));
     let request = raw_get("/", "HTTP/1.1", &[long.as_bytes(), b"X-Kept: yes"]);
     let res = assert_persistent_twice(&mut server, &request).await;
     assert_eq!(echoed_names(&res.body), ["host", "x-kept"], "{res:#?}");
@@ -151,7 +151,7 @@ async fn thousands_of_connection_tokens_keep_a_connection_alive_and_strip_only_w
 async fn connection_over_hyper_limits_is_refused_and_others_are_served() {
     let mut server = start(policy(), echo_app()).await;
 
-    // One field line longer than hyper's whole head buffer (about 400 KB).
+    // One field line longer than the whole head buffer (64 KiB on the serve path, 400 KB in hyper).
     let huge = format!("Connection: {}", "keep-alive, ".repeat(50_000));
     assert_refused(
         &mut server,
@@ -684,6 +684,47 @@ proptest! {
         prop_assert_eq!(seen.split(',').any(|n| n == "x-probe"), !named_probe, "{}", seen);
         prop_assert_eq!(handle.in_flight(), 0);
     }
+}
+
+/// A request head over 64 KiB is refused with 431 as soon as the buffer is full, whether or not the head
+/// would ever end, instead of being buffered to hyper's ~400 KB; the server keeps serving.
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_refused_with_431() {
+    let mut server = start(policy(), echo_app()).await;
+    // Within the limit: served.
+    let fine = format!("X-Big: {}", "a".repeat(60 * 1024));
+    let mut client = RawClient::connect(server.addr).await;
+    let res = client.request(http_get("/", "HTTP/1.1", &[&fine])).await;
+    assert!(res.status_line.ends_with(" 200 OK"), "{res:#?}");
+    drop(client);
+    server.next_close().await;
+    // 100 KiB of fields: refused.
+    let big = format!("X-Big: {}", "a".repeat(100 * 1024));
+    assert_refused(
+        &mut server,
+        raw_get("/", "HTTP/1.1", &[big.as_bytes()]),
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        true,
+    )
+    .await;
+    // A head that never ends (400 KB sent, the write side kept open): refused once 64 KiB of it have
+    // arrived, long before the 5 s idle timeout would drop it.
+    let mut endless = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    for _ in 0..400 {
+        endless.extend_from_slice(format!("X-More: {}\r\n", "b".repeat(1000)).as_bytes());
+    }
+    let began = std::time::Instant::now();
+    assert_refused(
+        &mut server,
+        endless,
+        "HTTP/1.1 431 Request Header Fields Too Large\r\n",
+        true,
+    )
+    .await;
+    let took = began.elapsed();
+    assert!(took < Duration::from_secs(3), "refused after {took:?}");
+    assert_serves_others(&mut server).await;
+    server.finish().await;
 }
 
 /// `Serve::http_builder` reaches hyper: a tighter HTTP/1 buffer turns a 20 KB head that the default

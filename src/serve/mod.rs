@@ -119,8 +119,17 @@ fn default_builder() -> auto::Builder<TokioExecutor> {
     // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would close
     // a connection before the advertised timeout.
     builder.http1().header_read_timeout(None);
+    // hyper buffers up to ~400 KB of an unfinished head per connection: a few hundred clients sending
+    // endless heads would hold a hundred megabytes. A head over this is answered with 431.
+    builder.http1().max_buf_size(MAX_REQUEST_HEAD);
     builder
 }
+
+/// The largest HTTP/1 request head (request line and fields) the serve path reads: 64 KiB, between
+/// nginx's 32 KiB (`large_client_header_buffers 4 8k`) and Go's 1 MB (`DefaultMaxHeaderBytes`). A larger
+/// head is answered with `431 Request Header Fields Too Large` (RFC 6585 section 5) and the connection
+/// closed. Change it with `http_builder(|b| { b.http1().max_buf_size(n); })` (at least 8 KiB).
+const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
 /// A server being configured; runs when awaited. Built by [`serve`].
 ///
@@ -266,7 +275,10 @@ impl<L, S, F> Serve<L, S, F> {
     /// timed setting is safe to turn on (HTTP/2's `keep_alive_interval` sends PINGs and closes a
     /// connection whose peer stops answering them), and with hyper's HTTP/1 header-read timer off (the
     /// lifecycle closes idle connections and slow heads itself; turning hyper's timer back on would close
-    /// idle connections at that timeout, before the advertised one if it is shorter).
+    /// idle connections at that timeout, before the advertised one if it is shorter). The HTTP/1 buffer
+    /// (`max_buf_size`, which bounds the request head) starts at 64 KiB instead of hyper's ~400 KB: a
+    /// larger head is answered with `431 Request Header Fields Too Large`. (HTTP/2's
+    /// `max_header_list_size` is hyper's, 16 KiB.)
     ///
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
