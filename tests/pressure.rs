@@ -112,3 +112,75 @@ async fn below_the_soft_limit_nothing_changes() {
     }
     assert!(reasons.lock().unwrap().is_empty());
 }
+
+/// At the hard limit a new client does not wait for a shortened idle timeout to run out: the idle
+/// connection idle the longest is closed at once to make room, and a request in flight is never cut.
+#[tokio::test]
+async fn at_the_hard_limit_a_new_client_is_served_at_once() {
+    // A 30 s timeout would shrink to about 1.9 s at the hard limit.
+    let (addr, reasons, _layer) = start(3, 4, Duration::from_secs(30)).await;
+    let get = http_get("/", "HTTP/1.1", &[]);
+    let mut busy = RawClient::connect(addr).await;
+    busy.send(http_get("/slow", "HTTP/1.1", &[])).await;
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let mut client = RawClient::connect(addr).await;
+        assert_eq!(client.request(&get).await.body_str(), "hello");
+        idle.push(client);
+    }
+    for round in 0..3 {
+        let started = Instant::now();
+        let mut client = RawClient::connect(addr).await;
+        let res = client.request(&get).await;
+        let waited = started.elapsed();
+        assert_eq!(res.body_str(), "hello");
+        assert!(
+            waited < Duration::from_secs(1),
+            "round {round}: a new client waited {waited:?}"
+        );
+        // The longest idle went, cleanly.
+        within("the shed connection to close", idle[round].expect_eof()).await;
+        idle.push(client);
+    }
+    assert_eq!(
+        *reasons.lock().unwrap(),
+        [CloseReason::Pressure; 3],
+        "shed for pressure, nothing else"
+    );
+    let res = within("the slow response", busy.read_response()).await;
+    assert_eq!(res.body_str(), "slow");
+}
+
+/// Under pressure, connections that never finished a request head (silent, or dribbling it) are the
+/// first to go, before idle keep-alive connections with real requests behind them.
+#[tokio::test]
+async fn connections_without_a_request_are_shed_first() {
+    let (addr, reasons, _layer) = start(3, 4, Duration::from_secs(30)).await;
+    let get = http_get("/", "HTTP/1.1", &[]);
+    // Two clients with a history of requests, idle the longest.
+    let mut kept = Vec::new();
+    for _ in 0..2 {
+        let mut client = RawClient::connect(addr).await;
+        assert_eq!(client.request(&get).await.body_str(), "hello");
+        kept.push(client);
+    }
+    // Then a silent client and a slow head.
+    let mut silent = RawClient::connect(addr).await;
+    let mut dribbling = RawClient::connect(addr).await;
+    dribbling.send("GET / HTTP/1.1\r\nHost: x\r\n").await;
+    for _ in 0..2 {
+        let started = Instant::now();
+        let mut client = RawClient::connect(addr).await;
+        assert_eq!(client.request(&get).await.body_str(), "hello");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        // Kept open with the client: the budget is full again.
+        kept.push(client);
+    }
+    within("the silent client's close", silent.eof()).await;
+    within("the slow head's close", dribbling.eof()).await;
+    assert_eq!(*reasons.lock().unwrap(), [CloseReason::Pressure; 2]);
+    // The clients with requests behind them were left alone.
+    for client in &mut kept[..2] {
+        assert_eq!(client.request(&get).await.body_str(), "hello");
+    }
+}

@@ -2,10 +2,11 @@
 //! one.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use super::drive::PressureSender;
+use super::drive::{Drain, PressureSender};
 use crate::stats::{Counters, PRESSURE_STEPS};
 
 /// Connection limits: below `soft` nothing changes; between `soft` and `hard` the idle timeout (advertised
@@ -60,6 +61,9 @@ fn fd_limit() -> Option<usize> {
     None
 }
 
+/// How often a server at its hard limit looks again for a connection to close, while every one is busy.
+const SHED_RETRY: Duration = Duration::from_millis(50);
+
 /// The live budget of one server.
 pub(crate) struct Budget {
     limits: Limits,
@@ -88,6 +92,26 @@ impl Budget {
         Some(Admission {
             budget: self.clone(),
         })
+    }
+
+    /// As [`admit`](Self::admit), but at the hard limit it makes room: the connections of `drain` that
+    /// hold a slot doing nothing are closed at once, those that never finished a request head first,
+    /// then idle keep-alive connections, longest idle first (close reason `Pressure`), as nginx does when
+    /// it runs out of connections. A connection with a request in flight is never chosen. While every
+    /// connection is busy, it looks again every [`SHED_RETRY`], for as long as it waits.
+    pub(crate) async fn admit_shedding(self: &Arc<Self>, drain: &Drain) -> Option<Admission> {
+        loop {
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                permit.forget();
+                return Some(Admission {
+                    budget: self.clone(),
+                });
+            }
+            drain.shed_one();
+            if let Ok(admission) = tokio::time::timeout(SHED_RETRY, self.admit()).await {
+                return admission;
+            }
+        }
     }
 
     /// Recomputes the pressure after a connection came or went; wakes the connections only when it

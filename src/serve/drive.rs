@@ -239,6 +239,15 @@ impl Drain {
         }
     }
 
+    /// Closes the watched connection that holds a slot to least purpose, if any holds one idly: one that
+    /// has not finished a request head yet (silent, or dribbling), the oldest first; else the idle
+    /// keep-alive connection idle the longest. HTTP/1 connections are dropped at once (nothing is in
+    /// flight on them); HTTP/2 ones get GOAWAY. Looks at every connection: for a server at its hard
+    /// limit only.
+    pub(crate) fn shed_one(&self) -> bool {
+        self.timers.shed_one()
+    }
+
     /// A sender of connection-pressure updates to every watched connection.
     pub(crate) fn pressure_sender(&self) -> PressureSender {
         PressureSender {
@@ -770,6 +779,40 @@ impl Timers {
         }
         heap.wakes_at = heap.entries.peek().map_or(u64::MAX, |entry| entry.at);
         (heap.wakes_at != u64::MAX).then(|| clock::instant(heap.wakes_at))
+    }
+
+    fn shed_one(&self) -> bool {
+        let heap = self.lock();
+        // (never served a request, when it was accepted or went idle): the smallest goes first.
+        let mut best: Option<((bool, Instant), ConnectionHandle)> = None;
+        for entry in heap.entries.iter() {
+            let Some(handle) = entry.current() else {
+                continue;
+            };
+            if handle.is_closing() {
+                continue;
+            }
+            let Some(since) = handle.idle_since() else {
+                continue;
+            };
+            let key = (handle.requests() != 0, since);
+            if best.as_ref().is_none_or(|(best, _)| key < *best) {
+                best = Some((key, handle));
+            }
+        }
+        drop(heap);
+        let Some((_, handle)) = best else {
+            return false;
+        };
+        tracing::debug!(
+            requests = handle.requests(),
+            "at the connection limit: closing an idle connection"
+        );
+        handle.close(CloseReason::Pressure);
+        if !handle.is_http2() {
+            handle.drop_now();
+        }
+        true
     }
 
     async fn all_gone(&self) {

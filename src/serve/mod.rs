@@ -8,8 +8,9 @@
 //!
 //! - **idle timeout**: a connection with nothing in flight and every response body sent is closed once it
 //!   has been idle for the timeout: HTTP/1 by closing it, HTTP/2 with GOAWAY. Never before the advertised
-//!   `timeout=`, except under connection pressure (see the budget below). A connection that is accepted and never sends a byte, or that dribbles its request head,
-//!   is closed too (hyper-util's protocol detection runs no timer of its own);
+//!   `timeout=`, except under connection pressure (see the budget below). A connection that is accepted
+//!   and never sends a byte, or that dribbles its request head, is closed too (hyper-util's protocol
+//!   detection runs no timer of its own);
 //! - **maximum requests**: HTTP/1 says `Connection: close` on the last response; HTTP/2 gets GOAWAY after
 //!   the last stream (RFC 9113 section 6.8), and the streams in flight finish;
 //! - **maximum age** (off by default, jittered per connection): a graceful close at the next request
@@ -225,8 +226,11 @@ impl<L, S, F> Serve<L, S, F> {
     /// changes. Above it, keep-alive yields: the idle timeout, advertised and enforced, shrinks in
     /// proportion to how far the server is between `soft` and `hard`, so the longest-idle connections
     /// close first (close reason [`CloseReason::Pressure`], HTTP/2 with GOAWAY) and new clients are
-    /// admitted; at `hard` no idle connection is kept, and new connections wait in the listener's accept
-    /// queue rather than being accepted and dropped. A request in flight is never cut.
+    /// admitted. At `hard`, each new client makes room at once, as nginx does when it runs out of
+    /// connections: connections that never finished a request head (silent, or dribbling one) are
+    /// closed first, oldest first, then idle keep-alive connections, longest idle first. While every
+    /// connection is busy the new client waits, and those behind it wait in the listener's accept queue
+    /// rather than being accepted and dropped. A request in flight is never cut.
     ///
     /// What a client may see: responses sent under pressure advertise the shortened timeout
     /// (`Keep-Alive: timeout=1` at the hard limit of a 16 s timeout), but a connection that was told a
@@ -414,14 +418,6 @@ where
         let mut backoff = listener::Backoff::default();
 
         loop {
-            // At the hard limit, wait here: new clients stay in the accept queue.
-            let permit = match &budget {
-                Some(budget) => tokio::select! {
-                    permit = budget.admit() => permit,
-                    () = &mut signal => break,
-                },
-                None => None,
-            };
             let (io, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => {
@@ -439,6 +435,16 @@ where
                     }
                 },
                 () = &mut signal => break,
+            };
+            // At the hard limit, the client just accepted makes room (an idle connection is closed for
+            // it) or waits here while every connection is busy; the clients behind it stay in the
+            // listener's accept queue.
+            let permit = match &budget {
+                Some(budget) => tokio::select! {
+                    permit = budget.admit_shedding(&drain) => permit,
+                    () = &mut signal => break,
+                },
+                None => None,
             };
             if let Some(budget) = &budget {
                 budget.update();
