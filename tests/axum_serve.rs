@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::Listener;
 use axum::Router;
-use common::{http_get, within, RawClient};
+use common::{assert_adverts_honest, http_get, within, RawClient};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
-use tower_keepalive::axum::{into_make_service, KeepAliveListener};
-use tower_keepalive::KeepAliveLayer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tower_keepalive::axum::{into_make_service, KeepAliveIo, KeepAliveListener};
+use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 /// The app; `started` is notified when a `/slow` request reaches its handler.
 fn app(started: Arc<Notify>) -> Router {
@@ -51,14 +52,44 @@ struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// A [`KeepAliveListener`] that hands the test the handle of each connection it accepts.
+struct Tapped {
+    inner: KeepAliveListener<TcpListener>,
+    handles: mpsc::UnboundedSender<ConnectionHandle>,
+}
+
+impl Listener for Tapped {
+    type Io = KeepAliveIo<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = self.inner.accept().await;
+        let _ = self.handles.send(io.handle().clone());
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
 async fn start(layer: KeepAliveLayer) -> Server {
+    start_tapped(layer).await.0
+}
+
+/// [`start`], with the handles of the connections accepted, in accept order.
+async fn start_tapped(
+    layer: KeepAliveLayer,
+) -> (Server, mpsc::UnboundedReceiver<ConnectionHandle>) {
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let listener = KeepAliveListener::new(tcp, layer);
+    let inner = KeepAliveListener::new(tcp, layer);
     let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = listener.on_shutdown(async {
+    let shutdown = inner.on_shutdown(async {
         let _ = rx.await;
     });
+    let (handles, accepted) = mpsc::unbounded_channel();
+    let listener = Tapped { inner, handles };
     let slow_started = Arc::new(Notify::new());
     let app = app(slow_started.clone());
     let task = tokio::spawn(async move {
@@ -66,12 +97,13 @@ async fn start(layer: KeepAliveLayer) -> Server {
             .with_graceful_shutdown(shutdown)
             .await
     });
-    Server {
+    let server = Server {
         addr,
         slow_started,
         shutdown: Some(tx),
         task,
-    }
+    };
+    (server, accepted)
 }
 
 #[tokio::test]
@@ -189,4 +221,34 @@ async fn an_idle_h2c_connection_is_closed_after_the_timeout_and_not_before() {
     let _ = within("the server to close the idle connection", conn).await;
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+}
+
+/// A client that trusts the adverts (as undici does), one request every 200 ms, never has its connection
+/// closed under a request: each advert fits in the time left before the maximum age, and the close comes
+/// as `Connection: close` on a response.
+#[tokio::test]
+async fn max_age_adverts_shrink_and_the_close_comes_on_a_response() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_millis(3500))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    let max_age_at = handle.max_age_at().expect("no max age");
+    // Longer than `within`'s bound: the client runs until the maximum age.
+    let exchanges = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.trust_adverts("/", Duration::from_millis(200), 60),
+    )
+    .await
+    .expect("the trusting client timed out");
+    let timeouts = assert_adverts_honest(&exchanges, max_age_at);
+    client.expect_eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+    assert!(
+        timeouts.windows(2).all(|pair| pair[0] >= pair[1]),
+        "adverts grew: {timeouts:?}"
+    );
+    assert_eq!(timeouts.first(), Some(&2), "{timeouts:?}");
 }

@@ -490,6 +490,82 @@ async fn max_age_busy_http2_connection_closes_after_its_stream() {
     assert_eq!(server.next_close().await.reason, CloseReason::MaxAge);
 }
 
+/// Idle timeout 2 s, maximum age 3.5 s exactly: the adverts must shrink over the last two seconds.
+fn honest_max_age_layer() -> KeepAliveLayer {
+    idle(2 * SEC).max_age(ms(3500)).max_age_jitter(0.0)
+}
+
+// 7: a client that trusts the adverts (as undici does), one request every 200 ms, never has its
+// connection closed under a request: each advert fits in the time left before the maximum age, and the
+// close comes as `Connection: close` on a response.
+#[tokio::test]
+async fn max_age_adverts_shrink_and_the_close_comes_on_a_response() {
+    let mut server = start(honest_max_age_layer()).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let exchanges = within(
+        "the trusting client",
+        WAIT,
+        client.trust_adverts("/", ms(200), 60),
+    )
+    .await;
+    // The close comes on a response: the connection ends right after it.
+    if exchanges
+        .last()
+        .is_some_and(|exchange| exchange.response.is_some())
+    {
+        client.expect_eof().await;
+    }
+    let closed = server.next_close().await;
+    let max_age_at = closed.handle.max_age_at().expect("no max age");
+    let timeouts = assert_adverts_honest(&exchanges, max_age_at);
+    assert_eq!(closed.reason, CloseReason::MaxAge, "{closed:?}");
+    assert!(
+        timeouts.windows(2).all(|pair| pair[0] >= pair[1]),
+        "adverts grew: {timeouts:?}"
+    );
+    assert_eq!(timeouts.first(), Some(&2), "{timeouts:?}");
+}
+
+// 7: an idle connection whose last advert runs past its maximum age stays open until the advert has run
+// out, counted from the end of the response, and closes then.
+#[tokio::test]
+async fn max_age_waits_for_the_last_advert_to_run_out() {
+    let mut server = start(honest_max_age_layer()).await;
+    let mut client = RawClient::connect(server.addr).await;
+    // Planned 3 s before the maximum age: `timeout=2`. Answered 1.7 s later, 1.3 s before it: the advert
+    // runs on 0.7 s past the maximum age.
+    tokio::time::sleep(ms(500)).await;
+    let res = client.get("/slow?ms=1700").await;
+    let last_byte = client.last_byte_at;
+    assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+    let timeout = Duration::from_secs(res.advertised_timeout().expect("no timeout="));
+    assert_eq!(timeout, 2 * SEC, "{res:#?}");
+    let eof = client.eof().await;
+    let closed = server.next_close().await;
+    assert_eq!(closed.reason, CloseReason::MaxAge, "{closed:?}");
+    let max_age_at = closed.handle.max_age_at().expect("no max age");
+    let idle_since = closed.handle.idle_since().expect("closed while busy");
+    assert!(
+        idle_since + timeout > max_age_at,
+        "the advert ran out before the maximum age: nothing tested"
+    );
+    // Strict on the server's clock: from the end of the response.
+    assert!(
+        closed.at >= idle_since + timeout,
+        "closed {:?} after the response, before its timeout={}",
+        closed.at.duration_since(idle_since),
+        timeout.as_secs()
+    );
+    assert!(closed.at >= max_age_at, "closed before its maximum age");
+    // The client read the last byte a moment after the server finished the response.
+    assert_between(
+        "EOF after the response's last byte",
+        eof.duration_since(last_byte),
+        timeout - ms(250),
+        timeout + SLACK,
+    );
+}
+
 // 8.
 #[tokio::test]
 async fn drain_http1_finishes_in_flight_closes_idle_refuses_new() {

@@ -27,7 +27,7 @@ use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
 
 #[path = "../raw/mod.rs"]
 mod raw;
-pub use raw::{RawClient, RawResponse};
+pub use raw::{assert_adverts_honest, RawClient, RawResponse};
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);
