@@ -32,7 +32,22 @@ fn app(started: Arc<Notify>) -> Router {
                 "slow"
             }),
         )
+        .route("/stream", get(stream))
         .route("/ws", get(ws))
+}
+
+/// 12 chunks, 200 ms apart: a body that takes 2.2 s after the response head.
+async fn stream() -> Response {
+    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 12 {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(format!("{i}\n")), i + 1))
+    });
+    Response::new(axum::body::Body::from_stream(chunks))
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {
@@ -251,4 +266,70 @@ async fn max_age_adverts_shrink_and_the_close_comes_on_a_response() {
         "adverts grew: {timeouts:?}"
     );
     assert_eq!(timeouts.first(), Some(&2), "{timeouts:?}");
+}
+
+/// An idle connection whose last advert runs past its maximum age stays open until the advert has run
+/// out, counted from the end of the response, and closes then.
+#[tokio::test]
+async fn max_age_waits_for_the_last_advert_to_run_out() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_secs(3))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    // Planned 3 s before the maximum age: `timeout=2`. Answered 2.5 s later, 0.5 s before it: the
+    // advert runs on 1.5 s past the maximum age.
+    let res = client.request(http_get("/slow", "HTTP/1.1", &[])).await;
+    let last_byte = client.last_byte_at;
+    assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+    assert_eq!(res.advertised_timeout(), Some(2), "{res:#?}");
+    let idle_since = handle.idle_since().expect("busy after the response");
+    let max_age_at = handle.max_age_at().expect("no max age");
+    assert!(idle_since + Duration::from_secs(2) > max_age_at);
+    let eof = client.eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+    // Strict from the end of the response on the server's clock; the client read the response a
+    // moment after.
+    assert!(
+        eof >= idle_since + Duration::from_secs(2),
+        "closed {:?} after the response, before its timeout=2",
+        eof.duration_since(idle_since)
+    );
+    let after = eof.duration_since(last_byte);
+    assert!(
+        after < Duration::from_secs(2) + Duration::from_secs(3),
+        "closed {after:?} after the response"
+    );
+}
+
+/// A response whose head went out with keep-alive before the maximum age, and whose body ends after it,
+/// keeps its advert too: a request sent while that runs is answered (with `close`), not cut.
+#[tokio::test]
+async fn max_age_keeps_the_advert_of_a_response_streaming_across_it() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_secs(2))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    // Planned 1.8 s before the maximum age: `timeout=1`. The body ends 0.4 s after the maximum age.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = client.request(http_get("/stream", "HTTP/1.1", &[])).await;
+    assert_eq!(res.body_str().lines().count(), 12);
+    assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+    assert_eq!(res.advertised_timeout(), Some(1), "{res:#?}");
+    assert!(handle.idle_since().expect("busy after the response") > handle.max_age_at().unwrap());
+    // As a client that trusts the advert: the next request well within it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.send(http_get("/", "HTTP/1.1", &[])).await;
+    let res = within("the response", client.try_read_response())
+        .await
+        .expect("the connection was closed under a request sent within its advert");
+    assert_eq!(res.body_str(), "hello");
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
 }
