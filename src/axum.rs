@@ -7,7 +7,8 @@
 //!   [`ConnectionHandle`], carried by its IO ([`KeepAliveIo`]), and a deadline in the listener's timer
 //!   (one task and one heap of deadlines for all its connections, as on the serve path). When the
 //!   connection has been idle for the timeout (nothing in flight, every response body sent), or has
-//!   passed its maximum age, or has been told to close (HTTP/2 maximum requests) and is idle, the next
+//!   passed its maximum age (and the timeout its last response advertised has run out), or has been
+//!   told to close (HTTP/2 maximum requests) and is idle, the next
 //!   read returns end-of-file: hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
 //!   request head, is closed the same way.
 //! - [`into_make_service`] applies the keep-alive layer to the whole router per connection, bound to that
@@ -251,7 +252,10 @@ impl<I> KeepAliveIo<I> {
         // Registered before the state is read: a close decided after this read wakes the task. (A
         // wake-up takes the registration, so it is made on every read; so did the timer this replaces.)
         handle.register_driver(cx.waker());
-        if handle.in_flight() == 0 && handle.pending_close().is_some() {
+        if handle.in_flight() == 0
+            && handle.pending_close().is_some()
+            && handle.may_close_idle(std::time::Instant::now())
+        {
             // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
             *this.closed = true;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 
 use crate::clock::{self, nanos};
-use crate::layer::Config;
+use crate::layer::{Advert, Config};
 
 /// Why a connection was, or is being, closed.
 ///
@@ -175,6 +175,13 @@ pub(crate) struct Shared {
     /// driver was asked to carry it out ([`REQUESTED`]), and whether it must drop the connection now
     /// ([`DROP_NOW`]).
     close: AtomicU8,
+    /// With a maximum age only (always 0 without one): the `timeout=` the last response promised, in
+    /// seconds (advertised or not; 0 before the first response and after one that said `close`), for
+    /// the idle close at the maximum age to wait out. [`u8::MAX`] stands for 255 s or more: the idle
+    /// timeout then, which no promise exceeds. One byte, in what was padding. Written by the layer
+    /// before the response's in-flight mark is released, so whoever sees the connection idle sees the
+    /// promise of the response that made it so.
+    advert_secs: AtomicU8,
     /// Wakes whoever drives the connection when one of the `close` flags is set.
     waker: AtomicWaker,
     /// When the connection's timer next looks at it (a `clock` reading): a timer entry for another time
@@ -206,6 +213,7 @@ impl ConnectionHandle {
                 http2: AtomicBool::new(false),
                 writes: AtomicU32::new(0),
                 close: AtomicU8::new(0),
+                advert_secs: AtomicU8::new(0),
                 waker: AtomicWaker::new(),
                 scheduled_ns: AtomicU64::new(0),
                 grace_ns: AtomicU64::new(u64::MAX),
@@ -380,6 +388,15 @@ impl ConnectionHandle {
         self.decide(reason.to_u8());
     }
 
+    /// Records the close a response carries out (it says `Connection: close`, or switches protocols):
+    /// it is the last response, and it promised no timeout.
+    pub(crate) fn mark_closed_by_response(&self, reason: CloseReason) {
+        self.mark_closing(reason);
+        if self.has_max_age() {
+            self.shared.advert_secs.store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Records a close (`bits`: the reason, maybe with [`REQUESTED`]) if none is recorded yet; the
     /// driver's flags may already be set. Returns whether this was the first decision.
     fn decide(&self, bits: u8) -> bool {
@@ -481,8 +498,58 @@ impl ConnectionHandle {
 
     /// Whether the connection's maximum age has passed.
     pub(crate) fn is_past_max_age(&self) -> bool {
-        let at = self.shared.max_age_at_ns;
-        at != u64::MAX && clock::now_ns() >= at
+        self.has_max_age() && clock::now_ns() >= self.shared.max_age_at_ns
+    }
+
+    /// Whether the connection has a maximum age. No atomic, no clock: a connection without one pays
+    /// for nothing more per request.
+    #[inline(always)]
+    pub(crate) fn has_max_age(&self) -> bool {
+        self.shared.max_age_at_ns != u64::MAX
+    }
+
+    /// For an HTTP/1 response planned now on a connection with a maximum age: its `Keep-Alive` value
+    /// (`None` when not advertised), whose timeout is cut to the whole seconds left before the maximum
+    /// age, and that timeout recorded as the connection's last promise. `Err(MaxAge)` when less than a
+    /// second is left: the response says `close` instead.
+    #[inline(never)]
+    pub(crate) fn max_age_advert(
+        &self,
+        remaining: Option<u64>,
+    ) -> Result<Option<Advert>, CloseReason> {
+        let shared = &*self.shared;
+        let left = shared.max_age_at_ns.saturating_sub(clock::now_ns());
+        let (secs, advert) = shared
+            .config
+            .advert_within(remaining, Duration::from_nanos(left))
+            .ok_or(CloseReason::MaxAge)?;
+        shared
+            .advert_secs
+            .store(u8::try_from(secs).unwrap_or(u8::MAX), Ordering::Relaxed);
+        Ok(advert)
+    }
+
+    /// The timeout the last response promised (see `Shared::advert_secs`); zero without a maximum age.
+    fn last_advert(&self) -> Duration {
+        match self.shared.advert_secs.load(Ordering::Relaxed) {
+            u8::MAX => self.config().idle_timeout,
+            secs => Duration::from_secs(secs.into()),
+        }
+    }
+
+    /// Whether a closing connection with nothing in flight may be closed now. Always, but for its
+    /// maximum age: then not before the timeout its last response promised has run out, counted from
+    /// the end of that response. The client counts from when it read the response, and may send its
+    /// next request until then; a close under that request would be a reset it could not tell from a
+    /// failure (RFC 9112 section 9.3.1: only an idempotent request may be retried).
+    pub(crate) fn may_close_idle(&self, now: Instant) -> bool {
+        if self.shared.advert_secs.load(Ordering::Relaxed) == 0
+            || self.close_reason() != Some(CloseReason::MaxAge)
+        {
+            return true;
+        }
+        self.idle_since()
+            .is_some_and(|since| since + self.last_advert() <= now)
     }
 
     /// Counts a new request and marks it in flight. Returns the request's 1-based number on this connection.
@@ -518,13 +585,22 @@ impl ConnectionHandle {
         }
     }
 
-    /// Why the connection should close at `now`, if it should: past its maximum age, or idle past its
-    /// idle limit (`Pressure` when only the pressure-shortened limit is passed).
+    /// Why the connection should close at `now`, if it should: past its maximum age, while busy (its
+    /// next response says `close`) or idle once the timeout its last response promised has run out; or
+    /// idle past its idle limit (`Pressure` when only the pressure-shortened limit is passed).
     pub(crate) fn due(&self, now: Instant) -> Option<CloseReason> {
+        // Read before the promise: seeing the connection idle means seeing its last response's.
+        let idle_since = self.idle_since();
         if self.max_age_at().is_some_and(|at| at <= now) {
-            return Some(CloseReason::MaxAge);
+            match idle_since {
+                None => return Some(CloseReason::MaxAge),
+                Some(since) if since + self.last_advert() <= now => {
+                    return Some(CloseReason::MaxAge)
+                }
+                Some(_) => {}
+            }
         }
-        let idle = now.saturating_duration_since(self.idle_since()?);
+        let idle = now.saturating_duration_since(idle_since?);
         let limit = self.idle_limit();
         if idle < limit {
             None
@@ -537,16 +613,25 @@ impl ConnectionHandle {
 
     /// When [`due`](Self::due) may next say something, for the connection's one timer: the end of the
     /// idle period if idle; while busy, a re-check later (cheaper than a wake-up on every request);
-    /// never past the maximum age.
+    /// never past the maximum age, or, when idle, past the later of the maximum age and the end of the
+    /// last response's promise.
     #[cfg(feature = "serve")]
     pub(crate) fn next_check(&self) -> Instant {
         let limit = self.idle_limit();
-        let at = match self.idle_since() {
+        let idle_since = self.idle_since();
+        let at = match idle_since {
             Some(since) => since + limit,
             // Not sooner than every 1/16 of the timeout, even when pressure shrinks the limit to nothing.
             None => Instant::now() + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
         };
-        self.max_age_at().map_or(at, |age| age.min(at))
+        let Some(age) = self.max_age_at() else {
+            return at;
+        };
+        let age = match idle_since {
+            Some(since) => age.max(since + self.last_advert()),
+            None => age,
+        };
+        age.min(at)
     }
 }
 
@@ -720,6 +805,84 @@ mod tests {
         drop((guard_a, guard_b, guard_c));
         assert_eq!(handle.in_flight(), 0);
         assert!(handle.idle_since().is_some());
+    }
+
+    #[test]
+    fn past_its_maximum_age_an_idle_connection_waits_out_its_last_advert() {
+        let handle = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_secs(10))
+            .max_age(Duration::ZERO)
+            .max_age_jitter(0.0)
+            .connection();
+        let since = handle.idle_since().unwrap();
+        // No response yet, so no promise: due at the maximum age.
+        assert_eq!(handle.due(since), Some(CloseReason::MaxAge));
+        // The last response promised 2 s: not before they have run out.
+        handle.shared.advert_secs.store(2, Ordering::Relaxed);
+        assert_eq!(handle.due(since + Duration::from_millis(1999)), None);
+        assert_eq!(
+            handle.due(since + Duration::from_secs(2)),
+            Some(CloseReason::MaxAge)
+        );
+        #[cfg(feature = "serve")]
+        assert_eq!(handle.next_check(), since + Duration::from_secs(2));
+        // Busy: its next response says `close`, whatever the last one promised.
+        let (_, guard) = handle.start_request();
+        assert_eq!(handle.due(since), Some(CloseReason::MaxAge));
+        drop(guard);
+
+        // Marked closing for its age while busy: once idle, not closed while the promise runs.
+        let since = handle.idle_since().unwrap();
+        handle.mark_closing(CloseReason::MaxAge);
+        assert!(!handle.may_close_idle(since + Duration::from_millis(1999)));
+        assert!(handle.may_close_idle(since + Duration::from_secs(2)));
+        // A response that says `close` leaves nothing to wait for.
+        handle.mark_closed_by_response(CloseReason::MaxAge);
+        assert!(handle.may_close_idle(since));
+
+        // Closing for another reason: at once.
+        let other = KeepAliveLayer::new().max_age(Duration::ZERO).connection();
+        other.shared.advert_secs.store(2, Ordering::Relaxed);
+        other.close(CloseReason::Drain);
+        assert!(other.may_close_idle(other.idle_since().unwrap()));
+    }
+
+    #[test]
+    fn the_promise_is_the_advert_cut_to_the_seconds_left() {
+        let layer = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_secs(300))
+            .max_age_jitter(0.0);
+        let promise = |handle: &ConnectionHandle| handle.last_advert().as_secs();
+
+        let handle = layer.clone().max_age(Duration::from_secs(60)).connection();
+        let advert = handle.max_age_advert(Some(7)).unwrap().unwrap();
+        assert_eq!(advert.value(), "timeout=59, max=7");
+        assert_eq!(promise(&handle), 59);
+
+        // Past what a byte holds: the idle timeout, which no promise exceeds.
+        let handle = layer
+            .clone()
+            .max_age(Duration::from_secs(1000))
+            .connection();
+        let advert = handle.max_age_advert(Some(7)).unwrap().unwrap();
+        assert_eq!(advert.value(), "timeout=300, max=7");
+        assert_eq!(handle.shared.advert_secs.load(Ordering::Relaxed), u8::MAX);
+        assert_eq!(promise(&handle), 300);
+
+        // Under a second left: `close`, and the last promise stands until that response is sent.
+        let handle = layer.max_age(Duration::from_millis(900)).connection();
+        assert!(matches!(
+            handle.max_age_advert(Some(7)),
+            Err(CloseReason::MaxAge)
+        ));
+        assert_eq!(promise(&handle), 0);
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_state_stays_within_its_96_bytes() {
+        // The handle is one 112-byte allocation (BENCHMARKS.md): 16 for the reference counts, 96 here.
+        assert!(std::mem::size_of::<Shared>() <= 96);
     }
 
     #[test]

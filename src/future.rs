@@ -118,7 +118,7 @@ fn finish(
                 advert,
             );
             if let (Some(reason), Some(h)) = (decided, handle) {
-                h.mark_closing(reason);
+                h.mark_closed_by_response(reason);
             }
             http10 && decided.is_some_and(|reason| reason != CloseReason::Upgraded)
         }

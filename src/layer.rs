@@ -171,16 +171,54 @@ impl KeepAliveLayer {
         self.update(|c| c.http10 = enabled)
     }
 
-    /// The most time one connection may live (off by default). Once reached, the connection closes
-    /// gracefully at its next request boundary: HTTP/1 with `Connection: close` on the next response, or
-    /// at once if idle; HTTP/2 with GOAWAY. Each connection's age is spread by the jitter
+    /// The most time one connection may live (off by default): this rebalances long-lived clients
+    /// across instances behind a load balancer. Each connection's age is spread by the jitter
     /// ([`max_age_jitter`](Self::max_age_jitter)) so that connections opened together do not all
-    /// reconnect together. This rebalances long-lived clients across instances behind a load balancer.
+    /// reconnect together.
+    ///
+    /// The close is never a surprise to a client that trusts the advert. On HTTP/1:
+    ///
+    /// - as the maximum age nears, `Keep-Alive: timeout=` shrinks to the whole seconds left before it
+    ///   (it is never more than the idle timeout, and never promises the connection past its age);
+    /// - the first response planned with less than a second left says `Connection: close` instead, and
+    ///   the connection closes after it (RFC 9112 section 9.6); so does the next response of a
+    ///   connection still busy at its maximum age: a request in flight is never cut;
+    /// - a connection idle at its maximum age is closed once the timeout its last response advertised
+    ///   has run out, counted from the end of that response, never before: a request the client sends
+    ///   meanwhile is answered (with `close`), not reset under it (RFC 9112 section 9.3.1: a client
+    ///   may retry such a request only if it is idempotent). With [`advertise(false)`](Self::advertise)
+    ///   the same timeout is kept, unsaid.
+    ///
+    /// So a connection may outlive its maximum age by the request in flight and up to one advertised
+    /// timeout. HTTP/2 connections get GOAWAY at the maximum age, and the streams in flight finish.
+    ///
+    /// The layer decides what each response says; closing the idle connection is the job of whoever
+    /// drives it (the crate's serve path, or your accept loop with the connection handle).
     ///
     /// ```
     /// use std::time::Duration;
-    /// let layer = tower_keepalive::KeepAliveLayer::new().max_age(Duration::from_secs(300));
+    /// use bytes::Bytes;
+    /// use http::{Request, Response};
+    /// use http_body_util::Full;
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_keepalive::KeepAliveLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), std::convert::Infallible> {
+    /// let layer = KeepAliveLayer::new().max_age(Duration::from_secs(300));
     /// assert_eq!(layer.get_max_age(), Some(Duration::from_secs(300)));
+    ///
+    /// // A connection 3.9 s from its maximum age: 3 whole seconds left, so not the idle timeout's 5.
+    /// let layer = layer.max_age(Duration::from_millis(3900)).max_age_jitter(0.0);
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(layer.bind(layer.connection()))
+    ///     .service_fn(|_req: Request<Full<Bytes>>| async {
+    ///         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("hi"))))
+    ///     });
+    /// let res = svc.oneshot(Request::new(Full::default())).await?;
+    /// assert_eq!(res.headers()["keep-alive"], "timeout=3, max=999");
+    /// # Ok(())
+    /// # }
     /// ```
     pub fn max_age(self, max_age: Duration) -> Self {
         self.update(|c| c.max_age = Some(max_age))
@@ -419,6 +457,36 @@ impl Config {
             let timeout = scaled_timeout(self.idle_timeout, pressure);
             return Some(Advert::format(timeout, remaining));
         }
+        self.table_advert(remaining)
+    }
+
+    /// For a response on a connection whose maximum age is `left` away: the timeout it promises, in
+    /// whole seconds, and its `Keep-Alive` value (`None` when not advertised). The timeout is the one
+    /// [`advert`](Self::advert) gives, cut to the whole seconds left, so that a client that trusts it
+    /// never reuses the connection past its maximum age. `None` when less than a second is left: the
+    /// response must say `close` instead.
+    pub(crate) fn advert_within(
+        &self,
+        remaining: Option<u64>,
+        left: Duration,
+    ) -> Option<(u64, Option<Advert>)> {
+        let pressure = self.stats.pressure();
+        let timeout = scaled_timeout(self.idle_timeout, pressure);
+        let secs = timeout_within(timeout, left)?;
+        let advert = if !self.advertise {
+            None
+        } else if pressure == 0 && secs == timeout.as_secs() {
+            self.table_advert(remaining)
+        } else {
+            // Cut short by the maximum age: only in the last idle timeout of a connection's life.
+            Some(Advert::format(Duration::from_secs(secs), remaining))
+        };
+        Some((secs, advert))
+    }
+
+    /// The `Keep-Alive` value for the configured timeout, from the interned table where it has one.
+    #[inline]
+    fn table_advert(&self, remaining: Option<u64>) -> Option<Advert> {
         let adverts = *self
             .adverts
             .get_or_init(|| interned_adverts(self.idle_timeout.as_secs(), self.max_requests));
@@ -468,6 +536,14 @@ impl Advert {
     }
 }
 
+/// The `timeout=` of a response planned `left` before its connection's maximum age, under the idle
+/// timeout `timeout`: whole seconds rounded down, never more than are left; `None` when less than one
+/// second is left, where `timeout=0` would tell the client only that it must not reuse the connection.
+fn timeout_within(timeout: Duration, left: Duration) -> Option<u64> {
+    let left = left.as_secs();
+    (left > 0).then(|| timeout.as_secs().min(left))
+}
+
 /// `timeout` shortened by `pressure` steps out of [`PRESSURE_STEPS`]. Never below one step: at the hard
 /// limit a connection idle for a sixteenth of the timeout yields, one that has just been answered does
 /// not (its client may be sending the next request right now).
@@ -504,6 +580,71 @@ mod tests {
             .idle_timeout(Duration::from_millis(300))
             .unlimited_requests();
         assert_eq!(unlimited.config.advert(None).unwrap().value(), "timeout=0");
+    }
+
+    #[test]
+    fn the_advertised_timeout_never_outlasts_the_maximum_age() {
+        let t = Duration::from_millis(2500);
+        // Far from the maximum age: the idle timeout, floored.
+        assert_eq!(timeout_within(t, Duration::from_secs(60)), Some(2));
+        assert_eq!(timeout_within(t, Duration::from_millis(2000)), Some(2));
+        // Closer: the whole seconds left.
+        assert_eq!(timeout_within(t, Duration::from_millis(1999)), Some(1));
+        assert_eq!(timeout_within(t, Duration::from_millis(1000)), Some(1));
+        // Under a second left: no advert, the response says `close`.
+        assert_eq!(timeout_within(t, Duration::from_millis(999)), None);
+        assert_eq!(timeout_within(t, Duration::ZERO), None);
+        // A sub-second idle timeout advertises `timeout=0` as it always does.
+        assert_eq!(
+            timeout_within(Duration::from_millis(500), Duration::from_secs(9)),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn adverts_within_a_maximum_age_come_from_the_table_until_cut_short() {
+        let layer = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_secs(5))
+            .max_requests(10);
+        let c = &layer.config;
+        let (secs, advert) = c.advert_within(Some(3), Duration::from_secs(30)).unwrap();
+        assert_eq!(secs, 5);
+        assert!(matches!(advert, Some(Advert::Table(_))), "{advert:?}");
+        assert_eq!(advert.unwrap().value(), "timeout=5, max=3");
+
+        let (secs, advert) = c
+            .advert_within(Some(3), Duration::from_millis(3900))
+            .unwrap();
+        assert_eq!(secs, 3);
+        assert!(matches!(advert, Some(Advert::Format { .. })), "{advert:?}");
+        assert_eq!(advert.unwrap().value(), "timeout=3, max=3");
+
+        assert!(c
+            .advert_within(Some(3), Duration::from_millis(900))
+            .is_none());
+
+        // Not advertised: the promise is still what the response would have said.
+        let quiet = layer.advertise(false);
+        let (secs, advert) = quiet
+            .config
+            .advert_within(Some(3), Duration::from_millis(1500))
+            .unwrap();
+        assert_eq!((secs, advert.is_none()), (1, true));
+    }
+
+    #[test]
+    fn adverts_within_a_maximum_age_shrink_with_pressure_too() {
+        let layer = KeepAliveLayer::new()
+            .idle_timeout(Duration::from_secs(16))
+            .unlimited_requests();
+        let c = &layer.config;
+        c.stats.set_pressure(8);
+        let (secs, advert) = c.advert_within(None, Duration::from_secs(60)).unwrap();
+        assert_eq!(secs, 8);
+        assert_eq!(advert.unwrap().value(), "timeout=8");
+        let (secs, advert) = c.advert_within(None, Duration::from_millis(6500)).unwrap();
+        assert_eq!(secs, 6);
+        assert_eq!(advert.unwrap().value(), "timeout=6");
     }
 
     #[test]

@@ -54,7 +54,9 @@
 //! **HTTP/1.1**: each response carries `Connection: keep-alive` and `Keep-Alive: timeout=T, max=R`. `T`
 //! is the idle timeout in whole seconds rounded down (a client that honours it never finds its reused
 //! connection closed under it), `R` the requests this connection still accepts after this one, counting
-//! down as Apache does. The response that uses up the limit says `Connection: close` and nothing about
+//! down as Apache does. With a [maximum age](KeepAliveLayer::max_age), `T` shrinks to the whole seconds
+//! left as it nears, the response planned with less than a second left says `Connection: close`, and a
+//! connection idle at its maximum age is closed only once its last `T` has run out. The response that uses up the limit says `Connection: close` and nothing about
 //! keep-alive; hyper then closes the connection after it, and pipelined requests sent behind it are not
 //! processed.
 //!

@@ -219,14 +219,20 @@ fn plan(
         }
         _ => None,
     };
-    if let Some(h) = handle {
-        if close.is_none() && h.is_past_max_age() {
-            close = Some(CloseReason::MaxAge);
-        }
-    }
-    let advert = match close {
-        None if config.advertise => config.advert(remaining),
-        _ => None,
+    let advert = match handle {
+        // Behind the one check a connection without a maximum age makes anyway: the clock, the
+        // shortened advert and the promise to keep are for connections with one.
+        Some(h) if close.is_none() && h.has_max_age() => match h.max_age_advert(remaining) {
+            Ok(advert) => advert,
+            Err(reason) => {
+                close = Some(reason);
+                None
+            }
+        },
+        _ => match close {
+            None if config.advertise => config.advert(remaining),
+            _ => None,
+        },
     };
     let plan = Plan::Http1 {
         http10,

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
+use axum::serve::Listener;
 use axum::Router;
-use common::{http_get, within, RawClient};
+use common::{assert_adverts_honest, http_get, within, RawClient};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
-use tower_keepalive::axum::{into_make_service, KeepAliveListener};
-use tower_keepalive::KeepAliveLayer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tower_keepalive::axum::{into_make_service, KeepAliveIo, KeepAliveListener};
+use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 /// The app; `started` is notified when a `/slow` request reaches its handler.
 fn app(started: Arc<Notify>) -> Router {
@@ -31,7 +32,22 @@ fn app(started: Arc<Notify>) -> Router {
                 "slow"
             }),
         )
+        .route("/stream", get(stream))
         .route("/ws", get(ws))
+}
+
+/// 12 chunks, 200 ms apart: a body that takes 2.2 s after the response head.
+async fn stream() -> Response {
+    let chunks = futures_util::stream::unfold(0u32, |i| async move {
+        if i == 12 {
+            return None;
+        }
+        if i > 0 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(format!("{i}\n")), i + 1))
+    });
+    Response::new(axum::body::Body::from_stream(chunks))
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {
@@ -51,14 +67,44 @@ struct Server {
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// A [`KeepAliveListener`] that hands the test the handle of each connection it accepts.
+struct Tapped {
+    inner: KeepAliveListener<TcpListener>,
+    handles: mpsc::UnboundedSender<ConnectionHandle>,
+}
+
+impl Listener for Tapped {
+    type Io = KeepAliveIo<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (io, addr) = self.inner.accept().await;
+        let _ = self.handles.send(io.handle().clone());
+        (io, addr)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+}
+
 async fn start(layer: KeepAliveLayer) -> Server {
+    start_tapped(layer).await.0
+}
+
+/// [`start`], with the handles of the connections accepted, in accept order.
+async fn start_tapped(
+    layer: KeepAliveLayer,
+) -> (Server, mpsc::UnboundedReceiver<ConnectionHandle>) {
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
-    let listener = KeepAliveListener::new(tcp, layer);
+    let inner = KeepAliveListener::new(tcp, layer);
     let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = listener.on_shutdown(async {
+    let shutdown = inner.on_shutdown(async {
         let _ = rx.await;
     });
+    let (handles, accepted) = mpsc::unbounded_channel();
+    let listener = Tapped { inner, handles };
     let slow_started = Arc::new(Notify::new());
     let app = app(slow_started.clone());
     let task = tokio::spawn(async move {
@@ -66,12 +112,13 @@ async fn start(layer: KeepAliveLayer) -> Server {
             .with_graceful_shutdown(shutdown)
             .await
     });
-    Server {
+    let server = Server {
         addr,
         slow_started,
         shutdown: Some(tx),
         task,
-    }
+    };
+    (server, accepted)
 }
 
 #[tokio::test]
@@ -189,4 +236,100 @@ async fn an_idle_h2c_connection_is_closed_after_the_timeout_and_not_before() {
     let _ = within("the server to close the idle connection", conn).await;
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+}
+
+/// A client that trusts the adverts (as undici does), one request every 200 ms, never has its connection
+/// closed under a request: each advert fits in the time left before the maximum age, and the close comes
+/// as `Connection: close` on a response.
+#[tokio::test]
+async fn max_age_adverts_shrink_and_the_close_comes_on_a_response() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_millis(3500))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    let max_age_at = handle.max_age_at().expect("no max age");
+    // Longer than `within`'s bound: the client runs until the maximum age.
+    let exchanges = tokio::time::timeout(
+        Duration::from_secs(15),
+        client.trust_adverts("/", Duration::from_millis(200), 60),
+    )
+    .await
+    .expect("the trusting client timed out");
+    let timeouts = assert_adverts_honest(&exchanges, max_age_at);
+    client.expect_eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+    assert!(
+        timeouts.windows(2).all(|pair| pair[0] >= pair[1]),
+        "adverts grew: {timeouts:?}"
+    );
+    assert_eq!(timeouts.first(), Some(&2), "{timeouts:?}");
+}
+
+/// An idle connection whose last advert runs past its maximum age stays open until the advert has run
+/// out, counted from the end of the response, and closes then.
+#[tokio::test]
+async fn max_age_waits_for_the_last_advert_to_run_out() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_secs(3))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    // Planned 3 s before the maximum age: `timeout=2`. Answered 2.5 s later, 0.5 s before it: the
+    // advert runs on 1.5 s past the maximum age.
+    let res = client.request(http_get("/slow", "HTTP/1.1", &[])).await;
+    let last_byte = client.last_byte_at;
+    assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+    assert_eq!(res.advertised_timeout(), Some(2), "{res:#?}");
+    let idle_since = handle.idle_since().expect("busy after the response");
+    let max_age_at = handle.max_age_at().expect("no max age");
+    assert!(idle_since + Duration::from_secs(2) > max_age_at);
+    let eof = client.eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+    // Strict from the end of the response on the server's clock; the client read the response a
+    // moment after.
+    assert!(
+        eof >= idle_since + Duration::from_secs(2),
+        "closed {:?} after the response, before its timeout=2",
+        eof.duration_since(idle_since)
+    );
+    let after = eof.duration_since(last_byte);
+    assert!(
+        after < Duration::from_secs(2) + Duration::from_secs(3),
+        "closed {after:?} after the response"
+    );
+}
+
+/// A response whose head went out with keep-alive before the maximum age, and whose body ends after it,
+/// keeps its advert too: a request sent while that runs is answered (with `close`), not cut.
+#[tokio::test]
+async fn max_age_keeps_the_advert_of_a_response_streaming_across_it() {
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(2))
+        .max_age(Duration::from_secs(2))
+        .max_age_jitter(0.0);
+    let (server, mut accepted) = start_tapped(layer).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let handle = within("the accept", accepted.recv()).await.unwrap();
+    // Planned 1.8 s before the maximum age: `timeout=1`. The body ends 0.4 s after the maximum age.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let res = client.request(http_get("/stream", "HTTP/1.1", &[])).await;
+    assert_eq!(res.body_str().lines().count(), 12);
+    assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+    assert_eq!(res.advertised_timeout(), Some(1), "{res:#?}");
+    assert!(handle.idle_since().expect("busy after the response") > handle.max_age_at().unwrap());
+    // As a client that trusts the advert: the next request well within it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    client.send(http_get("/", "HTTP/1.1", &[])).await;
+    let res = within("the response", client.try_read_response())
+        .await
+        .expect("the connection was closed under a request sent within its advert");
+    assert_eq!(res.body_str(), "hello");
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
 }

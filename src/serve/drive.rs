@@ -374,7 +374,9 @@ impl ConnectionHandle {
     ///   (HTTP/1 at once, HTTP/2 with GOAWAY); a connection that never sends a request is closed after
     ///   the timeout too, and one that has started a request head but not finished it is dropped shortly
     ///   after;
-    /// - maximum age: the connection closes gracefully at its next request boundary;
+    /// - maximum age: HTTP/1 closes after a response that says `close` (the first one with less than a
+    ///   second left before the maximum age, or the next one if busy then), or, idle, once the timeout
+    ///   its last response advertised has run out; HTTP/2 gets GOAWAY;
     /// - a close decided by the layer (HTTP/2 maximum requests) or with [`close`](Self::close) is
     ///   carried out (HTTP/2: GOAWAY).
     ///
@@ -426,14 +428,21 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         }
         return Some(now + GRACE);
     }
-    if let Some(reason) = handle.due(now) {
-        handle.close(reason);
+    match handle.due(now) {
+        // HTTP/1 past its maximum age closes on a response that says `close`, or once idle and its last
+        // advert has run out (below): asking the driver now would close it right after a response that
+        // went out with keep-alive before the maximum age.
+        Some(CloseReason::MaxAge) if !handle.is_http2() => handle.mark_closing(CloseReason::MaxAge),
+        Some(reason) => {
+            handle.close(reason);
+        }
+        None => {}
     }
     if handle.is_closing() {
         // Closing, maybe for a reason the protocol has not carried out (a response still streaming, an
         // HTTP/2 connection): once idle, the driver closes it. A deadline already past must not be
         // kept, or the timer would fire again at once, and again.
-        if handle.in_flight() == 0 {
+        if handle.in_flight() == 0 && handle.may_close_idle(now) {
             handle.request_driver();
         }
         Some(handle.next_check().max(now + CLOSING_RECHECK))

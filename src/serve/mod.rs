@@ -13,8 +13,13 @@
 //!   detection runs no timer of its own);
 //! - **maximum requests**: HTTP/1 says `Connection: close` on the last response; HTTP/2 gets GOAWAY after
 //!   the last stream (RFC 9113 section 6.8), and the streams in flight finish;
-//! - **maximum age** (off by default, jittered per connection): a graceful close at the next request
-//!   boundary;
+//! - **maximum age** (off by default, jittered per connection): as it nears, HTTP/1 responses advertise
+//!   no more than the whole seconds left before it (`Keep-Alive: timeout=`), and the first response
+//!   planned with less than a second left, or the next response of a connection still busy at its
+//!   maximum age, says `Connection: close` (RFC 9112 section 9.6). A connection idle at its maximum age
+//!   is closed once the timeout its last response advertised has run out, counted from the end of that
+//!   response: a client that trusts the advert never has the connection closed under a request. HTTP/2
+//!   gets GOAWAY at the maximum age, and the streams in flight finish;
 //! - **drain** on a shutdown signal: idle connections close at once, requests in flight finish with
 //!   `Connection: close` (HTTP/1) or after GOAWAY (HTTP/2); the serve future returns once every connection
 //!   is gone, or when the drain deadline passes;

@@ -28,6 +28,9 @@ use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
 #[path = "../raw/mod.rs"]
 mod raw;
 pub use raw::{RawClient, RawResponse};
+// For the files that check adverts against a maximum age; the others leave it unused.
+#[allow(unused_imports)]
+pub use raw::assert_adverts_honest;
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);

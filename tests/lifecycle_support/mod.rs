@@ -31,7 +31,7 @@ use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 #[path = "../raw/mod.rs"]
 mod raw;
-pub use raw::{get_request, is_reset, within, RawClient};
+pub use raw::{assert_adverts_honest, get_request, is_reset, within, RawClient};
 
 /// The bound on any single wait that has no tighter bound of its own.
 pub const WAIT: Duration = Duration::from_secs(10);

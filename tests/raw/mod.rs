@@ -82,6 +82,78 @@ impl RawResponse {
     pub fn body_str(&self) -> &str {
         std::str::from_utf8(&self.body).expect("body is not UTF-8")
     }
+
+    /// The `timeout=` of the response's `Keep-Alive`, in seconds, if it has one.
+    pub fn advertised_timeout(&self) -> Option<u64> {
+        self.header("keep-alive")?
+            .split(',')
+            .filter_map(|param| param.trim().split_once('='))
+            .find(|(name, _)| name.trim().eq_ignore_ascii_case("timeout"))
+            .map(|(_, value)| value.trim().parse().expect("bad timeout="))
+    }
+}
+
+/// One request of [`RawClient::trust_adverts`]: when it was sent, and its response, or `None` when the
+/// connection ended instead.
+#[derive(Debug)]
+pub struct Exchange {
+    pub sent: Instant,
+    pub response: Option<RawResponse>,
+    /// When the response's last byte came, or the end of the connection.
+    pub received: Instant,
+}
+
+/// Checks what [`RawClient::trust_adverts`] saw of a connection whose maximum age falls at `max_age_at`:
+/// every advert before the close was no longer than the time really left before the maximum age,
+/// counted from when its request was sent (the server planned the response after that); the close came
+/// as a response saying `close`, in the last second before the maximum age (when less than a second is
+/// left, none is advertised), never as the connection ending under a request sent while the last advert
+/// still ran. Returns the timeouts advertised, in order.
+#[track_caller]
+pub fn assert_adverts_honest(exchanges: &[Exchange], max_age_at: Instant) -> Vec<u64> {
+    let mut timeouts = Vec::new();
+    let Some((last, before)) = exchanges.split_last() else {
+        panic!("no request sent");
+    };
+    for (i, exchange) in before.iter().enumerate() {
+        let res = exchange
+            .response
+            .as_ref()
+            .expect("only the last may have no response");
+        assert_eq!(res.header("connection"), Some("keep-alive"), "{res:#?}");
+        let timeout = res
+            .advertised_timeout()
+            .unwrap_or_else(|| panic!("no timeout= advertised: {res:#?}"));
+        let left = max_age_at.saturating_duration_since(exchange.sent);
+        assert!(
+            Duration::from_secs(timeout) <= left,
+            "request {i} sent {left:?} before the maximum age was answered with timeout={timeout}"
+        );
+        timeouts.push(timeout);
+    }
+    let Some(res) = &last.response else {
+        let (advert, answered) = before
+            .last()
+            .map(|prev| (timeouts.last().copied(), prev.received))
+            .unwrap_or((None, last.sent));
+        panic!(
+            "the connection ended under request {}, sent {:?} after a response advertising \
+             timeout={advert:?} ({:?} before the maximum age)",
+            before.len(),
+            last.sent.duration_since(answered),
+            max_age_at.saturating_duration_since(last.sent),
+        );
+    };
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    assert!(res.values("keep-alive").is_empty(), "{res:#?}");
+    // The server planned the close with less than a second left, then the client read it; the handle's
+    // `Instant` errs late by nanoseconds, hence the millisecond.
+    let early = (max_age_at - Duration::from_secs(1)).saturating_duration_since(last.received);
+    assert!(
+        early <= Duration::from_millis(1),
+        "the close came {early:?} before the last second of the maximum age"
+    );
+    timeouts
 }
 
 /// A raw HTTP/1 client over any stream (TCP unless said otherwise).
@@ -130,6 +202,78 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         within("write", WAIT, self.stream.write_all(bytes.as_ref()))
             .await
             .unwrap();
+    }
+
+    /// Sends `bytes`; `false` if the server had reset or closed the connection.
+    async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> bool {
+        match within("write", WAIT, self.stream.write_all(bytes.as_ref())).await {
+            Ok(()) => true,
+            Err(err) if is_reset(&err) => {
+                self.reset = true;
+                self.eof_at.get_or_insert_with(Instant::now);
+                false
+            }
+            Err(err) => panic!("write failed: {err}"),
+        }
+    }
+
+    /// Reads one response, or `None` if the connection ends (a close or a reset) before its first byte.
+    pub async fn try_read_response(&mut self) -> Option<RawResponse> {
+        if self.buf.is_empty() && self.fill().await == 0 {
+            return None;
+        }
+        Some(self.read_response().await)
+    }
+
+    /// A client that trusts the adverts, as undici does: sends `GET path` every `period` (from one send to
+    /// the next) on this one connection for as long as the last response allows it, and stops at a
+    /// response that says `Connection: close`, at the end of the connection, or after `limit` requests.
+    /// Panics if a response that keeps the connection alive advertises no `timeout=`, or one that the
+    /// next request would miss (the period is meant to be well within it).
+    pub async fn trust_adverts(
+        &mut self,
+        path: &str,
+        period: Duration,
+        limit: usize,
+    ) -> Vec<Exchange> {
+        let request = get_request(path);
+        let mut exchanges: Vec<Exchange> = Vec::new();
+        while exchanges.len() < limit {
+            if let Some(prev) = exchanges.last() {
+                tokio::time::sleep_until((prev.sent + period).into()).await;
+            }
+            let sent = Instant::now();
+            if let Some(prev) = exchanges.last() {
+                let advert = prev
+                    .response
+                    .as_ref()
+                    .and_then(RawResponse::advertised_timeout);
+                let valid_until = advert.map(|t| prev.received + Duration::from_secs(t));
+                assert!(
+                    valid_until.is_some_and(|until| sent < until),
+                    "the client fell behind: {:?} after a response advertising timeout={advert:?}",
+                    sent.duration_since(prev.received)
+                );
+            }
+            let response = if self.try_send(&request).await {
+                self.try_read_response().await
+            } else {
+                None
+            };
+            let received = Instant::now();
+            let close = response
+                .as_ref()
+                .is_none_or(|res| res.header("connection") != Some("keep-alive"));
+            exchanges.push(Exchange {
+                sent,
+                response,
+                received,
+            });
+            if close {
+                break;
+            }
+        }
+        exchanges
     }
 
     /// Sends `request` and reads one response to it.
