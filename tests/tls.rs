@@ -67,10 +67,7 @@ impl Drop for Server {
 }
 
 /// Serves `/` (`hello`) over TLS on 127.0.0.1 with `layer`, and the handshake timeout if given.
-async fn start(
-    layer: KeepAliveLayer,
-    handshake_timeout: Option<Duration>,
-) -> Server {
+async fn start(layer: KeepAliveLayer, handshake_timeout: Option<Duration>) -> Server {
     let (config, roots) = certificate();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -280,10 +277,7 @@ async fn a_stalled_handshake_times_out_and_the_server_keeps_serving() {
 
     let mut client = RawClient::new(server.connect(&[b"http/1.1"]).await);
     assert_eq!(client.get("/").await.status, 200);
-    assert_eq!(
-        server.stats.snapshot().closed(CloseReason::TlsHandshake),
-        2
-    );
+    assert_eq!(server.stats.snapshot().closed(CloseReason::TlsHandshake), 2);
 }
 
 #[tokio::test]

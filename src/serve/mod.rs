@@ -22,6 +22,8 @@
 //!   the idle timeout shrinks, and idle connections may be closed *before* the `timeout=` their last
 //!   response advertised, longest idle first (close reason [`CloseReason::Pressure`]); this is the one
 //!   exception to the promise above, and the trade it makes is admitting new clients;
+//! - **TLS** (feature `tls`, [`Serve::tls`]): the same lifecycle over rustls, the protocol chosen by
+//!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
 //!

@@ -85,14 +85,13 @@ pub fn config_from_pem(
         return Err(invalid(cert_path, "no certificate found"));
     }
     let key = PrivateKeyDer::from_pem_file(key_path).map_err(|err| pem_error(key_path, err))?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|err| invalid(cert_path, err))?
-    .with_no_client_auth()
-    .with_single_cert(certs, key)
-    .map_err(|err| invalid(key_path, err))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|err| invalid(cert_path, err))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|err| invalid(key_path, err))?;
     config.alpn_protocols = vec![H2.to_vec(), HTTP_1_1.to_vec()];
     Ok(config)
 }
@@ -217,11 +216,7 @@ impl Accepted {
 /// Runs the TLS handshake of `handle`'s connection. `None` if it failed or timed out (the close
 /// reason is then [`CloseReason::TlsHandshake`]), or if the connection was told to close meanwhile
 /// (idle timeout, budget, drain: the reason is theirs).
-async fn handshake<I>(
-    acceptor: &Acceptor,
-    io: I,
-    handle: &ConnectionHandle,
-) -> Option<TlsStream<I>>
+async fn handshake<I>(acceptor: &Acceptor, io: I, handle: &ConnectionHandle) -> Option<TlsStream<I>>
 where
     I: AsyncRead + AsyncWrite + Unpin,
 {
@@ -377,7 +372,11 @@ mod tests {
 
     #[tokio::test]
     async fn http1_passes_even_when_it_starts_like_the_preface() {
-        for input in [&b"GET / HTTP/1.1\r\n\r\n"[..], b"PRI * HTTP/1.1\r\n\r\n", b"PR"] {
+        for input in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"PRI * HTTP/1.1\r\n\r\n",
+            b"PR",
+        ] {
             for chunk in [1, 3, 64] {
                 assert_eq!(read_all(input, chunk).await.unwrap(), input);
             }
