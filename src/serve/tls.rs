@@ -300,6 +300,8 @@ impl<I: AsyncRead> AsyncRead for Http1Only<I> {
             // At most 24.
             *this.matched += n as u8;
             if usize::from(*this.matched) == PREFACE.len() {
+                // A read that fails hands over no bytes.
+                buf.set_filled(before);
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "HTTP/2 preface on a TLS connection that negotiated HTTP/1.1",
