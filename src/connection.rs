@@ -59,10 +59,13 @@ pub enum CloseReason {
     /// The server was short of connections (above its soft connection limit): idle connections were
     /// closed early, longest idle first, to admit new clients.
     Pressure,
+    /// The TLS handshake failed or did not finish within the handshake timeout (the serve path with
+    /// feature `tls`): the connection never spoke HTTP.
+    TlsHandshake,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 9;
+    pub(crate) const COUNT: usize = 10;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -73,6 +76,7 @@ impl CloseReason {
         CloseReason::Error,
         CloseReason::Upgraded,
         CloseReason::Pressure,
+        CloseReason::TlsHandshake,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -91,6 +95,7 @@ impl CloseReason {
             CloseReason::Error => "error",
             CloseReason::Upgraded => "upgraded",
             CloseReason::Pressure => "pressure",
+            CloseReason::TlsHandshake => "tls_handshake",
         }
     }
 

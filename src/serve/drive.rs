@@ -354,6 +354,14 @@ impl DrainWatcher {
         async move { self.drive_pinned(&handle, conn.as_mut()).await }
     }
 
+    /// Hands the connection to the drain's timers before it is driven (during a TLS handshake), so that
+    /// its idle timeout, the budget's shedding and a drain reach it as they reach a connection that has
+    /// not sent a request yet: each decides a close through the handle, which wakes its task.
+    #[cfg(feature = "tls")]
+    pub(crate) fn watch_undriven(&self, handle: &ConnectionHandle) {
+        self.timers.start(handle);
+    }
+
     /// As [`drive`](Self::drive), with the connection pinned by the caller (stored once, not moved into
     /// each future on the way) and the watcher left counting until the caller drops it: the serve path
     /// reports the close first.

@@ -27,6 +27,8 @@
 //!   the idle timeout shrinks, and idle connections may be closed *before* the `timeout=` their last
 //!   response advertised, longest idle first (close reason [`CloseReason::Pressure`]); this is the one
 //!   exception to the promise above, and the trade it makes is admitting new clients;
+//! - **TLS** (feature `tls`, [`Serve::tls`]): the same lifecycle over rustls, the protocol chosen by
+//!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
 //!
@@ -60,6 +62,9 @@
 mod budget;
 mod drive;
 mod listener;
+#[cfg(feature = "tls")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+pub mod tls;
 mod watched;
 
 use std::fmt;
@@ -82,7 +87,7 @@ pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
 pub use watched::WatchedIo;
 
-use budget::{Budget, Limits};
+use budget::{Admission, Budget, Limits};
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -113,6 +118,8 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         on_close: None,
         limits: Limits::from_fd_limit(),
         builder: default_builder(),
+        #[cfg(feature = "tls")]
+        tls: tls::Settings::default(),
     }
 }
 
@@ -158,6 +165,8 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     on_close: Option<OnClose>,
     limits: Option<Limits>,
     builder: auto::Builder<TokioExecutor>,
+    #[cfg(feature = "tls")]
+    tls: tls::Settings,
 }
 
 impl<L, S, F> Serve<L, S, F> {
@@ -209,6 +218,8 @@ impl<L, S, F> Serve<L, S, F> {
             on_close: self.on_close,
             limits: self.limits,
             builder: self.builder,
+            #[cfg(feature = "tls")]
+            tls: self.tls,
         }
     }
 
@@ -350,6 +361,64 @@ impl<L, S, F> Serve<L, S, F> {
         self.on_close = Some(Arc::new(f));
         self
     }
+
+    /// Serves HTTPS: every accepted connection is a TLS connection, with `config` (see
+    /// [`tls::config_from_pem`] for one read from PEM files).
+    ///
+    /// What a client sees:
+    ///
+    /// - ALPN decides the protocol: `h2` is served as HTTP/2 only, `http/1.1` (or no ALPN) as HTTP/1
+    ///   only, so a client that negotiated HTTP/1.1 cannot switch to HTTP/2 by sending the preface. A
+    ///   config with no ALPN protocols is given `["h2", "http/1.1"]` (only one of them when
+    ///   [`http_builder`](Self::http_builder) restricted the builder to it).
+    /// - The handshake runs in the connection's own task, never on the accept loop, bounded by
+    ///   [`tls_handshake_timeout`](Self::tls_handshake_timeout) (10 s by default). A connection whose
+    ///   handshake fails or times out is closed, logged at `debug`, with close reason
+    ///   [`CloseReason::TlsHandshake`].
+    /// - The handshake counts as the start of the connection's first idle period, as the silence of a
+    ///   plain connection does: the idle timeout (shortened under connection pressure) ends a handshake
+    ///   that outlasts it (close reason [`CloseReason::Idle`]), the connection budget counts it and may
+    ///   shed it, and a drain drops it at once. Past the handshake, the idle timeout, maximum requests,
+    ///   maximum age, drain, budget and stats apply to the connection as to a plain one, and closing it
+    ///   sends TLS `close_notify`.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+    /// let config = tower_keepalive::serve::tls::config_from_pem("cert.pem", "key.pem")?;
+    /// tower_keepalive::serve(listener, app).tls(config).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls(mut self, config: impl Into<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls.config = Some(config.into());
+        self
+    }
+
+    /// How long a TLS handshake may take before the connection is closed (default: 10 s). See
+    /// [`tls`](Self::tls).
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// # let config = tower_keepalive::serve::tls::config_from_pem("cert.pem", "key.pem")?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .tls(config)
+    ///     .tls_handshake_timeout(std::time::Duration::from_secs(5))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.tls.handshake_timeout = timeout;
+        self
+    }
 }
 
 impl<L, S, F> fmt::Debug for Serve<L, S, F>
@@ -406,9 +475,16 @@ where
             on_close,
             limits,
             builder,
+            #[cfg(feature = "tls")]
+            tls,
         } = self;
         // What every connection's task needs from the server, behind one pointer.
-        let shared = Arc::new(ConnectionsShared { builder, on_close });
+        let shared = Arc::new(ConnectionsShared {
+            #[cfg(feature = "tls")]
+            tls: tls.acceptor(&builder),
+            builder,
+            on_close,
+        });
         // A layer reused after an earlier server drained starts serving again.
         layer.config.stats.set_draining(false);
         let drain = Drain::new();
@@ -457,42 +533,29 @@ where
             let handle = layer.connection();
             let svc = KeepAlive::bound(service.clone(), handle.clone());
             let watcher = drain.watcher();
-            let shared = shared.clone();
             let span = tracing::debug_span!("connection", peer = ?addr);
+            #[cfg(feature = "tls")]
+            if let Some(acceptor) = &shared.tls {
+                let accepted = tls::Accepted {
+                    acceptor: acceptor.clone(),
+                    handle,
+                    watcher,
+                    permit,
+                    shared: shared.clone(),
+                };
+                spawn_connection(accepted.serve(io, svc), span);
+                continue;
+            }
+            let shared = shared.clone();
             let task = async move {
                 // Pinned here, once: the connection is the largest part of the task.
                 let conn = pin!(shared.builder.serve_connection_with_upgrades(
                     TokioIo::new(WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(svc),
                 ));
-                // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection:
-                // its close is still reported and counted, then the panic goes on.
-                let (reason, panic) =
-                    match CatchUnwind::new(watcher.drive_pinned(&handle, conn)).await {
-                        Ok(reason) => (reason, None),
-                        Err(panic) => {
-                            handle.mark_closing(CloseReason::Error);
-                            let reason = handle.close_reason().unwrap_or(CloseReason::Error);
-                            handle.report_closed(reason);
-                            (reason, Some(panic))
-                        }
-                    };
-                if let Some(on_close) = &shared.on_close {
-                    on_close(&handle, reason);
-                }
-                // Only now does the connection stop counting for the drain: `on_close` has run.
-                drop(watcher);
-                drop(permit);
-                if let Some(panic) = panic {
-                    std::panic::resume_unwind(panic);
-                }
+                handle_connection(conn, &handle, watcher, permit, &shared).await;
             };
-            // A disabled span (no subscriber wants it) would still take its room in every task.
-            if span.is_disabled() {
-                tokio::spawn(task);
-            } else {
-                tokio::spawn(tracing::Instrument::instrument(task, span));
-            }
+            spawn_connection(task, span);
         }
 
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
@@ -508,6 +571,60 @@ where
 struct ConnectionsShared {
     builder: auto::Builder<TokioExecutor>,
     on_close: Option<OnClose>,
+    #[cfg(feature = "tls")]
+    tls: Option<tls::Acceptor>,
+}
+
+/// Spawns a connection's task, in its `tracing` span if anyone listens.
+fn spawn_connection<T: Future<Output = ()> + Send + 'static>(task: T, span: tracing::Span) {
+    // A disabled span (no subscriber wants it) would still take its room in every task.
+    if span.is_disabled() {
+        tokio::spawn(task);
+    } else {
+        tokio::spawn(tracing::Instrument::instrument(task, span));
+    }
+}
+
+/// Drives one accepted connection's hyper connection through its lifecycle, then reports its close
+/// ([`closed`]). Plain and TLS connections alike.
+async fn handle_connection<C: GracefulConnection>(
+    conn: Pin<&mut C>,
+    handle: &ConnectionHandle,
+    watcher: DrainWatcher,
+    permit: Option<Admission>,
+    shared: &ConnectionsShared,
+) {
+    // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection: its close
+    // is still reported and counted, then the panic goes on.
+    let (reason, panic) = match CatchUnwind::new(watcher.drive_pinned(handle, conn)).await {
+        Ok(reason) => (reason, None),
+        Err(panic) => {
+            handle.mark_closing(CloseReason::Error);
+            let reason = handle.close_reason().unwrap_or(CloseReason::Error);
+            handle.report_closed(reason);
+            (reason, Some(panic))
+        }
+    };
+    closed(shared, handle, reason, watcher, permit);
+    if let Some(panic) = panic {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// A connection has closed (and was counted) for `reason`: runs `on_close`, and only then lets the
+/// connection stop counting for the drain and give back its room in the budget.
+fn closed(
+    shared: &ConnectionsShared,
+    handle: &ConnectionHandle,
+    reason: CloseReason,
+    watcher: DrainWatcher,
+    permit: Option<Admission>,
+) {
+    if let Some(on_close) = &shared.on_close {
+        on_close(handle, reason);
+    }
+    drop(watcher);
+    drop(permit);
 }
 
 pin_project_lite::pin_project! {

@@ -31,6 +31,8 @@ use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 #[path = "../raw/mod.rs"]
 mod raw;
+// Not every test file uses each of them.
+#[allow(unused_imports)]
 pub use raw::{assert_adverts_honest, get_request, is_reset, within, RawClient};
 
 /// The bound on any single wait that has no tighter bound of its own.

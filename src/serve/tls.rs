@@ -1,0 +1,387 @@
+//! TLS on the serve path (feature `tls`): rustls through tokio-rustls, with the `ring` provider.
+//!
+//! [`Serve::tls`](super::Serve::tls) turns the server into an HTTPS server; [`config_from_pem`] builds
+//! its `rustls::ServerConfig` from a certificate chain and a key in PEM files. Each connection's
+//! handshake runs in the connection's own task, bounded by
+//! [`Serve::tls_handshake_timeout`](super::Serve::tls_handshake_timeout), and the protocol ALPN chose
+//! is the one served: `h2` as HTTP/2 only, anything else as HTTP/1 only.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn run() -> std::io::Result<()> {
+//! let app = axum::Router::new().route("/", axum::routing::get(|| async { "hello" }));
+//! let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+//! let config = tower_keepalive::serve::tls::config_from_pem("cert.pem", "key.pem")?;
+//! tower_keepalive::serve(listener, app).tls(config).await?;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tower_service::Service;
+
+use super::{closed, handle_connection, Admission, BoxError, ConnectionsShared, WatchedIo};
+use crate::serve::DrainWatcher;
+use crate::{CloseReason, ConnectionHandle, KeepAlive};
+
+/// The ALPN protocol IDs of HTTP/2 and HTTP/1.1.
+const H2: &[u8] = b"h2";
+const HTTP_1_1: &[u8] = b"http/1.1";
+
+/// The default handshake timeout: nginx's `ssl_handshake_timeout` is 60 s; a handshake takes a few
+/// round trips, and a client that needs more than this is more likely holding a slot than slow.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reads a certificate chain (leaf first) and its private key from PEM files into a
+/// `rustls::ServerConfig` for [`Serve::tls`](super::Serve::tls): rustls' safe defaults (TLS 1.3 and
+/// 1.2) with the `ring` provider, no client authentication, and ALPN `h2` and `http/1.1`.
+///
+/// The key may be PKCS#8, PKCS#1 (RSA) or SEC1 (EC). An unreadable file is the file's I/O error; a
+/// file with no certificate or key, or a key that does not match the certificate, is
+/// [`io::ErrorKind::InvalidData`]. Each error names the file.
+///
+/// ```
+/// # fn main() -> std::io::Result<()> {
+/// # let dir = std::env::temp_dir().join(format!("tower-keepalive-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir)?;
+/// # let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+/// # let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+/// # std::fs::write(&cert_path, cert.cert.pem())?;
+/// # std::fs::write(&key_path, cert.signing_key.serialize_pem())?;
+/// let config = tower_keepalive::serve::tls::config_from_pem(&cert_path, &key_path)?;
+/// assert_eq!(config.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+/// # std::fs::remove_dir_all(&dir)?;
+/// # Ok(())
+/// # }
+/// ```
+pub fn config_from_pem(
+    cert_path: impl AsRef<Path>,
+    key_path: impl AsRef<Path>,
+) -> io::Result<ServerConfig> {
+    let (cert_path, key_path) = (cert_path.as_ref(), key_path.as_ref());
+    let certs = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| pem_error(cert_path, err))?;
+    if certs.is_empty() {
+        return Err(invalid(cert_path, "no certificate found"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|err| pem_error(key_path, err))?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|err| invalid(cert_path, err))?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .map_err(|err| invalid(key_path, err))?;
+    config.alpn_protocols = vec![H2.to_vec(), HTTP_1_1.to_vec()];
+    Ok(config)
+}
+
+fn pem_error(path: &Path, err: rustls::pki_types::pem::Error) -> io::Error {
+    match err {
+        rustls::pki_types::pem::Error::Io(err) => {
+            io::Error::new(err.kind(), format!("{}: {err}", path.display()))
+        }
+        rustls::pki_types::pem::Error::NoItemsFound => invalid(path, "nothing found in PEM"),
+        err => invalid(path, err),
+    }
+}
+
+fn invalid(path: &Path, err: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {err}", path.display()),
+    )
+}
+
+/// The TLS settings of a [`Serve`](super::Serve).
+#[derive(Clone)]
+pub(super) struct Settings {
+    pub(super) config: Option<Arc<ServerConfig>>,
+    pub(super) handshake_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            config: None,
+            handshake_timeout: HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
+impl Settings {
+    /// The acceptor of a server with these settings, if it serves TLS; a config without ALPN protocols
+    /// gets those `builder` serves.
+    pub(super) fn acceptor(self, builder: &auto::Builder<TokioExecutor>) -> Option<Acceptor> {
+        let mut config = self.config?;
+        if config.alpn_protocols.is_empty() {
+            let alpn = &mut Arc::make_mut(&mut config).alpn_protocols;
+            if builder.is_http2_available() {
+                alpn.push(H2.to_vec());
+            }
+            if builder.is_http1_available() {
+                alpn.push(HTTP_1_1.to_vec());
+            }
+        }
+        Some(Acceptor {
+            acceptor: TlsAcceptor::from(config),
+            handshake_timeout: self.handshake_timeout,
+        })
+    }
+}
+
+/// What each TLS connection's task needs to run its handshake.
+#[derive(Clone)]
+pub(super) struct Acceptor {
+    acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
+}
+
+/// An accepted connection of a TLS server, before its handshake.
+pub(super) struct Accepted {
+    pub(super) acceptor: Acceptor,
+    pub(super) handle: ConnectionHandle,
+    pub(super) watcher: DrainWatcher,
+    pub(super) permit: Option<Admission>,
+    pub(super) shared: Arc<ConnectionsShared>,
+}
+
+impl Accepted {
+    /// The connection's task: the handshake, then the protocol ALPN chose, through the lifecycle.
+    pub(super) async fn serve<I, S, B>(self, io: I, svc: KeepAlive<S>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+        B: http_body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        let Accepted {
+            acceptor,
+            handle,
+            watcher,
+            permit,
+            shared,
+        } = self;
+        // The idle timeout, the budget's shedding and a drain reach the connection from now on.
+        watcher.watch_undriven(&handle);
+        let Some(stream) = handshake(&acceptor, io, &handle).await else {
+            handle.mark_undriven();
+            let reason = handle.close_reason().unwrap_or(CloseReason::TlsHandshake);
+            handle.report_closed(reason);
+            return closed(&shared, &handle, reason, watcher, permit);
+        };
+        let svc = TowerToHyperService::new(svc);
+        if stream.get_ref().1.alpn_protocol() == Some(H2) {
+            let http2_only;
+            let builder = if shared.builder.is_http1_available() {
+                http2_only = shared.builder.clone().http2_only();
+                &http2_only
+            } else {
+                &shared.builder
+            };
+            let io = TokioIo::new(WatchedIo::new(stream, handle.clone()));
+            let conn = pin!(builder.serve_connection(io, svc));
+            handle_connection(conn, &handle, watcher, permit, &shared).await;
+        } else {
+            let io = TokioIo::new(WatchedIo::new(Http1Only::new(stream), handle.clone()));
+            let conn = pin!(shared.builder.serve_connection_with_upgrades(io, svc));
+            handle_connection(conn, &handle, watcher, permit, &shared).await;
+        }
+    }
+}
+
+/// Runs the TLS handshake of `handle`'s connection. `None` if it failed or timed out (the close
+/// reason is then [`CloseReason::TlsHandshake`]), or if the connection was told to close meanwhile
+/// (idle timeout, budget, drain: the reason is theirs).
+async fn handshake<I>(acceptor: &Acceptor, io: I, handle: &ConnectionHandle) -> Option<TlsStream<I>>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+{
+    // On the heap, and only while it runs: rustls' handshake state is not kept for the connection's
+    // life.
+    let mut accept = Box::pin(tokio::time::timeout(
+        acceptor.handshake_timeout,
+        acceptor.acceptor.accept(io),
+    ));
+    let done = std::future::poll_fn(|cx| {
+        if let Poll::Ready(done) = accept.as_mut().poll(cx) {
+            return Poll::Ready(Some(done));
+        }
+        // Registered before the close is read: a close decided after this read wakes the task.
+        handle.register_driver(cx.waker());
+        if handle.is_closing() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await;
+    match done {
+        Some(Ok(Ok(stream))) => return Some(stream),
+        Some(Ok(Err(err))) => tracing::debug!(error = %err, "TLS handshake failed"),
+        Some(Err(_)) => tracing::debug!(
+            timeout = ?acceptor.handshake_timeout,
+            "TLS handshake timed out"
+        ),
+        None => tracing::debug!(
+            reason = handle.close_reason().map(CloseReason::as_str),
+            "connection closed during its TLS handshake"
+        ),
+    }
+    handle.mark_closing(CloseReason::TlsHandshake);
+    None
+}
+
+/// The HTTP/2 connection preface (RFC 9113 section 3.4).
+const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// `Http1Only::matched` once the stream's start is known not to be the preface.
+const NOT_PREFACE: u8 = u8::MAX;
+
+pin_project_lite::pin_project! {
+    /// The IO of a TLS connection that negotiated HTTP/1.1 (or no protocol): fails the read that
+    /// completes an HTTP/2 preface at the start of the stream. hyper-util's auto builder picks HTTP/2
+    /// from the preface whatever it is told (`http1_only` is ignored when serving with upgrades), and
+    /// ALPN's choice must stand.
+    struct Http1Only<I> {
+        #[pin]
+        inner: I,
+        // How many bytes of the preface the stream started with so far, or `NOT_PREFACE`.
+        matched: u8,
+    }
+}
+
+impl<I> Http1Only<I> {
+    fn new(inner: I) -> Self {
+        Http1Only { inner, matched: 0 }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Http1Only<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if *this.matched == NOT_PREFACE {
+            return this.inner.poll_read(cx, buf);
+        }
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        let read = &buf.filled()[before..];
+        let at = usize::from(*this.matched);
+        let n = read.len().min(PREFACE.len() - at);
+        if read[..n] != PREFACE[at..at + n] {
+            *this.matched = NOT_PREFACE;
+        } else {
+            // At most 24.
+            *this.matched += n as u8;
+            if usize::from(*this.matched) == PREFACE.len() {
+                // A read that fails hands over no bytes.
+                buf.set_filled(before);
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "HTTP/2 preface on a TLS connection that negotiated HTTP/1.1",
+                )));
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Http1Only<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    async fn read_all(input: &'static [u8], chunk: usize) -> io::Result<Vec<u8>> {
+        let (mut client, server) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            for part in input.chunks(chunk) {
+                let _ = client.write_all(part).await;
+                let _ = client.flush().await;
+                tokio::task::yield_now().await;
+            }
+        });
+        let mut io = Http1Only::new(server);
+        let mut out = Vec::new();
+        io.read_to_end(&mut out).await.map(|_| out)
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_fails_whole_or_in_pieces() {
+        for chunk in [1, 5, 24, 64] {
+            let err = read_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04", chunk)
+                .await
+                .unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "chunk {chunk}");
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_passes_even_when_it_starts_like_the_preface() {
+        for input in [
+            &b"GET / HTTP/1.1\r\n\r\n"[..],
+            b"PRI * HTTP/1.1\r\n\r\n",
+            b"PR",
+        ] {
+            for chunk in [1, 3, 64] {
+                assert_eq!(read_all(input, chunk).await.unwrap(), input);
+            }
+        }
+    }
+}
