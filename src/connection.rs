@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 
 use crate::clock::{self, nanos};
-use crate::layer::{Advert, Config};
+use crate::config::{Advert, Config};
 
 /// Why a connection was, or is being, closed.
 ///

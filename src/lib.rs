@@ -304,6 +304,7 @@
 pub mod axum;
 mod body;
 mod clock;
+mod config;
 mod connection;
 mod future;
 pub mod header;

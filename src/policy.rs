@@ -8,7 +8,7 @@ use http::header::{
 };
 use http::{Method, StatusCode, Version};
 
-use crate::layer::Advert;
+use crate::config::Advert;
 use crate::CloseReason;
 
 pub(crate) static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -257,25 +257,6 @@ fn remove_named_in_connection(headers: &mut HeaderMap, protected: &[HeaderName])
     }
 }
 
-/// The fields a request's `Connection` may not get removed by default: an attacker who could strip them
-/// on the way to the app could get around its trust decisions (Apache CVE-2022-31813 dropped
-/// `X-Forwarded-*` this way, Go CVE-2021-33197 any field).
-pub(crate) const PROTECTED_REQUEST_FIELDS: [&str; 13] = [
-    "host",
-    "authorization",
-    "cookie",
-    "content-length",
-    "content-type",
-    "content-encoding",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-    "x-forwarded-port",
-    "x-real-ip",
-    "via",
-];
-
 /// The request fields that are hop-by-hop whatever `Connection` says (RFC 9110 section 7.6.1), plus
 /// `Proxy-Authorization`, which is meant for the proxy itself (RFC 9110 section 11.7.2).
 fn standard_hop_by_hop() -> [&'static HeaderName; 7] {
@@ -447,7 +428,7 @@ mod tests {
 
     #[test]
     fn request_strip_spares_protected_fields() {
-        let protected: Vec<HeaderName> = PROTECTED_REQUEST_FIELDS
+        let protected: Vec<HeaderName> = crate::config::PROTECTED_REQUEST_FIELDS
             .iter()
             .map(|n| HeaderName::from_static(n))
             .collect();

@@ -6,7 +6,7 @@ use http::{Request, Response, Version};
 use http_body::Body;
 use tower_service::Service;
 
-use crate::layer::Config;
+use crate::config::Config;
 use crate::policy::{self, Plan};
 use crate::{CloseReason, ConnectionHandle, KeepAliveLayer, ResponseBody, ResponseFuture};
 
