@@ -25,8 +25,8 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use tower_keepalive::stats::{Stats, StatsSnapshot};
 use tower_keepalive::KeepAliveLayer;
+use tower_keepalive::{Stats, StatsSnapshot};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {

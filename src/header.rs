@@ -1,45 +1,4 @@
-//! The `Keep-Alive` header field.
-//!
-//! `Keep-Alive` carries hints about a persistent HTTP/1.x connection: how
-//! long an idle connection is kept open (`timeout`, in seconds) and how many
-//! more requests it will serve (`max`). It was defined by [RFC 2068, section
-//! 19.7.1.1][rfc2068] and is described as historic in [RFC 7230, Appendix
-//! A.1.2][rfc7230]. [RFC 9110, section 7.6.1][rfc9110] makes it a
-//! connection-specific field: a sender lists it in `Connection`, and
-//! intermediaries drop it when forwarding. [RFC 9113, section
-//! 8.2.2][rfc9113] forbids it in HTTP/2 (and HTTP/3 does the same), so it
-//! should only be sent on HTTP/1.x responses.
-//!
-//! The parameters are advisory; a client may close earlier, and a server is
-//! free to close an idle connection sooner than it announced.
-//!
-//! [rfc2068]: https://www.rfc-editor.org/rfc/rfc2068#section-19.7.1.1
-//! [rfc7230]: https://www.rfc-editor.org/rfc/rfc7230#appendix-A.1.2
-//! [rfc9110]: https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1
-//! [rfc9113]: https://www.rfc-editor.org/rfc/rfc9113#section-8.2.2
-//!
-//! # Example
-//!
-//! ```
-//! use std::time::Duration;
-//! use http::{header, HeaderMap, HeaderValue};
-//! use tower_keepalive::KeepAliveHeader;
-//!
-//! // Announce a policy on a response.
-//! let policy = KeepAliveHeader::new()
-//!     .with_timeout(Duration::from_secs(5))
-//!     .with_max(100);
-//! let mut headers = HeaderMap::new();
-//! headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
-//! headers.insert("keep-alive", policy.to_header_value());
-//! assert_eq!(headers["keep-alive"], "timeout=5, max=100");
-//!
-//! // Read one back; unknown parameters are ignored.
-//! headers.insert("keep-alive", HeaderValue::from_static("Timeout=5, foo=bar"));
-//! let parsed = KeepAliveHeader::from_headers(&headers)?;
-//! assert_eq!(parsed, Some(KeepAliveHeader::new().with_timeout_secs(5)));
-//! # Ok::<(), tower_keepalive::InvalidKeepAlive>(())
-//! ```
+//! The `Keep-Alive` header field: [`KeepAliveHeader`] and its parse error.
 
 use std::{fmt, str::FromStr, time::Duration};
 
@@ -49,12 +8,30 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// The value of a `Keep-Alive` header field: `timeout=5, max=100`.
 ///
+/// `Keep-Alive` carries hints about a persistent HTTP/1.x connection: how
+/// long an idle connection is kept open (`timeout`, in seconds) and how many
+/// more requests it will serve (`max`). It was defined by [RFC 2068, section
+/// 19.7.1.1][rfc2068] and is described as historic in [RFC 7230, Appendix
+/// A.1.2][rfc7230]. [RFC 9110, section 7.6.1][rfc9110] makes it a
+/// connection-specific field: a sender lists it in `Connection`, and
+/// intermediaries drop it when forwarding. [RFC 9113, section
+/// 8.2.2][rfc9113] forbids it in HTTP/2 (and HTTP/3 does the same), so it
+/// should only be sent on HTTP/1.x responses.
+///
+/// The parameters are advisory; a client may close earlier, and a server is
+/// free to close an idle connection sooner than it announced.
+///
+/// [rfc2068]: https://www.rfc-editor.org/rfc/rfc2068#section-19.7.1.1
+/// [rfc7230]: https://www.rfc-editor.org/rfc/rfc7230#appendix-A.1.2
+/// [rfc9110]: https://www.rfc-editor.org/rfc/rfc9110#section-7.6.1
+/// [rfc9113]: https://www.rfc-editor.org/rfc/rfc9113#section-8.2.2
+///
 /// Both parameters are optional. Parsing is lenient where that is harmless
 /// (case, whitespace, empty list elements, unknown parameters) and strict
 /// where a lenient reading could be wrong (malformed syntax, bad numbers,
 /// repeated parameters).
 ///
-/// # Example
+/// # Examples
 ///
 /// ```
 /// use std::time::Duration;
@@ -64,6 +41,29 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 /// assert_eq!(value.timeout(), Some(Duration::from_secs(5)));
 /// assert_eq!(value.max(), Some(100));
 /// assert_eq!(value.to_string(), "timeout=5, max=100");
+/// # Ok::<(), tower_keepalive::InvalidKeepAlive>(())
+/// ```
+///
+/// In a header map, announcing a policy and reading one back:
+///
+/// ```
+/// use std::time::Duration;
+/// use http::{header, HeaderMap, HeaderValue};
+/// use tower_keepalive::KeepAliveHeader;
+///
+/// // Announce a policy on a response.
+/// let policy = KeepAliveHeader::new()
+///     .with_timeout(Duration::from_secs(5))
+///     .with_max(100);
+/// let mut headers = HeaderMap::new();
+/// headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+/// headers.insert("keep-alive", policy.to_header_value());
+/// assert_eq!(headers["keep-alive"], "timeout=5, max=100");
+///
+/// // Read one back; unknown parameters are ignored.
+/// headers.insert("keep-alive", HeaderValue::from_static("Timeout=5, foo=bar"));
+/// let parsed = KeepAliveHeader::from_headers(&headers)?;
+/// assert_eq!(parsed, Some(KeepAliveHeader::new().with_timeout_secs(5)));
 /// # Ok::<(), tower_keepalive::InvalidKeepAlive>(())
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]

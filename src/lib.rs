@@ -307,14 +307,14 @@ mod clock;
 mod config;
 mod connection;
 mod future;
-pub mod header;
+mod header;
 mod layer;
 mod policy;
 #[cfg(feature = "serve")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serve")))]
 pub mod serve;
 mod service;
-pub mod stats;
+mod stats;
 
 pub use body::ResponseBody;
 pub use connection::{CloseReason, ConnectionHandle};

@@ -1,38 +1,4 @@
-//! Server-wide counters: connections open and idle, requests in flight and served, closes by reason, and
-//! the distribution of requests per connection.
-//!
-//! Kept by every [`ConnectionHandle`] made from one [`KeepAliveLayer`] (and its clones), in shards of
-//! relaxed atomic counters: per request, a thread moves a few counters of a shard it owns with plain loads
-//! and stores (threads beyond the shards share a few with atomic additions); no lock, no allocation. A
-//! snapshot sums the shards. Read them with
-//! [`KeepAliveLayer::stats`] and [`Stats::snapshot`], for logs or a metrics endpoint.
-//!
-//! A connection counts as closed when it ends: when the serve path's driver (or
-//! [`ConnectionHandle::drive`]) finishes with it, when the `axum::serve` path drops its IO, or when it is
-//! upgraded (HTTP is over on it). A handle kept after that does not keep it counted open. Without a
-//! driver (the layer alone in an accept loop of your own, no `drive`), the end is known only when the
-//! last clone of the handle is dropped, as in the example below.
-//!
-//! # Example
-//!
-//! ```
-//! use tower_keepalive::{CloseReason, KeepAliveLayer};
-//!
-//! let layer = KeepAliveLayer::new();
-//! let stats = layer.stats();
-//! let handle = layer.connection();
-//! assert_eq!(stats.snapshot().connections_open(), 1);
-//! handle.close(CloseReason::Drain);
-//! drop(handle);
-//! let snapshot = stats.snapshot();
-//! assert_eq!(snapshot.connections_open(), 0);
-//! assert_eq!(snapshot.closed(CloseReason::Drain), 1);
-//! ```
-//!
-//! [`ConnectionHandle`]: crate::ConnectionHandle
-//! [`ConnectionHandle::drive`]: crate::ConnectionHandle::drive
-//! [`KeepAliveLayer`]: crate::KeepAliveLayer
-//! [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
+//! Server-wide counters: [`Stats`], [`StatsSnapshot`].
 
 use std::fmt;
 use std::sync::atomic::{
@@ -223,12 +189,41 @@ fn bucket(requests: u64) -> usize {
     log.min(BUCKETS - 1)
 }
 
-/// A live view of one layer's counters. Cheap to clone; see the [module docs](self).
+/// A live view of one layer's counters: connections open and idle, requests in flight and served,
+/// closes by reason, and the distribution of requests per connection. Cheap to clone.
+///
+/// Kept by every [`ConnectionHandle`] made from one [`KeepAliveLayer`] (and its clones), in shards of
+/// relaxed atomic counters: per request, a thread moves a few counters of a shard it owns with plain loads
+/// and stores (threads beyond the shards share a few with atomic additions); no lock, no allocation. A
+/// snapshot sums the shards. Read them with [`KeepAliveLayer::stats`] and [`Stats::snapshot`], for logs
+/// or a metrics endpoint.
+///
+/// A connection counts as closed when it ends: when the serve path's driver (or
+/// [`ConnectionHandle::drive`]) finishes with it, when the `axum::serve` path drops its IO, or when it is
+/// upgraded (HTTP is over on it). A handle kept after that does not keep it counted open. Without a
+/// driver (the layer alone in an accept loop of your own, no `drive`), the end is known only when the
+/// last clone of the handle is dropped, as in the example below.
+///
+/// # Example
 ///
 /// ```
-/// let stats = tower_keepalive::KeepAliveLayer::new().stats();
-/// assert_eq!(stats.snapshot().requests(), 0);
+/// use tower_keepalive::{CloseReason, KeepAliveLayer};
+///
+/// let layer = KeepAliveLayer::new();
+/// let stats = layer.stats();
+/// let handle = layer.connection();
+/// assert_eq!(stats.snapshot().connections_open(), 1);
+/// handle.close(CloseReason::Drain);
+/// drop(handle);
+/// let snapshot = stats.snapshot();
+/// assert_eq!(snapshot.connections_open(), 0);
+/// assert_eq!(snapshot.closed(CloseReason::Drain), 1);
 /// ```
+///
+/// [`ConnectionHandle`]: crate::ConnectionHandle
+/// [`ConnectionHandle::drive`]: crate::ConnectionHandle::drive
+/// [`KeepAliveLayer`]: crate::KeepAliveLayer
+/// [`KeepAliveLayer::stats`]: crate::KeepAliveLayer::stats
 #[derive(Clone)]
 pub struct Stats {
     pub(crate) counters: Arc<Counters>,
