@@ -99,14 +99,21 @@ const IDLE_CONNECTIONS: &str = "tower_keepalive_idle_connections";
 const ACTIVE_REQUESTS: &str = "tower_keepalive_active_requests";
 const CONNECTION_PRESSURE: &str = "tower_keepalive_connection_pressure";
 
-/// Gives the recorder each metric's description and unit (the `# HELP` lines of a Prometheus scrape).
-/// Call it once, after installing the recorder; the metrics are recorded whether or not it was called.
+/// Gives the recorder each metric's description and unit (the `# HELP` lines of a Prometheus scrape,
+/// for the metrics recorded so far). Call it once, after installing the recorder; the metrics are
+/// recorded whether or not it was called.
 ///
 /// ```
 /// let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
 /// let handle = recorder.handle();
-/// metrics::with_local_recorder(&recorder, tower_keepalive::metrics::describe);
-/// assert!(handle.render().contains("# HELP tower_keepalive_active_connections"));
+/// metrics::with_local_recorder(&recorder, || {
+///     tower_keepalive::metrics::describe();
+///     // A connection opened and closed: the exporter renders the metrics that were recorded.
+///     drop(tower_keepalive::KeepAliveLayer::new().connection());
+/// });
+/// let scrape = handle.render();
+/// assert!(scrape.contains("# HELP tower_keepalive_active_connections Connections open now."));
+/// assert!(scrape.contains("tower_keepalive_active_connections 0"));
 /// ```
 pub fn describe() {
     describe_gauge!(ACTIVE_CONNECTIONS, Unit::Count, "Connections open now.");
