@@ -713,7 +713,10 @@ impl Shared {
     /// Counts the connection closed and logs it, for `reason`.
     fn closed(&self, reason: CloseReason) {
         let requests = self.requests();
-        self.config.stats.connection_closed(reason, requests);
+        let http2 = self.http2.load(Ordering::Relaxed);
+        self.config
+            .stats
+            .connection_closed(reason, requests, self.opened_ns, http2);
         tracing::debug!(reason = reason.as_str(), requests, "connection closed");
     }
 }

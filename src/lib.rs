@@ -227,14 +227,18 @@
 //!   [`CloseReason`], the distribution of requests per connection, and the connection pressure. Per
 //!   request, a few counters in a shard owned by the thread move with plain loads and stores (no lock,
 //!   no locked instruction): cheap enough to leave on. A layer, its clones and the layers built from it
-//!   share one set of counters: use one layer per server. `examples/metrics.rs` exports a
-//!   [`StatsSnapshot`] in the Prometheus text format.
+//!   share one set of counters: use one layer per server.
+//! - **Metrics** (feature `metrics`): the [`metrics`](mod@metrics) module records connection events
+//!   through the `metrics` facade under OpenTelemetry's names (`tower_keepalive_active_connections`,
+//!   `tower_keepalive_connection_duration_seconds`, ...); `examples/metrics.rs` renders them at
+//!   `/metrics` with metrics-exporter-prometheus.
 //! - **Each connection**: [`ConnectionHandle`] gives its request count, what is in flight, since when
 //!   it is idle, its age, and its [`CloseReason`] once decided. On the serve path,
 //!   [`Serve::on_close`](serve::Serve::on_close) hands you the handle and the reason of every connection
 //!   that closes.
-//! - **`tracing`**: the serve path runs each connection in a `connection` span (level DEBUG, with the
-//!   `peer` address) and logs a DEBUG `connection closed` event with its `reason` and `requests`;
+//! - **`tracing`**: the serve path runs each connection in a `connection` span (level DEBUG) with
+//!   OpenTelemetry's attributes `network.peer.address`, `network.peer.port` and
+//!   `network.protocol.name = "http"` and logs a DEBUG `connection closed` event with its `reason` and `requests`;
 //!   persistent accept errors (out of file descriptors) are logged at ERROR. The layer warns once when a request reaches it without a
 //!   connection handle. In your own accept loop, instrument each connection task with a span of your
 //!   own (`examples/hyper_util.rs`).
@@ -259,6 +263,7 @@
 //! | `serve` | yes | [`serve()`], [`ConnectionHandle::drive`], [`serve::Drain`]: the connection lifecycle over hyper and hyper-util (idle timeout, maximum age, GOAWAY, drain, connection budget). |
 //! | `axum` | no | [`axum::KeepAliveListener`] and [`axum::into_make_service`]: the lifecycle for apps that keep `axum::serve`, on the serve path's shared timer (enables `serve`). |
 //! | `headers` | no | [`KeepAliveHeader`] implements `headers::Header`. |
+//! | `metrics` | no | [`metrics`](mod@metrics): connection metrics through the `metrics` facade, recorded at connection events only. |
 //!
 //! Without default features the crate is the layer, the handle, the stats and the header type, over
 //! `http`, `http-body`, `tower-layer`, `tower-service`, `bytes`, `pin-project-lite`, `tracing` and
@@ -269,7 +274,8 @@
 //! In `examples/`: `axum` (a `Router` on the serve path), `axum_serve` (keeping `axum::serve`),
 //! `hyper_util` (an accept loop with a drain), `service_builder` (beside tower-http's compression, trace
 //! and timeout layers), `websocket`, `reverse_proxy` (hop-by-hop stripping), `client_hint` (a client
-//! reading `Keep-Alive`), `metrics` (Prometheus text at `/metrics`), `demo` (what goes over the wire,
+//! reading `Keep-Alive`), `metrics` (the `metrics` facade rendered at `/metrics` by
+//! metrics-exporter-prometheus, feature `metrics`), `demo` (what goes over the wire,
 //! checked) and `server` (a configurable server for trying things by hand).
 //!
 //! [tower]: https://docs.rs/tower
@@ -309,6 +315,9 @@ mod connection;
 mod future;
 mod header;
 mod layer;
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 mod policy;
 #[cfg(feature = "serve")]
 #[cfg_attr(docsrs, doc(cfg(feature = "serve")))]

@@ -156,9 +156,22 @@ impl Counters {
 
     pub(crate) fn connection_opened(&self) {
         self.opened.fetch_add(1, Relaxed);
+        #[cfg(feature = "metrics")]
+        crate::metrics::connection_opened();
     }
 
-    pub(crate) fn connection_closed(&self, reason: CloseReason, requests: u64) {
+    /// A connection closed for `reason` after `requests`; it was opened at `opened_ns` (a
+    /// `clock` reading) and carried HTTP/2 if `http2` (both for the `metrics` feature).
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    pub(crate) fn connection_closed(
+        &self,
+        reason: CloseReason,
+        requests: u64,
+        opened_ns: u64,
+        http2: bool,
+    ) {
+        #[cfg(feature = "metrics")]
+        crate::metrics::connection_closed(reason, requests, opened_ns, http2);
         self.by_reason[reason.index()].fetch_add(1, Relaxed);
         self.per_connection[bucket(requests)].fetch_add(1, Relaxed);
         // Last, so that a snapshot never sees a connection closed but not yet counted by reason.

@@ -100,6 +100,8 @@ impl Budget {
     /// it runs out of connections. A connection with a request in flight is never chosen. While every
     /// connection is busy, it looks again every [`SHED_RETRY`], for as long as it waits.
     pub(crate) async fn admit_shedding(self: &Arc<Self>, drain: &Drain) -> Option<Admission> {
+        #[cfg(feature = "metrics")]
+        let mut queued = false;
         loop {
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
                 permit.forget();
@@ -107,7 +109,9 @@ impl Budget {
                     budget: self.clone(),
                 });
             }
-            drain.shed_one();
+            let _shed = drain.shed_one();
+            #[cfg(feature = "metrics")]
+            crate::metrics::at_hard_limit(!std::mem::replace(&mut queued, true), _shed);
             if let Ok(admission) = tokio::time::timeout(SHED_RETRY, self.admit()).await {
                 return admission;
             }

@@ -27,7 +27,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub trait Listener: Send + 'static {
     /// The connection type.
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// The peer address type; logged in each connection's `tracing` span.
+    /// The peer address type; in each connection's `tracing` span as `network.peer.address` and
+    /// `network.peer.port` when its `Debug` form is an IP socket address (as `SocketAddr`'s is), else
+    /// as `network.peer.address` in that form.
     type Addr: Send + std::fmt::Debug;
 
     /// Accepts the next connection. An error ends nothing: the serve loop backs off and goes on.

@@ -533,7 +533,15 @@ where
             let handle = layer.connection();
             let svc = KeepAlive::bound(service.clone(), handle.clone());
             let watcher = drain.watcher();
-            let span = tracing::debug_span!("connection", peer = ?addr);
+            let span = tracing::debug_span!(
+                "connection",
+                network.peer.address = tracing::field::Empty,
+                network.peer.port = tracing::field::Empty,
+                network.protocol.name = "http",
+            );
+            if !span.is_disabled() {
+                record_peer(&span, &addr);
+            }
             #[cfg(feature = "tls")]
             if let Some(acceptor) = &shared.tls {
                 let accepted = tls::Accepted {
@@ -573,6 +581,23 @@ struct ConnectionsShared {
     on_close: Option<OnClose>,
     #[cfg(feature = "tls")]
     tls: Option<tls::Acceptor>,
+}
+
+/// Fills the span's OpenTelemetry peer attributes: `network.peer.address` and `network.peer.port` for
+/// an IP peer (a TCP listener's `SocketAddr`, or any address whose `Debug` form is one), else the
+/// address's `Debug` form alone (a Unix socket's path, or `(unnamed)`). Only for an enabled span: it
+/// formats the address.
+fn record_peer(span: &tracing::Span, addr: &dyn fmt::Debug) {
+    let text = format!("{addr:?}");
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(peer) => {
+            span.record("network.peer.address", tracing::field::display(peer.ip()));
+            span.record("network.peer.port", peer.port());
+        }
+        Err(_) => {
+            span.record("network.peer.address", text.as_str());
+        }
+    }
 }
 
 /// Spawns a connection's task, in its `tracing` span if anyone listens.
