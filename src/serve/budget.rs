@@ -52,8 +52,12 @@ impl Limits {
 
 #[cfg(unix)]
 fn fd_limit() -> Option<usize> {
-    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile);
-    usize::try_from(limit.current?).ok()
+    use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+    let (soft, _hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft == RLIM_INFINITY {
+        return None;
+    }
+    usize::try_from(soft).ok()
 }
 
 #[cfg(not(unix))]
