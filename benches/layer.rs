@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! cargo bench --bench layer
-//! cargo bench --bench layer -- --warm-up-time 1 --measurement-time 3   # short, as bench/run does
+//! cargo bench --bench layer -- --warm-up-time 1 --measurement-time 3   # short, as benches/run does
 //! ALTERNATE=2000 cargo bench --bench layer   # bare and layered batches in alternation, median difference
 //! ```
 //!

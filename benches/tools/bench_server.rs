@@ -1,4 +1,4 @@
-//! The hello-world servers that `bench/run` puts side by side: one service, three ways to serve it.
+//! The hello-world servers that `benches/run` puts side by side: one service, three ways to serve it.
 //!
 //! ```text
 //! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]

@@ -1,4 +1,4 @@
-//! Idle keep-alive connections at scale, for `bench/run`: opens N connections to a server on loopback,
+//! Idle keep-alive connections at scale, for `benches/run`: opens N connections to a server on loopback,
 //! sends one HTTP/1.1 request on each, reads the response, then sits idle and records when the server
 //! closes each connection.
 //!
