@@ -21,8 +21,8 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tower_keepalive::Stats;
 use tower_keepalive::KeepAliveLayer;
+use tower_keepalive::Stats;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {

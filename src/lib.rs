@@ -310,6 +310,7 @@
 pub mod axum;
 mod body;
 mod clock;
+mod close;
 mod config;
 mod connection;
 mod future;
@@ -326,7 +327,8 @@ mod service;
 mod stats;
 
 pub use body::ResponseBody;
-pub use connection::{CloseReason, ConnectionHandle};
+pub use close::CloseReason;
+pub use connection::ConnectionHandle;
 pub use future::ResponseFuture;
 pub use header::{InvalidKeepAlive, KeepAliveHeader};
 pub use layer::KeepAliveLayer;
