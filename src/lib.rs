@@ -114,12 +114,18 @@
 //! | connection budget | [`connection_limits`](serve::Serve::connection_limits) | no | no |
 //! | `tracing` span per connection | yes | no | yours |
 //!
-//! ## 1. The serve path
-//!
-//! [`serve()`] takes a listener and an axum `Router` or any tower `Service` (`Clone + Send`; an error
-//! from it ends the connection, as hyper does), and serves HTTP/1.x and h2c on one port, over hyper-util's auto builder. It applies the
-//! layer to the whole service itself, so every request is tracked: do not add the layer to the router as
-//! well. See the [`serve` module](mod@serve) for the lifecycle in detail.
+//! - **The serve path**, [`serve()`]: an accept loop over hyper-util's auto builder (HTTP/1.x and h2c on
+//!   one port, HTTPS with the `tls` feature) that applies the layer to the whole service itself, so every
+//!   request is tracked. Takes an axum `Router` or any tower `Service`. See the [`serve` module](mod@serve)
+//!   for the lifecycle and a full example.
+//! - **Keeping `axum::serve`**: [`axum::KeepAliveListener`] wraps the listener and
+//!   [`axum::into_make_service`] replaces `Router::into_make_service`; see the [`axum` module](mod@axum).
+//! - **Your own hyper-util loop**: one handle per connection ([`KeepAliveLayer::connection`]), the layer
+//!   bound to it ([`KeepAliveLayer::bind`]), the connection driven by [`ConnectionHandle::drive`] or by a
+//!   [`serve::DrainWatcher`] for a server-wide drain (the example on [`serve::Drain`]).
+//! - **The layer alone**, e.g. `Router::layer(KeepAliveLayer::new())` under a plain `axum::serve`:
+//!   the connection fields are rewritten (the policy advertised, HTTP/2 peers kept clean), but nothing is
+//!   counted and nothing closed, and the layer says so once through `tracing`.
 //!
 //! ```no_run
 //! # #[cfg(feature = "serve")]
@@ -139,122 +145,12 @@
 //! # }
 //! ```
 //!
-//! ## 2. Keeping `axum::serve` (feature `axum`)
-//!
-//! [`axum::KeepAliveListener`] wraps the listener: each connection's IO
-//! carries its handle, and the listener keeps one timer for all of them. [`axum::into_make_service`]
-//! replaces `Router::into_make_service` and binds the layer to each connection.
-//!
-//! ```no_run
-//! # #[cfg(feature = "axum")]
-//! # async fn run() -> std::io::Result<()> {
-//! use std::time::Duration;
-//! use axum::{routing::get, Router};
-//! use tower_keepalive::axum::{into_make_service, KeepAliveListener};
-//! use tower_keepalive::KeepAliveLayer;
-//!
-//! let app = Router::new().route("/", get(|| async { "hello" }));
-//! let tcp = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! let listener = KeepAliveListener::new(tcp, KeepAliveLayer::new().idle_timeout(Duration::from_secs(10)));
-//! let shutdown = listener.on_shutdown(async { let _ = tokio::signal::ctrl_c().await; });
-//! axum::serve(listener, into_make_service(app))
-//!     .with_graceful_shutdown(shutdown)
-//!     .await
-//! # }
-//! ```
-//!
-//! ## 3. A hand-written hyper-util accept loop
-//!
-//! One handle per accepted connection, the layer bound to it, and the connection driven by
-//! [`ConnectionHandle::drive`], or by a [`serve::DrainWatcher`] for a server-wide graceful drain:
-//!
-//! ```no_run
-//! # #[cfg(feature = "serve")]
-//! # async fn run() -> std::io::Result<()> {
-//! use std::time::Duration;
-//! use hyper_util::rt::{TokioExecutor, TokioIo};
-//! use hyper_util::server::conn::auto;
-//! use hyper_util::service::TowerToHyperService;
-//! use tower::ServiceBuilder;
-//! use tower_keepalive::{serve::Drain, KeepAliveLayer};
-//!
-//! let keep_alive = KeepAliveLayer::new().max_requests(100);
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;
-//! let drain = Drain::new();
-//! let mut shutdown = std::pin::pin!(tokio::signal::ctrl_c());
-//! loop {
-//!     let (io, _peer) = tokio::select! {
-//!         accepted = listener.accept() => accepted?,
-//!         _ = &mut shutdown => break,
-//!     };
-//!     // One handle per connection: its own request count and idle state.
-//!     let handle = keep_alive.connection();
-//!     let svc = ServiceBuilder::new()
-//!         .layer(keep_alive.bind(handle.clone()))
-//!         .service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-//!             Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
-//!         });
-//!     let watcher = drain.watcher();
-//!     tokio::spawn(async move {
-//!         let builder = auto::Builder::new(TokioExecutor::new());
-//!         let conn = builder
-//!             .serve_connection_with_upgrades(TokioIo::new(io), TowerToHyperService::new(svc));
-//!         // Idle timeout, max age, GOAWAY, and a graceful close when the server drains.
-//!         let reason = watcher.drive(handle, conn).await;
-//!         println!("connection closed: {reason}");
-//!     });
-//! }
-//! // Idle connections close now, busy ones after their response; stragglers dropped after 30 s.
-//! drain.drain(Some(Duration::from_secs(30))).await;
-//! # Ok(())
-//! # }
-//! ```
-//!
-//! Without `drive`, the bound layer still counts requests and closes at the limit, but nothing closes
-//! an idle connection: hyper's HTTP/1 `header_read_timeout` does so only with a `Timer` set, silently,
-//! and on its own schedule, and HTTP/2 has no idle timeout in hyper.
-//!
-//! ## The layer alone
-//!
-//! `Router::layer(KeepAliveLayer::new())` under a plain `axum::serve` (or any stack where no handle
-//! reaches the layer) rewrites the connection fields, advertising the policy and keeping them from
-//! HTTP/2 peers, but counts nothing and closes nothing. Use one of the three ways above for the rest.
-//!
 //! # Observability
 //!
-//! - **Counters**: [`KeepAliveLayer::stats`] is a live view, shared by every connection made from the
-//!   layer: connections opened, open and idle, requests started and in flight, closes by
-//!   [`CloseReason`], the distribution of requests per connection, and the connection pressure. Per
-//!   request, a few counters in a shard owned by the thread move with plain loads and stores (no lock,
-//!   no locked instruction): cheap enough to leave on. A layer, its clones and the layers built from it
-//!   share one set of counters: use one layer per server.
-//! - **Metrics** (feature `metrics`): the [`metrics`](mod@metrics) module records connection events
-//!   through the `metrics` facade under OpenTelemetry's names (`tower_keepalive_active_connections`,
-//!   `tower_keepalive_connection_duration_seconds`, ...); `examples/metrics.rs` renders them at
-//!   `/metrics` with metrics-exporter-prometheus.
-//! - **Each connection**: [`ConnectionHandle`] gives its request count, what is in flight, since when
-//!   it is idle, its age, and its [`CloseReason`] once decided. On the serve path,
-//!   [`Serve::on_close`](serve::Serve::on_close) hands you the handle and the reason of every connection
-//!   that closes.
-//! - **`tracing`**: the serve path runs each connection in a `connection` span (level DEBUG) with
-//!   OpenTelemetry's attributes `network.peer.address`, `network.peer.port` and
-//!   `network.protocol.name = "http"` and logs a DEBUG `connection closed` event with its `reason` and `requests`;
-//!   persistent accept errors (out of file descriptors) are logged at ERROR. The layer warns once when a request reaches it without a
-//!   connection handle. In your own accept loop, instrument each connection task with a span of your
-//!   own (`examples/hyper_util.rs`).
-//!
-//! ```
-//! use tower_keepalive::{CloseReason, KeepAliveLayer};
-//!
-//! let layer = KeepAliveLayer::new().max_requests(100);
-//! let stats = layer.stats();
-//! let conn = layer.connection(); // as an accept loop would
-//! conn.close(CloseReason::Drain);
-//! drop(conn);
-//! let now = stats.snapshot();
-//! assert_eq!((now.connections_opened(), now.connections_open()), (1, 0));
-//! assert_eq!(now.closed(CloseReason::Drain), 1);
-//! ```
+//! [`KeepAliveLayer::stats`] gives live counters ([`Stats`]) shared by every connection made from the
+//! layer; [`ConnectionHandle`] describes one connection; [`Serve::on_close`](serve::Serve::on_close)
+//! reports each close with its [`CloseReason`]; the serve path runs each connection in a DEBUG
+//! `connection` span; the `metrics` feature records connection metrics through the `metrics` facade.
 //!
 //! # Feature flags
 //!
@@ -264,19 +160,14 @@
 //! | `axum` | no | [`axum::KeepAliveListener`] and [`axum::into_make_service`]: the lifecycle for apps that keep `axum::serve`, on the serve path's shared timer (enables `serve`). |
 //! | `headers` | no | [`KeepAliveHeader`] implements `headers::Header`. |
 //! | `metrics` | no | [`metrics`](mod@metrics): connection metrics through the `metrics` facade, recorded at connection events only. |
+//! | `tls` | no | [`Serve::tls`](serve::Serve::tls): HTTPS on the serve path over rustls (ring), ALPN `h2` / `http/1.1` (enables `serve`). |
 //!
 //! Without default features the crate is the layer, the handle, the stats and the header type, over
 //! `http`, `http-body`, `tower-layer`, `tower-service`, `bytes`, `pin-project-lite`, `tracing` and
 //! tokio's `sync`.
 //!
-//! # Examples
-//!
-//! In `examples/`: `axum` (a `Router` on the serve path), `axum_serve` (keeping `axum::serve`),
-//! `hyper_util` (an accept loop with a drain), `service_builder` (beside tower-http's compression, trace
-//! and timeout layers), `websocket`, `reverse_proxy` (hop-by-hop stripping), `client_hint` (a client
-//! reading `Keep-Alive`), `metrics` (the `metrics` facade rendered at `/metrics` by
-//! metrics-exporter-prometheus, feature `metrics`), `demo` (what goes over the wire,
-//! checked) and `server` (a configurable server for trying things by hand).
+//! The README has the rest: the lifecycle in prose, the settings compared with nginx, Apache, Node.js
+//! and Go, the examples, and the benchmarks.
 //!
 //! [tower]: https://docs.rs/tower
 //! [hyper]: https://docs.rs/hyper
