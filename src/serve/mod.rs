@@ -70,10 +70,12 @@ mod watched;
 use std::fmt;
 use std::future::{Future, IntoFuture};
 use std::io;
+use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -621,7 +623,10 @@ async fn handle_connection<C: GracefulConnection>(
 ) {
     // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection: its close
     // is still reported and counted, then the panic goes on.
-    let (reason, panic) = match CatchUnwind::new(watcher.drive_pinned(handle, conn)).await {
+    let (reason, panic) = match AssertUnwindSafe(watcher.drive_pinned(handle, conn))
+        .catch_unwind()
+        .await
+    {
         Ok(reason) => (reason, None),
         Err(panic) => {
             handle.mark_closing(CloseReason::Error);
@@ -650,33 +655,4 @@ fn closed(
     }
     drop(watcher);
     drop(permit);
-}
-
-pin_project_lite::pin_project! {
-    /// Resolves with the panic of `inner` instead of unwinding through whoever polls it.
-    struct CatchUnwind<F> {
-        #[pin]
-        inner: F,
-    }
-}
-
-impl<F> CatchUnwind<F> {
-    fn new(inner: F) -> Self {
-        CatchUnwind { inner }
-    }
-}
-
-impl<F: Future> Future for CatchUnwind<F> {
-    type Output = std::thread::Result<F::Output>;
-
-    fn poll(
-        self: Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        let inner = self.project().inner;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.poll(cx))) {
-            Ok(poll) => poll.map(Ok),
-            Err(panic) => std::task::Poll::Ready(Err(panic)),
-        }
-    }
 }
