@@ -16,6 +16,11 @@ use crate::clock;
 use crate::connection::Shared;
 use crate::{CloseReason, ConnectionHandle};
 
+/// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
+/// hyper-util's auto connections, as hyper-util's `GracefulShutdown` watches them (the trait is sealed:
+/// those are the connections [`ConnectionHandle::drive`] and [`DrainWatcher::drive`] take).
+pub use hyper_util::server::graceful::GracefulConnection;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// How long a connection that was told to close gracefully, and has nothing in flight, may take to go.
@@ -33,123 +38,6 @@ fn grace(handle: &ConnectionHandle) -> Duration {
         GRACE_HTTP2
     } else {
         GRACE
-    }
-}
-
-/// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
-/// hyper-util's auto connections.
-///
-/// hyper-util has a trait of the same shape for its `GracefulShutdown`, but it is sealed; this one is
-/// implemented for the same types.
-///
-/// # Example
-///
-/// ```
-/// use hyper_util::rt::{TokioExecutor, TokioIo};
-/// use hyper_util::server::conn::auto;
-/// use tower_keepalive::serve::GracefulConnection;
-///
-/// fn assert_graceful<C: GracefulConnection>(_: &C) {}
-///
-/// # async fn f(io: tokio::net::TcpStream) {
-/// let builder = auto::Builder::new(TokioExecutor::new());
-/// let conn = builder.serve_connection_with_upgrades(
-///     TokioIo::new(io),
-///     hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-///         Ok::<_, std::convert::Infallible>(http::Response::new(String::from("hello")))
-///     }),
-/// );
-/// // What `ConnectionHandle::drive` and `DrainWatcher::drive` take.
-/// assert_graceful(&conn);
-/// # }
-/// ```
-pub trait GracefulConnection: Future<Output = Result<(), Self::Error>> {
-    /// The error the connection ends with.
-    type Error: Into<BoxError>;
-
-    /// Starts a graceful close: HTTP/1 closes once the current response is written (at once when idle),
-    /// HTTP/2 sends GOAWAY and closes after its open streams.
-    fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, B, S> GracefulConnection for hyper::server::conn::http1::Connection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Error = hyper::Error;
-
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::Connection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S> GracefulConnection for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-{
-    type Error = hyper::Error;
-
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S, E> GracefulConnection for hyper::server::conn::http2::Connection<I, S, E>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<BoxError>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    type Error = hyper::Error;
-
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper::server::conn::http2::Connection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S, E> GracefulConnection for hyper_util::server::conn::auto::Connection<'_, I, S, E>
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Error: Into<BoxError>,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    type Error = BoxError;
-
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper_util::server::conn::auto::Connection::graceful_shutdown(self);
-    }
-}
-
-impl<I, B, S, E> GracefulConnection
-    for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Error: Into<BoxError>,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: hyper::body::Body + 'static,
-    B::Error: Into<BoxError>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    type Error = BoxError;
-
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper_util::server::conn::auto::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 
@@ -338,17 +226,17 @@ impl DrainWatcher {
     /// is the drain's (see [`Drain`]).
     ///
     /// ```no_run
-    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
+    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection<Error = hyper::Error>) {
     /// let layer = tower_keepalive::KeepAliveLayer::new();
     /// let drain = tower_keepalive::serve::Drain::new();
     /// let reason = drain.watcher().drive(layer.connection(), conn).await;
     /// # }
     /// ```
-    pub fn drive<C: GracefulConnection>(
-        self,
-        handle: ConnectionHandle,
-        conn: C,
-    ) -> impl Future<Output = CloseReason> {
+    pub fn drive<C>(self, handle: ConnectionHandle, conn: C) -> impl Future<Output = CloseReason>
+    where
+        C: GracefulConnection,
+        C::Error: Into<BoxError>,
+    {
         // On the heap, once: an `async fn` would keep the connection it is given and its pinned copy.
         let mut conn = Box::pin(conn);
         async move { self.drive_pinned(&handle, conn.as_mut()).await }
@@ -365,7 +253,7 @@ impl DrainWatcher {
     /// As [`drive`](Self::drive), with the connection pinned by the caller (stored once, not moved into
     /// each future on the way) and the watcher left counting until the caller drops it: the serve path
     /// reports the close first.
-    pub(crate) fn drive_pinned<'a, C: GracefulConnection>(
+    pub(crate) fn drive_pinned<'a, C>(
         &'a self,
         handle: &'a ConnectionHandle,
         conn: Pin<&'a mut C>,
@@ -395,14 +283,18 @@ impl ConnectionHandle {
     /// [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
     ///
     /// ```no_run
-    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {
+    /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection<Error = hyper::Error>) {
     /// let layer = tower_keepalive::KeepAliveLayer::new();
     /// let handle = layer.connection();
     /// // ... bind `handle` to the service that `conn` serves ...
     /// let reason = handle.drive(conn).await;
     /// # }
     /// ```
-    pub fn drive<C: GracefulConnection>(self, conn: C) -> impl Future<Output = CloseReason> {
+    pub fn drive<C>(self, conn: C) -> impl Future<Output = CloseReason>
+    where
+        C: GracefulConnection,
+        C::Error: Into<BoxError>,
+    {
         // On the heap, once: an `async fn` would keep the connection it is given and its pinned copy.
         let mut conn = Box::pin(conn);
         async move {
@@ -556,7 +448,12 @@ impl<'a, C, T> Lifecycle<'a, C, T> {
     }
 }
 
-impl<C: GracefulConnection, T: Timer> Future for Lifecycle<'_, C, T> {
+impl<C, T> Future for Lifecycle<'_, C, T>
+where
+    C: GracefulConnection,
+    C::Error: Into<BoxError>,
+    T: Timer,
+{
     type Output = CloseReason;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {

@@ -614,13 +614,16 @@ fn spawn_connection<T: Future<Output = ()> + Send + 'static>(task: T, span: trac
 
 /// Drives one accepted connection's hyper connection through its lifecycle, then reports its close
 /// ([`closed`]). Plain and TLS connections alike.
-async fn handle_connection<C: GracefulConnection>(
+async fn handle_connection<C>(
     conn: Pin<&mut C>,
     handle: &ConnectionHandle,
     watcher: DrainWatcher,
     permit: Option<Admission>,
     shared: &ConnectionsShared,
-) {
+) where
+    C: GracefulConnection,
+    C::Error: Into<BoxError>,
+{
     // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection: its close
     // is still reported and counted, then the panic goes on.
     let (reason, panic) = match AssertUnwindSafe(watcher.drive_pinned(handle, conn))
