@@ -162,7 +162,7 @@ pub(crate) struct Shared {
     idle_since_ns: AtomicU64,
     /// Whether the connection's last write found the socket full: the response bodies are done, but
     /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
-    /// Set by the serve path's IO wrapper (`serve::watched`); always `false` without it.
+    /// Set by the serve paths' IO wrapper (`serve::watched`); always `false` without it.
     write_blocked: AtomicBool,
     /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
     http2: AtomicBool,
@@ -235,8 +235,8 @@ impl ConnectionHandle {
     }
 
     /// When the connection became idle, or `None` while a request is in flight or, on the crate's serve
-    /// path, while a response is still being written to a full socket. A new connection is idle from the
-    /// moment it was accepted.
+    /// paths (an IO wrapped in `serve::WatchedIo`), while a response is still being written to a full
+    /// socket. A new connection is idle from the moment it was accepted.
     ///
     /// ```
     /// let handle = tower_keepalive::KeepAliveLayer::new().connection();

@@ -12,17 +12,29 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use common::{http_get, within, RawClient};
+use common::{get_request, http_get, within, RawClient};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
 use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 use tower_keepalive::KeepAliveLayer;
 
+/// The size of `/big`'s body.
+const BIG: usize = 32 * 1024 * 1024;
+
 /// The app; `started` is notified when a `/slow` request reaches its handler.
+///
+/// - `/`: `hello`;
+/// - `/slow`: `slow` after 2.5 s;
+/// - `/big`: [`BIG`] bytes of `x` in one frame;
+/// - `/ws`: a WebSocket echo.
 fn app(started: Arc<Notify>) -> Router {
     Router::new()
         .route("/", get(|| async { "hello" }))
+        .route(
+            "/big",
+            get(|| async { bytes::Bytes::from(vec![b'x'; BIG]) }),
+        )
         .route(
             "/slow",
             get(move || async move {
@@ -191,4 +203,21 @@ async fn an_idle_h2c_connection_is_closed_after_the_timeout_and_not_before() {
     let _ = within("the server to close the idle connection", conn).await;
     let idle = answered.elapsed();
     assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
+}
+
+// A response is in flight until its last byte has been written to the socket: a large body that hyper
+// holds in one piece and writes out to a slow reader is not taken for an idle connection and cut.
+#[tokio::test]
+async fn a_large_body_to_a_slow_reader_is_not_cut() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    client.send(get_request("/big")).await;
+    // Reading nothing for longer than the idle timeout: the socket buffers fill up and the rest of the
+    // body waits in the server.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let res = client.read_response().await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body.len(), BIG, "body cut");
+    // Then the connection is idle, and closed after the timeout.
+    client.expect_eof().await;
 }

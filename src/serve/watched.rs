@@ -17,8 +17,9 @@ use crate::ConnectionHandle;
 pin_project! {
     /// A connection's IO that reports its writes to the connection's [`ConnectionHandle`], so that a
     /// response hyper is still writing out to a slow client is never taken for an idle connection and
-    /// cut. The serve path wraps every connection in it; wrap your IO in it too when you drive
-    /// connections yourself ([`ConnectionHandle::drive`]).
+    /// cut: the connection is busy until its last byte has been written to the socket. Both serve paths
+    /// wrap every connection in it (the `axum::serve` path inside its `KeepAliveIo`); wrap your IO in it
+    /// too when you drive connections yourself ([`ConnectionHandle::drive`]).
     ///
     /// ```no_run
     /// use hyper_util::rt::TokioIo;
@@ -62,6 +63,11 @@ impl<I> WatchedIo<I> {
     /// ```
     pub fn get_ref(&self) -> &I {
         &self.inner
+    }
+
+    #[cfg(feature = "axum")]
+    pub(crate) fn handle(&self) -> &ConnectionHandle {
+        &self.handle
     }
 }
 

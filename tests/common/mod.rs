@@ -28,6 +28,9 @@ use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
 #[path = "../raw/mod.rs"]
 mod raw;
 pub use raw::{RawClient, RawResponse};
+// For the files that need it; the others include this module too.
+#[allow(unused_imports)]
+pub use raw::get_request;
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);
