@@ -160,10 +160,14 @@ pub(crate) struct Shared {
     /// request). Written before the decrement that makes the connection idle, so whoever sees
     /// `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
-    /// Whether the connection's last write found the socket full: the response bodies are done, but
-    /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
-    /// Set by the serve paths' IO wrapper (`serve::watched`); always `false` without it.
-    write_blocked: AtomicBool,
+    /// What the connection's IO (`serve::watched`) tells the others, written by it alone, so with plain
+    /// loads and stores: [`IO_WRITE_BLOCKED`], whether its last write found the socket full (the
+    /// response bodies are done, but hyper is still sending what they gave it, a large body to a slow
+    /// client: the connection is not idle); [`IO_LINGERING`], whether it is in its lingering close
+    /// (closed for writing, reading what the client still sends until it closes too, within bounds of
+    /// its own), which whoever drives the connection lets finish rather than drop it at the end of its
+    /// grace period. Always 0 without that IO.
+    io: AtomicU8,
     /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
     http2: AtomicBool,
     /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
@@ -202,7 +206,7 @@ impl ConnectionHandle {
                 activity: AtomicU64::new(0),
                 requests_wrapped: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(opened_ns),
-                write_blocked: AtomicBool::new(false),
+                io: AtomicU8::new(0),
                 http2: AtomicBool::new(false),
                 writes: AtomicU32::new(0),
                 close: AtomicU8::new(0),
@@ -246,7 +250,7 @@ impl ConnectionHandle {
         if in_flight(self.shared.activity.load(Ordering::Acquire)) != 0 {
             return None;
         }
-        if self.shared.write_blocked.load(Ordering::Acquire) {
+        if self.shared.io.load(Ordering::Acquire) & IO_WRITE_BLOCKED != 0 {
             return None;
         }
         Some(clock::instant(
@@ -270,11 +274,31 @@ impl ConnectionHandle {
         self.shared.http2.load(Ordering::Relaxed)
     }
 
+    /// The connection's IO begins (`true`) or ends its lingering close.
+    pub(crate) fn set_lingering(&self, lingering: bool) {
+        self.set_io_flag(IO_LINGERING, lingering);
+    }
+
+    /// Whether the connection's IO is in its lingering close: it ends within bounds of its own.
+    pub(crate) fn is_lingering(&self) -> bool {
+        self.shared.io.load(Ordering::Relaxed) & IO_LINGERING != 0
+    }
+
+    /// For the IO alone (one writer: a load, and a store when the flag changes).
+    fn set_io_flag(&self, flag: u8, on: bool) {
+        let io = &self.shared.io;
+        let flags = io.load(Ordering::Relaxed);
+        let new = if on { flags | flag } else { flags & !flag };
+        if new != flags {
+            io.store(new, Ordering::Release);
+        }
+    }
+
     /// Records a write on the connection's socket: `blocked` when the socket was full.
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
         if blocked {
-            shared.write_blocked.store(true, Ordering::Release);
+            self.set_io_flag(IO_WRITE_BLOCKED, true);
             return;
         }
         // One writer (the connection's IO): a load and a store, no read-modify-write.
@@ -282,14 +306,17 @@ impl ConnectionHandle {
         shared
             .writes
             .store(writes.wrapping_add(1), Ordering::Relaxed);
-        if shared.write_blocked.load(Ordering::Relaxed) {
+        let flags = shared.io.load(Ordering::Relaxed);
+        if flags & IO_WRITE_BLOCKED != 0 {
             // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
             // The first write after the socket was full: the earliest the buffered response could have
             // been fully sent. Idle time counts from here if that is later.
             shared
                 .idle_since_ns
                 .fetch_max(clock::now_ns(), Ordering::Relaxed);
-            shared.write_blocked.store(false, Ordering::Release);
+            shared
+                .io
+                .store(flags & !IO_WRITE_BLOCKED, Ordering::Release);
         }
     }
 
@@ -592,6 +619,11 @@ const DROP_NOW: u8 = 0x20;
 /// Nobody drives the connection any more (it closed, or was upgraded and handed over): its timer stops.
 const UNDRIVEN: u8 = 0x40;
 
+/// `Shared::io`: the connection's last write found the socket full.
+const IO_WRITE_BLOCKED: u8 = 0x01;
+/// `Shared::io`: the connection's IO is in its lingering close.
+const IO_LINGERING: u8 = 0x02;
+
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;
 
@@ -668,6 +700,13 @@ mod tests {
         assert_eq!(handle.in_flight(), 0);
         assert!(handle.idle_since().unwrap() >= before);
         assert_eq!(handle.requests(), 2);
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_shared_state_stays_small() {
+        // One per connection, for its whole life; its flags live in what would otherwise be padding.
+        assert!(std::mem::size_of::<Shared>() <= 96);
     }
 
     #[test]

@@ -56,7 +56,9 @@
 //! connection closed under it), `R` the requests this connection still accepts after this one, counting
 //! down as Apache does. The response that uses up the limit says `Connection: close` and nothing about
 //! keep-alive; hyper then closes the connection after it, and pipelined requests sent behind it are not
-//! processed.
+//! processed. On the crate's serve paths they are read and dropped until the client closes its side (a
+//! lingering close, [RFC 9112, section 9.6][rfc9112-96]): closing with them unread would make the kernel
+//! reset the connection and destroy the responses the client has not read yet.
 //!
 //! ```text
 //! GET / HTTP/1.1          HTTP/1.1 200 OK

@@ -12,9 +12,12 @@ use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use common::{get_request, http_get, within, RawClient};
+use common::{
+    assert_pipelined_past_the_limit, get_request, http_get, send_junk_until_cut, within, RawClient,
+};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, Notify};
 use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 use tower_keepalive::KeepAliveLayer;
@@ -27,6 +30,7 @@ const BIG: usize = 32 * 1024 * 1024;
 /// - `/`: `hello`;
 /// - `/slow`: `slow` after 2.5 s;
 /// - `/big`: [`BIG`] bytes of `x` in one frame;
+/// - `/64k`: 64 KiB of `x`;
 /// - `/ws`: a WebSocket echo.
 fn app(started: Arc<Notify>) -> Router {
     Router::new()
@@ -35,6 +39,7 @@ fn app(started: Arc<Notify>) -> Router {
             "/big",
             get(|| async { bytes::Bytes::from(vec![b'x'; BIG]) }),
         )
+        .route("/64k", get(|| async { vec![b'x'; 64 * 1024] }))
         .route(
             "/slow",
             get(move || async move {
@@ -220,4 +225,31 @@ async fn a_large_body_to_a_slow_reader_is_not_cut() {
     assert_eq!(res.body.len(), BIG, "body cut");
     // Then the connection is idle, and closed after the timeout.
     client.expect_eof().await;
+}
+
+// Lingering close (RFC 9112 section 9.6): pipelined requests past the limit do not reset the connection
+// under the responses the client has not read yet.
+#[tokio::test]
+async fn pipelined_past_max_requests_get_every_response_then_a_clean_close() {
+    let server = start(KeepAliveLayer::new().max_requests(100)).await;
+    // A reset destroys what the client has not read: it depends on timing, so several rounds.
+    for _ in 0..5 {
+        assert_pipelined_past_the_limit(server.addr, "/64k", 100, 10_000).await;
+    }
+}
+
+// The linger is bounded: a client that sends without end after the close is cut.
+#[tokio::test]
+async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
+    let server = start(KeepAliveLayer::new().max_requests(1)).await;
+    let stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(get_request("/").as_bytes()).await.unwrap();
+    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
+    let res = client.read_response().await;
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    send_junk_until_cut(&mut write, Duration::from_secs(10)).await;
 }

@@ -17,8 +17,20 @@
 //! - **drain** on a shutdown signal: idle connections close at once, requests in flight finish with
 //!   `Connection: close` (HTTP/1) or after GOAWAY (HTTP/2); the serve future returns once every connection
 //!   is gone, or when the drain deadline passes;
+//! - **slow readers**: a response is in flight until its last byte has been written to the socket, so a
+//!   large body hyper is still writing out to a slow client is never taken for an idle connection;
+//! - **lingering close** (RFC 9112 section 9.6, nginx's `lingering_close`): when a connection ends, its
+//!   sending side is shut down after the last response byte, then what the client still sends is read
+//!   and dropped until it closes its side too, for at most 2 s without input, 10 s in all or 4 MiB
+//!   (none of it when the client has closed already, or for a connection idle for 1 s with nothing
+//!   from the client waiting, as at its idle timeout). Closing with input unread would make the kernel
+//!   reset the connection, destroying the responses the client has not read yet (requests pipelined
+//!   past the connection's last). A drain's deadline still drops a lingering connection at once;
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
+//!
+//! The connection's IO does the last two, in [`WatchedIo`]; the `axum::serve` path
+//! (`tower_keepalive::axum`) wraps its connections in it too, so both paths behave the same on the wire.
 //!
 //! No timer per connection: the server keeps one heap of deadlines (idle, maximum age, grace periods)
 //! and one task that sleeps until the earliest, then wakes only the connections whose time has come.

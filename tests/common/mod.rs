@@ -28,9 +28,9 @@ use tower_keepalive::{ConnectionHandle, KeepAliveLayer};
 #[path = "../raw/mod.rs"]
 mod raw;
 pub use raw::{RawClient, RawResponse};
-// For the files that need it; the others include this module too.
+// For the files that pipeline or flood; the others include this module too.
 #[allow(unused_imports)]
-pub use raw::get_request;
+pub use raw::{assert_pipelined_past_the_limit, get_request, send_junk_until_cut};
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);

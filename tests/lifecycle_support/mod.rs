@@ -31,7 +31,9 @@ use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 #[path = "../raw/mod.rs"]
 mod raw;
-pub use raw::{get_request, is_reset, within, RawClient};
+pub use raw::{
+    assert_pipelined_past_the_limit, get_request, is_reset, send_junk_until_cut, within, RawClient,
+};
 
 /// The bound on any single wait that has no tighter bound of its own.
 pub const WAIT: Duration = Duration::from_secs(10);
