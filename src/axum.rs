@@ -11,8 +11,8 @@
 //!   idle, the next read returns end-of-file: hyper then closes the connection quietly. A connection
 //!   that never sends a request, or dribbles its request head, is closed the same way. The IO is the
 //!   serve path's [`WatchedIo`] inside, so the wire behaves as on the serve path: a large body to a slow
-//!   reader is not cut, and the connection ends with a lingering close (RFC 9112 section 9.6) rather
-//!   than a reset.
+//!   reader is not cut, a client that half-closes after its request is answered, and the connection
+//!   ends with a lingering close (RFC 9112 section 9.6) rather than a reset.
 //! - [`into_make_service`] applies the keep-alive layer to the whole router per connection, bound to that
 //!   connection's handle, so every request is tracked: nothing busy is ever closed.
 //! - [`KeepAliveListener::on_shutdown`] wraps the future you give to axum's `with_graceful_shutdown`, so
@@ -165,8 +165,8 @@ pin_project! {
     ///
     /// The IO is wrapped in a [`WatchedIo`], as on the crate's own serve path, and behaves the same on
     /// the wire: a response is in flight until its last byte has been written to the socket, so a large
-    /// body to a slow reader is not cut; and the connection ends with a lingering close (RFC 9112
-    /// section 9.6). See [`WatchedIo`].
+    /// body to a slow reader is not cut; a client that half-closes after its request is answered; and
+    /// the connection ends with a lingering close (RFC 9112 section 9.6). See [`WatchedIo`].
     ///
     /// ```
     /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
@@ -382,6 +382,10 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        // For the IO's half-close handling: see `WatchedIo`.
+        if let Some(handle) = self.inner.bound_handle() {
+            handle.note_request_body(!http_body::Body::is_end_stream(req.body()));
+        }
         ConnectionFuture {
             inner: self.inner.call(req),
         }

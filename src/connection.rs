@@ -44,7 +44,8 @@ pub enum CloseReason {
     MaxRequests,
     /// The connection reached its maximum age.
     MaxAge,
-    /// The client asked to close (`Connection: close`, an HTTP/1.0 request without `keep-alive`), or went away.
+    /// The client asked to close (`Connection: close`, an HTTP/1.0 request without `keep-alive`), went
+    /// away, or closed its sending side (a half-close: it is answered first, on the crate's serve paths).
     ClientClosed,
     /// The inner service asked to close (its response said `Connection: close`), or its response to an
     /// HTTP/1.0 client had no length known in advance, so only closing the connection can end it.
@@ -166,8 +167,13 @@ pub(crate) struct Shared {
     /// client: the connection is not idle); [`IO_LINGERING`], whether it is in its lingering close
     /// (closed for writing, reading what the client still sends until it closes too, within bounds of
     /// its own), which whoever drives the connection lets finish rather than drop it at the end of its
-    /// grace period. Always 0 without that IO.
+    /// grace period; [`IO_PEER_EOF`], whether it has read the client's end of stream (its own state,
+    /// kept here in a byte that is free). Always 0 without that IO.
     io: AtomicU8,
+    /// The request in flight is known to have no body (it ends with its head): set per request by the
+    /// crate's serve paths. The IO holds back a client's end of stream only then: with a body, it may
+    /// end a body the client cut short, which hyper must see to fail the request.
+    bodiless: AtomicBool,
     /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
     http2: AtomicBool,
     /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
@@ -207,6 +213,7 @@ impl ConnectionHandle {
                 requests_wrapped: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(opened_ns),
                 io: AtomicU8::new(0),
+                bodiless: AtomicBool::new(false),
                 http2: AtomicBool::new(false),
                 writes: AtomicU32::new(0),
                 close: AtomicU8::new(0),
@@ -284,6 +291,16 @@ impl ConnectionHandle {
         self.shared.io.load(Ordering::Relaxed) & IO_LINGERING != 0
     }
 
+    /// The connection's IO has read the client's end of stream.
+    pub(crate) fn set_peer_eof(&self) {
+        self.set_io_flag(IO_PEER_EOF, true);
+    }
+
+    /// Whether the connection's IO has read the client's end of stream.
+    pub(crate) fn peer_eof(&self) -> bool {
+        self.shared.io.load(Ordering::Relaxed) & IO_PEER_EOF != 0
+    }
+
     /// For the IO alone (one writer: a load, and a store when the flag changes).
     fn set_io_flag(&self, flag: u8, on: bool) {
         let io = &self.shared.io;
@@ -292,6 +309,18 @@ impl ConnectionHandle {
         if new != flags {
             io.store(new, Ordering::Release);
         }
+    }
+
+    /// Records whether the request just started has a body: a plain store per request.
+    pub(crate) fn note_request_body(&self, has_body: bool) {
+        self.shared.bodiless.store(!has_body, Ordering::Relaxed);
+    }
+
+    /// Whether the request in flight is known to have no body (see [`note_request_body`]).
+    ///
+    /// [`note_request_body`]: Self::note_request_body
+    pub(crate) fn request_is_bodiless(&self) -> bool {
+        self.shared.bodiless.load(Ordering::Relaxed)
     }
 
     /// Records a write on the connection's socket: `blocked` when the socket was full.
@@ -623,6 +652,8 @@ const UNDRIVEN: u8 = 0x40;
 const IO_WRITE_BLOCKED: u8 = 0x01;
 /// `Shared::io`: the connection's IO is in its lingering close.
 const IO_LINGERING: u8 = 0x02;
+/// `Shared::io`: the connection's IO has read the client's end of stream.
+const IO_PEER_EOF: u8 = 0x04;
 
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;

@@ -29,12 +29,20 @@ const BIG: usize = 32 * 1024 * 1024;
 ///
 /// - `/`: `hello`;
 /// - `/slow`: `slow` after 2.5 s;
+/// - `/pause`: `paused` after 300 ms;
 /// - `/big`: [`BIG`] bytes of `x` in one frame;
 /// - `/64k`: 64 KiB of `x`;
 /// - `/ws`: a WebSocket echo.
 fn app(started: Arc<Notify>) -> Router {
     Router::new()
         .route("/", get(|| async { "hello" }))
+        .route(
+            "/pause",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "paused"
+            }),
+        )
         .route(
             "/big",
             get(|| async { bytes::Bytes::from(vec![b'x'; BIG]) }),
@@ -252,4 +260,42 @@ async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
     assert_eq!(res.values("connection"), ["close"], "{res:#?}");
     client.expect_eof().await;
     send_junk_until_cut(&mut write, Duration::from_secs(10)).await;
+}
+
+// A client that half-closes after its request (RFC 9112 section 9.6: it has finished sending) is
+// answered, then the connection closes. On a runtime with worker threads, as servers run: whether the
+// end of stream is read before or after the service has seen the request depends on timing there, hence
+// ten clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_then_half_close_is_answered() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
+    for (path, body) in [("/", "hello"), ("/pause", "paused")] {
+        let clients = (0..10).map(|_| async move {
+            let mut client = RawClient::connect(server.addr).await;
+            client.send(get_request(path)).await;
+            client.stream_mut().shutdown().await.unwrap();
+            let res = client.read_response().await;
+            assert_eq!(
+                (res.status, res.body_str()),
+                (200, body),
+                "{path}: {res:#?}"
+            );
+            if path != "/" {
+                // Still busy when the end of the request stream came: the response says so.
+                assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+            }
+            client.expect_eof().await;
+        });
+        futures_util::future::join_all(clients).await;
+    }
+}
+
+// One that half-closes without a request is closed at once, not after the idle timeout.
+#[tokio::test]
+async fn a_half_close_without_a_request_is_closed_at_once() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    client.stream_mut().shutdown().await.unwrap();
+    // Well within the idle timeout.
+    within("the server to close", client.expect_eof()).await;
 }

@@ -907,3 +907,53 @@ async fn drain_deadline_cuts_a_lingering_close() {
     assert_eq!(server.next_close().await.reason, CloseReason::MaxRequests);
     dribble.abort();
 }
+
+// 14. A client that half-closes after its request (RFC 9112 section 9.6: it has finished sending) is
+// answered, then the connection closes. On a runtime with worker threads, as servers run: whether the
+// end of stream is read before or after the service has seen the request depends on timing there, hence
+// ten clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_then_half_close_is_answered() {
+    let mut server = start(idle(Duration::from_secs(30))).await;
+    for (path, body) in [("/", "hello"), ("/slow?ms=300", "slept")] {
+        let clients = (0..10).map(|_| half_close_after(server.addr, path, body));
+        futures_util::future::join_all(clients).await;
+        for _ in 0..10 {
+            let closed = server.next_close().await;
+            assert_eq!(closed.reason, CloseReason::ClientClosed, "{path}");
+            assert_eq!(closed.handle.requests(), 1, "{path}");
+        }
+    }
+}
+
+/// Sends a GET for `path` and half-closes: the response (`body`) comes, then the end of the stream.
+async fn half_close_after(addr: std::net::SocketAddr, path: &str, body: &str) {
+    let mut client = RawClient::connect(addr).await;
+    client.send(get_request(path)).await;
+    client.stream_mut().shutdown().await.unwrap();
+    let res = client.read_response().await;
+    assert_eq!(
+        (res.status, res.body_str()),
+        (200, body),
+        "{path}: {res:#?}"
+    );
+    if path != "/" {
+        // Still busy when the end of the request stream came: the response says so.
+        assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+    }
+    client.expect_eof().await;
+}
+
+// 14: one that half-closes without a request is closed at once, not after the idle timeout.
+#[tokio::test]
+async fn http1_half_close_without_a_request_is_closed_at_once() {
+    let mut server = start(idle(Duration::from_secs(30))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let shut = Instant::now();
+    client.stream_mut().shutdown().await.unwrap();
+    client.expect_eof().await;
+    let closed = server.next_close().await;
+    assert_eq!(closed.reason, CloseReason::ClientClosed);
+    assert_eq!(closed.handle.requests(), 0);
+    assert!(closed.at.duration_since(shut) < SLACK, "{closed:?}");
+}

@@ -373,8 +373,10 @@ impl ConnectionHandle {
     /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
     /// connection's IO in [`WatchedIo`](crate::serve::WatchedIo) so that a response still being written
     /// to a slow client is not taken for idle either, and so that the connection ends with a lingering
-    /// close (RFC 9112 section 9.6), which this lifecycle lets run its course. Connections watched by
-    /// a [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
+    /// close (RFC 9112 section 9.6), which this lifecycle lets run its course. Here the IO does not
+    /// learn whether a request has a body, so it does not hold back a client's half-close: turn on
+    /// hyper's `http1().half_close(true)` to answer such clients. Connections watched by a
+    /// [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
     ///
     /// ```no_run
     /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection) {

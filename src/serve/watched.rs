@@ -1,9 +1,22 @@
-//! The connection's socket, as both serve paths see it: one wrapper, two jobs.
+//! The connection's socket, as both serve paths see it: one wrapper, three jobs.
 //!
 //! - **Writes watched.** The keep-alive layer sees a response as done when its body has yielded its last
 //!   frame; hyper may still hold that frame (all of a large body given in one piece) and be writing it
 //!   out to a slow client. The wrapper tells the connection's handle when writes find the socket full
 //!   and when they go through again, so such a connection is not taken for idle and cut.
+//! - **A half-close answered** (RFC 9112 section 9.6). A client that shuts down its sending side after its
+//!   request (scripts, `nc`, some proxies and load tools) has finished sending, not gone away. hyper,
+//!   unless `half_close` is set on its HTTP/1 builder (which `axum::serve` does not let us do), takes an
+//!   end of stream read while it still owes a response for the connection's end, and drops the response.
+//!   So while a request without a body is in flight, the wrapper decides the close
+//!   ([`CloseReason::ClientClosed`], so a response still to come says `Connection: close`) and holds the
+//!   end of stream back until the connection is idle. hyper takes a request off the wire a moment
+//!   before its service sees it (hyper-util's glue calls the tower service when its future is first
+//!   polled), so an end of stream read with nothing in flight is looked at once more, on the next read.
+//!   A request with a body is not held: the end of stream may have cut the body short, and the handler
+//!   must hear of that (the serve paths tell the IO which requests have a body; a hand-written loop
+//!   does not, and holds nothing). An end of stream on an idle connection goes through, and hyper
+//!   closes it without waiting for any timeout.
 //! - **A lingering close** (RFC 9112 section 9.6, nginx's `lingering_close`). Closing a socket with input
 //!   unread, or receiving input after closing it, makes the kernel reset the connection, and a reset
 //!   throws away the responses the client has not read yet: the usual victim is a client that pipelines
@@ -14,7 +27,7 @@
 //!   when the client has closed its side already, nor when the connection has been idle for a second
 //!   and nothing from the client is waiting: then no response is on its way for a reset to destroy.
 //!
-//! The linger's timer is made when a linger begins, never for every connection.
+//! The timer for the last two is made when one of them begins, never for every connection.
 
 use std::future::Future;
 use std::io;
@@ -32,6 +45,12 @@ use crate::{CloseReason, ConnectionHandle};
 /// How long the wrapper waits on the client, at the end of a connection.
 #[derive(Debug)]
 pub(crate) struct Bounds {
+    /// How long an end of stream read while a request is in flight is held back at most. Past it,
+    /// hyper gets it and ends the exchange as it would have: a client that half-closed and one that
+    /// went away look the same on the wire, and a handler that takes this long (a long poll) should
+    /// not run on for a client that is gone. nginx's `send_timeout` and `proxy_read_timeout` (60 s)
+    /// bound such waits.
+    pub(crate) hold_eof: Duration,
     /// A linger ends once the client has sent nothing for this long (nginx's `lingering_timeout`, 5 s).
     /// Shorter than nginx: what a client sent before it saw the end of our stream arrives within a round
     /// trip or two, and a client that says nothing is not about to.
@@ -48,9 +67,11 @@ pub(crate) struct Bounds {
     pub(crate) idle: Duration,
 }
 
-/// The bounds of every connection's end: a linger over after 2 s with nothing from the client, 10 s in
-/// all, or 4 MiB discarded, whichever comes first, and none after 1 s idle.
+/// The bounds of every connection's end: an end of stream held for 60 s at most while a request is in
+/// flight; a linger over after 2 s with nothing from the client, 10 s in all, or 4 MiB discarded,
+/// whichever comes first, and none after 1 s idle.
 pub(crate) const BOUNDS: Bounds = Bounds {
+    hold_eof: Duration::from_secs(60),
     quiet: Duration::from_secs(2),
     total: Duration::from_secs(10),
     bytes: 4 * 1024 * 1024,
@@ -59,13 +80,25 @@ pub(crate) const BOUNDS: Bounds = Bounds {
 
 pin_project! {
     /// A connection's IO, for both serve paths: reports its writes to the connection's
-    /// [`ConnectionHandle`], and closes with a linger. The serve path wraps every connection in it, and
-    /// so does the `axum::serve` path's `KeepAliveIo`; wrap your IO in it too when you drive connections
-    /// yourself ([`ConnectionHandle::drive`]).
+    /// [`ConnectionHandle`], answers a client that half-closes after its request, and closes with a
+    /// linger. The serve path wraps every connection in it, and so does the `axum::serve` path's
+    /// `KeepAliveIo`; wrap your IO in it too when you drive connections yourself
+    /// ([`ConnectionHandle::drive`]).
     ///
     /// - A response hyper is still writing out to a slow client (a large body given in one piece) is
     ///   never taken for an idle connection and cut: the connection is busy until its last byte has
     ///   been written to the socket.
+    /// - A client that half-closes (shuts down its sending side) after a request without a body is
+    ///   answered (RFC 9112 section 9.6: it has finished sending). The close is decided
+    ///   ([`CloseReason::ClientClosed`], so the response says `Connection: close`), the end of stream
+    ///   is held back from hyper while the request is in flight, and hyper sees it once the connection
+    ///   is idle, or after 60 s if the response never comes. A client that goes away in the middle of
+    ///   such a request looks the same on the wire, so it is noticed when its response is written, or
+    ///   at those 60 s. On an idle connection the end of stream goes through, and the connection
+    ///   closes at once. It is not held during a request with a body, which it may have cut short;
+    ///   nor on HTTP/2 and upgraded connections. Only the crate's serve paths tell the IO which
+    ///   requests have a body: in a hand-written loop nothing is held (set hyper's
+    ///   `http1().half_close(true)` there instead).
     /// - When hyper shuts the connection down (HTTP/1 at its end, unless driven with
     ///   `poll_without_shutdown`), the sending side is shut down after the last response byte, then
     ///   whatever the client still sends is read and discarded until it closes its side too
@@ -78,7 +111,7 @@ pin_project! {
     ///   closed at its timeout: no response is on its way); an upgraded connection's end is left to
     ///   the upgraded protocol.
     ///
-    /// A timer is made only when a linger begins; the wrapper adds one pointer to the IO.
+    /// A timer is made only when one of these waits begins; the wrapper adds one pointer to the IO.
     ///
     /// ```no_run
     /// use hyper_util::rt::TokioIo;
@@ -95,7 +128,7 @@ pin_project! {
         #[pin]
         inner: I,
         handle: ConnectionHandle,
-        // Made when a linger begins.
+        // Made when an end of stream is held back or a linger begins.
         wait: Option<Pin<Box<Wait>>>,
     }
 }
@@ -110,6 +143,11 @@ pin_project! {
 }
 
 enum Phase {
+    /// The client's end of stream came while a request was in flight: hyper gets it once the
+    /// connection is idle, or when the timer fires.
+    HeldEof,
+    /// The connection became idle while the end of stream was held, and its task was woken to read it.
+    EofDue,
     /// Shut down for writing; reading and discarding until the client closes, the timer fires (nothing
     /// from the client for a while) or a bound is reached.
     Lingering { ends_at: Instant, discarded: usize },
@@ -161,6 +199,100 @@ impl<I: std::fmt::Debug> std::fmt::Debug for WatchedIo<I> {
     }
 }
 
+impl<I: AsyncRead> WatchedIo<I> {
+    fn poll_read_within(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        bounds: &Bounds,
+    ) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if let Some(wait) = this.wait.as_mut() {
+            if matches!(wait.phase, Phase::HeldEof | Phase::EofDue) {
+                return held_eof(wait.as_mut(), this.handle, cx);
+            }
+        }
+        let handle = &*this.handle;
+        if handle.peer_eof() {
+            // Read on an earlier poll (see below): whatever request hyper had taken off the wire has
+            // reached the service by now.
+            return hold_or_give_eof(this.wait, handle, cx, bounds);
+        }
+        let before = buf.filled().len();
+        ready!(this.inner.poll_read(cx, buf))?;
+        if buf.filled().len() != before || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if handle.is_http2() || handle.close_reason() == Some(CloseReason::Upgraded) {
+            return Poll::Ready(Ok(()));
+        }
+        handle.set_peer_eof();
+        if holds_eof(handle) {
+            return hold_or_give_eof(this.wait, handle, cx, bounds);
+        }
+        // hyper may have just taken a request off the wire that its service has not seen yet:
+        // hyper-util's service glue calls the tower service (and so the keep-alive layer) when its
+        // future is first polled, right after this read, in the same turn. Decide on the next read,
+        // once it has.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// After the client's end of stream: holds it back from hyper if it must be (see [`holds_eof`]),
+/// deciding the close, or gives it.
+fn hold_or_give_eof(
+    wait: &mut Option<Pin<Box<Wait>>>,
+    handle: &ConnectionHandle,
+    cx: &mut Context<'_>,
+    bounds: &Bounds,
+) -> Poll<io::Result<()>> {
+    if !holds_eof(handle) {
+        return Poll::Ready(Ok(()));
+    }
+    tracing::debug!("client half-closed while its response is due; holding the end of stream");
+    // The connection ends after this response: it says so. (Decided only now: a client that sends
+    // half a head and leaves has had a protocol error, not a close of its own.)
+    handle.close(CloseReason::ClientClosed);
+    let wait = wait.insert(Box::pin(Wait {
+        timer: tokio::time::sleep(bounds.hold_eof),
+        phase: Phase::HeldEof,
+    }));
+    held_eof(wait.as_mut(), handle, cx)
+}
+
+/// Whether an end of stream read now must be held back from hyper, which would end the exchange without
+/// its response: on an HTTP/1 connection, a request in flight that has no body (with a body, the end of
+/// stream may have cut it short, and the handler waits for the rest until hyper tells it), or the end
+/// of a response still being written out.
+fn holds_eof(handle: &ConnectionHandle) -> bool {
+    if handle.is_http2() || handle.close_reason() == Some(CloseReason::Upgraded) {
+        return false;
+    }
+    if handle.in_flight() > 0 {
+        handle.request_is_bodiless()
+    } else {
+        handle.idle_since().is_none()
+    }
+}
+
+/// The end of stream once the connection is idle or the hold has lasted its bound, `Pending` until then.
+fn held_eof(
+    wait: Pin<&mut Wait>,
+    handle: &ConnectionHandle,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let wait = wait.project();
+    if matches!(wait.phase, Phase::EofDue)
+        || handle.idle_since().is_some()
+        || wait.timer.poll(cx).is_ready()
+    {
+        return Poll::Ready(Ok(()));
+    }
+    // Woken by the timer, or by a write that finds the connection idle (see `noted`).
+    Poll::Pending
+}
+
 impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
     #[inline]
     fn poll_read(
@@ -168,18 +300,28 @@ impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        self.poll_read_within(cx, buf, &BOUNDS)
     }
 }
 
 impl<I: AsyncRead + AsyncWrite> WatchedIo<I> {
     /// Tells the handle how a write went (`poll`; a flush that goes through says nothing, as a
-    /// stream with its own buffer, TLS, may be the one still writing when it is pending).
-    fn noted<T>(&self, poll: Poll<T>, write: bool) -> Poll<T> {
+    /// stream with its own buffer, TLS, may be the one still writing when it is pending). With an end of
+    /// stream held back, the connection's last write is where it becomes idle, and nothing else would
+    /// wake hyper to read the end of stream (its read is pending on us): this wakes it, once.
+    fn noted<T>(self: Pin<&mut Self>, cx: &mut Context<'_>, poll: Poll<T>, write: bool) -> Poll<T> {
+        let this = self.project();
         if poll.is_pending() {
-            self.handle.note_write(true);
+            this.handle.note_write(true);
         } else if write {
-            self.handle.note_write(false);
+            this.handle.note_write(false);
+        }
+        if let Some(wait) = this.wait.as_mut() {
+            let wait = wait.as_mut().project();
+            if matches!(wait.phase, Phase::HeldEof) && this.handle.idle_since().is_some() {
+                *wait.phase = Phase::EofDue;
+                cx.waker().wake_by_ref();
+            }
         }
         poll
     }
@@ -195,7 +337,7 @@ impl<I: AsyncRead + AsyncWrite> WatchedIo<I> {
                 return linger(this.inner, this.wait, this.handle, cx, bounds)
             }
             Some(Phase::Done) => return Poll::Ready(Ok(())),
-            None => {}
+            Some(Phase::HeldEof | Phase::EofDue) | None => {}
         }
         if this.handle.close_reason() == Some(CloseReason::Upgraded) {
             // The stream belongs to the upgraded protocol, and so does the way it ends.
@@ -323,7 +465,7 @@ impl<I: AsyncWrite + AsyncRead> AsyncWrite for WatchedIo<I> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = self.as_mut().project().inner.poll_write(cx, buf);
-        self.noted(poll, true)
+        self.noted(cx, poll, true)
     }
 
     fn poll_write_vectored(
@@ -332,7 +474,7 @@ impl<I: AsyncWrite + AsyncRead> AsyncWrite for WatchedIo<I> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let poll = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
-        self.noted(poll, true)
+        self.noted(cx, poll, true)
     }
 
     #[inline]
@@ -342,7 +484,7 @@ impl<I: AsyncWrite + AsyncRead> AsyncWrite for WatchedIo<I> {
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let poll = self.as_mut().project().inner.poll_flush(cx);
-        self.noted(poll, false)
+        self.noted(cx, poll, false)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -355,9 +497,13 @@ mod tests {
     use super::*;
     use crate::KeepAliveLayer;
     use std::future::poll_fn;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::{Wake, Waker};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     const SHORT: Bounds = Bounds {
+        hold_eof: Duration::from_millis(300),
         quiet: Duration::from_millis(200),
         total: Duration::from_millis(600),
         bytes: 64 * 1024,
@@ -439,5 +585,122 @@ mod tests {
         });
         assert!(shutdown(&mut io).await < SHORT.quiet);
         flood.abort();
+    }
+
+    struct Wakes(AtomicUsize);
+
+    impl Wake for Wakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_end_of_stream_is_held_while_busy_and_given_once_idle() {
+        let (io, client) = watched();
+        let mut io = std::pin::pin!(io);
+        let (_, in_flight) = io.handle.start_request();
+        io.handle.note_request_body(false);
+        drop(client);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut chunk = [0u8; 16];
+        let mut read = |io: Pin<&mut WatchedIo<_>>, cx: &mut Context<'_>| {
+            let mut buf = ReadBuf::new(&mut chunk);
+            io.poll_read_within(cx, &mut buf, &BOUNDS)
+                .map_ok(|()| buf.filled().len())
+        };
+        assert!(read(io.as_mut(), &mut cx).is_pending(), "given while busy");
+        assert_eq!(io.handle.close_reason(), Some(CloseReason::ClientClosed));
+        // Still busy: a write wakes nobody.
+        let _ = io.as_mut().poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n");
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
+        assert!(read(io.as_mut(), &mut cx).is_pending());
+        // The last response body ends; hyper writes its last bytes: that wakes the read, once.
+        drop(in_flight);
+        let _ = io.as_mut().poll_write(&mut cx, b"hello");
+        let _ = io.as_mut().poll_flush(&mut cx);
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+    }
+
+    #[tokio::test]
+    async fn a_held_end_of_stream_is_given_after_its_bound() {
+        let (mut io, client) = watched();
+        let (_, _in_flight) = io.handle.start_request();
+        io.handle.note_request_body(false);
+        drop(client);
+        let began = std::time::Instant::now();
+        let mut chunk = [0u8; 16];
+        let mut io = Pin::new(&mut io);
+        let n = tokio::time::timeout(
+            Duration::from_secs(5),
+            poll_fn(|cx| {
+                let mut buf = ReadBuf::new(&mut chunk);
+                io.as_mut()
+                    .poll_read_within(cx, &mut buf, &SHORT)
+                    .map_ok(|()| buf.filled().len())
+            }),
+        )
+        .await
+        .expect("the hold is bounded")
+        .unwrap();
+        assert_eq!(n, 0);
+        assert!(began.elapsed() >= SHORT.hold_eof);
+    }
+
+    #[tokio::test]
+    async fn an_end_of_stream_during_a_request_with_a_body_goes_through() {
+        let (io, client) = watched();
+        let mut io = std::pin::pin!(io);
+        let (_, _in_flight) = io.handle.start_request();
+        // It may end a body the client cut short: hyper must see it to fail the request.
+        io.handle.note_request_body(true);
+        drop(client);
+        let mut chunk = [0u8; 16];
+        let n = poll_fn(|cx| {
+            let mut buf = ReadBuf::new(&mut chunk);
+            io.as_mut()
+                .poll_read_within(cx, &mut buf, &SHORT)
+                .map_ok(|()| buf.filled().len())
+        })
+        .await
+        .unwrap();
+        assert_eq!(n, 0);
+    }
+
+    #[tokio::test]
+    async fn an_end_of_stream_waits_one_poll_for_the_request_hyper_has_taken_off_the_wire() {
+        let (io, client) = watched();
+        let mut io = std::pin::pin!(io);
+        drop(client);
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        let waker = Waker::from(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut chunk = [0u8; 16];
+        let mut read = |io: Pin<&mut WatchedIo<_>>, cx: &mut Context<'_>| {
+            let mut buf = ReadBuf::new(&mut chunk);
+            io.poll_read_within(cx, &mut buf, &BOUNDS)
+                .map_ok(|()| buf.filled().len())
+        };
+        // Nothing in flight yet: one more turn, for the service to see the request.
+        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
+        // It did: a request without a body, in flight. The end of stream is held back.
+        let (_, in_flight) = io.handle.start_request();
+        io.handle.note_request_body(false);
+        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert_eq!(io.handle.close_reason(), Some(CloseReason::ClientClosed));
+        drop(in_flight);
+        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+
+        // With no request at all, the end of stream comes on that next read.
+        let (io, client) = watched();
+        let mut io = std::pin::pin!(io);
+        drop(client);
+        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+        assert_eq!(io.handle.close_reason(), None);
     }
 }
