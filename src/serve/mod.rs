@@ -20,11 +20,11 @@
 //! - **slow readers**: a response is in flight until its last byte has been written to the socket, so a
 //!   large body hyper is still writing out to a slow client is never taken for an idle connection;
 //! - **half-close** (RFC 9112 section 9.6): a client that shuts down its sending side after a request
-//!   without a body (scripts, `nc`, some proxies and load tools) has finished sending, and is answered:
-//!   the response says `Connection: close`, then the connection closes. One that half-closes with no
-//!   request in flight is closed at once. (The flip side: a client that goes away in the middle of such a
-//!   request looks the same, and is noticed when its response is written, or after 60 s, not before.) A
-//!   request body cut short by a half-close still fails at once;
+//!   without a body (scripts, `nc`, some proxies and load tools) has finished sending, and is answered,
+//!   then the connection closes (a response not begun yet says `Connection: close`). One that
+//!   half-closes with no request in flight is closed at once. (The flip side: a client that goes away in
+//!   the middle of such a request looks the same, and is noticed when its response is written, or after
+//!   60 s, not before.) A request body cut short by a half-close still fails at once;
 //! - **lingering close** (RFC 9112 section 9.6, nginx's `lingering_close`): when a connection ends, its
 //!   sending side is shut down after the last response byte, then what the client still sends is read
 //!   and dropped until it closes its side too, for at most 2 s without input, 10 s in all or 4 MiB

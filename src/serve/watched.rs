@@ -90,14 +90,14 @@ pin_project! {
     ///   been written to the socket.
     /// - A client that half-closes (shuts down its sending side) after a request without a body is
     ///   answered (RFC 9112 section 9.6: it has finished sending). The close is decided
-    ///   ([`CloseReason::ClientClosed`], so the response says `Connection: close`), the end of stream
-    ///   is held back from hyper while the request is in flight, and hyper sees it once the connection
-    ///   is idle, or after 60 s if the response never comes. A client that goes away in the middle of
-    ///   such a request looks the same on the wire, so it is noticed when its response is written, or
-    ///   at those 60 s. On an idle connection the end of stream goes through, and the connection
-    ///   closes at once. It is not held during a request with a body, which it may have cut short;
-    ///   nor on HTTP/2 and upgraded connections. Only the crate's serve paths tell the IO which
-    ///   requests have a body: in a hand-written loop nothing is held (set hyper's
+    ///   ([`CloseReason::ClientClosed`]: a response not begun yet says `Connection: close`), the end
+    ///   of stream is held back from hyper while the request is in flight, and hyper sees it once the
+    ///   connection is idle, or after 60 s if the response never comes. A client that goes away in the
+    ///   middle of such a request looks the same on the wire, so it is noticed when its response is
+    ///   written, or at those 60 s. On an idle connection the end of stream goes through, and the
+    ///   connection closes at once. It is not held during a request with a body, which it may have cut
+    ///   short; nor on HTTP/2 and upgraded connections. Only the crate's serve paths tell the IO
+    ///   which requests have a body: in a hand-written loop nothing is held (set hyper's
     ///   `http1().half_close(true)` there instead).
     /// - When hyper shuts the connection down (HTTP/1 at its end, unless driven with
     ///   `poll_without_shutdown`), the sending side is shut down after the last response byte, then
