@@ -28,10 +28,11 @@
 //! - **lingering close** (RFC 9112 section 9.6, nginx's `lingering_close`): when a connection ends, its
 //!   sending side is shut down after the last response byte, then what the client still sends is read
 //!   and dropped until it closes its side too, for at most 2 s without input, 10 s in all or 4 MiB
-//!   (none of it when the client has closed already, or for a connection idle for 1 s with nothing
-//!   from the client waiting, as at its idle timeout). Closing with input unread would make the kernel
-//!   reset the connection, destroying the responses the client has not read yet (requests pipelined
-//!   past the connection's last). A drain's deadline still drops a lingering connection at once;
+//!   (none of it when the client has closed already, or, with nothing from the client waiting, for a
+//!   connection idle for 1 s, as at its idle timeout, or when the client asked to close after a request
+//!   without a body). Closing with input unread would make the kernel reset the connection, destroying
+//!   the responses the client has not read yet (requests pipelined past the connection's last). A
+//!   drain's deadline still drops a lingering connection at once;
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
 //!

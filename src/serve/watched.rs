@@ -24,8 +24,9 @@
 //!   down its sending side (the end of stream follows the last response byte), then reads and discards
 //!   whatever the client still sends until the client closes its side too, or bounds are reached (see
 //!   [`BOUNDS`]); only then does it report the shutdown done and let hyper drop the socket. No linger
-//!   when the client has closed its side already, nor when the connection has been idle for a second
-//!   and nothing from the client is waiting: then no response is on its way for a reset to destroy.
+//!   when the client has closed its side already; nor, with nothing from the client waiting, when the
+//!   connection has been idle for a second (no response is on its way for a reset to destroy) or the
+//!   client itself asked to close after a request without a body (it sends nothing more).
 //!
 //! The timer for the last two is made when one of them begins, never for every connection.
 
@@ -106,10 +107,11 @@ pin_project! {
     ///   would make the kernel reset the connection, and a reset destroys the responses the client has
     ///   not read yet (pipelined requests past the connection's last). The linger ends after 2 s with
     ///   nothing from the client, after 10 s in all, or once 4 MiB have been discarded, whichever
-    ///   comes first. It is skipped when the client had closed its side already, and when the
-    ///   connection had been idle for 1 s with nothing from the client waiting (an idle connection
-    ///   closed at its timeout: no response is on its way); an upgraded connection's end is left to
-    ///   the upgraded protocol.
+    ///   comes first. It is skipped when the client had closed its side already; and, with nothing
+    ///   from the client waiting, when the connection had been idle for 1 s (an idle connection
+    ///   closed at its timeout: no response is on its way) or the client asked to close
+    ///   (`Connection: close`, HTTP/1.0) after a request without a body, as it sends nothing more.
+    ///   An upgraded connection's end is left to the upgraded protocol.
     ///
     /// A timer is made only when one of these waits begins; the wrapper adds one pointer to the IO.
     ///
@@ -346,17 +348,12 @@ impl<I: AsyncRead + AsyncWrite> WatchedIo<I> {
         // The end of our stream, after the last response byte.
         ready!(this.inner.as_mut().poll_shutdown(cx))?;
         // One read before any timer: a client that has closed its side already (a half-close, or a
-        // client that went away) needs no linger, nor one that sends nothing to a connection idle for
-        // a while (see `Bounds::idle`).
+        // client that went away) needs no linger; nor, with nothing waiting, does one that will send
+        // nothing more (see `needs_no_linger`).
         let mut discarded = 0;
         match discard(this.inner.as_mut(), cx, &mut discarded, bounds) {
             Drained::Over => return Poll::Ready(Ok(())),
-            Drained::Quiet { read_any: false }
-                if this
-                    .handle
-                    .idle_since()
-                    .is_some_and(|since| since.elapsed() >= bounds.idle) =>
-            {
+            Drained::Quiet { read_any: false } if needs_no_linger(this.handle, bounds) => {
                 return Poll::Ready(Ok(()));
             }
             Drained::Quiet { .. } => {}
@@ -381,6 +378,18 @@ impl<I: AsyncRead + AsyncWrite> WatchedIo<I> {
         this.handle.set_lingering(true);
         linger(this.inner, this.wait, this.handle, cx, bounds)
     }
+}
+
+/// Whether a connection whose client has nothing waiting to be read can close without a linger: it
+/// has been idle for a while (see [`Bounds::idle`]), or the client asked to close after a request
+/// without a body (a client that sends `close` sends no further request, RFC 9112 section 9.6, and no
+/// body of that request is still on its way).
+fn needs_no_linger(handle: &ConnectionHandle, bounds: &Bounds) -> bool {
+    handle
+        .idle_since()
+        .is_some_and(|since| since.elapsed() >= bounds.idle)
+        || (handle.close_reason() == Some(CloseReason::ClientClosed)
+            && handle.request_is_bodiless())
 }
 
 /// Lingers: discards what the client sends until it closes its side, it has been quiet for
@@ -702,5 +711,20 @@ mod tests {
         assert!(read(io.as_mut(), &mut cx).is_pending());
         assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
         assert_eq!(io.handle.close_reason(), None);
+    }
+
+    #[tokio::test]
+    async fn no_linger_when_the_client_asked_to_close_after_a_request_without_a_body() {
+        let (mut io, _client) = watched();
+        drop(io.handle.start_request());
+        io.handle.note_request_body(false);
+        io.handle.close(CloseReason::ClientClosed);
+        assert!(shutdown(&mut io).await < SHORT.quiet);
+        // With a body, the rest of it may still be on its way: linger.
+        let (mut io, _client) = watched();
+        drop(io.handle.start_request());
+        io.handle.note_request_body(true);
+        io.handle.close(CloseReason::ClientClosed);
+        assert!(shutdown(&mut io).await >= SHORT.quiet);
     }
 }
