@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--no-advertise] [--max-connections N]
+//! cargo run --release --example server --features axum -- --axum-serve [--idle-timeout 2 ...]
 //! ```
 //!
 //! The first line on stdout is `listening on http://ADDR`. HTTP/1.x and h2c (prior knowledge) on the
@@ -14,6 +15,11 @@
 //!
 //! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
 //! by default it comes from the file-descriptor limit.
+//!
+//! `--axum-serve` serves the same routes through `axum::serve`, with `tower_keepalive::axum`'s
+//! `KeepAliveListener` and `into_make_service` (needs the `axum` feature). `--drain-timeout` and
+//! `--max-connections` do not apply there: `axum::serve` waits for every connection when it shuts down,
+//! and has no connection budget; closes are not logged either.
 //!
 //! On SIGINT or SIGTERM it drains and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -37,12 +43,13 @@ struct Args {
     layer: KeepAliveLayer,
     drain_timeout: Duration,
     max_connections: Option<usize>,
+    axum_serve: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
-         [--no-advertise] [--drain-timeout SECS] [--max-connections N]"
+         [--no-advertise] [--drain-timeout SECS] [--max-connections N] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -53,6 +60,7 @@ fn parse_args() -> Args {
         layer: KeepAliveLayer::new(),
         drain_timeout: Duration::from_secs(30),
         max_connections: None,
+        axum_serve: false,
     };
     let mut it = std::env::args().skip(1);
     let secs = |v: Option<String>| -> Duration {
@@ -91,6 +99,7 @@ fn parse_args() -> Args {
                         .unwrap_or_else(|| usage()),
                 );
             }
+            "--axum-serve" => args.axum_serve = true,
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -186,6 +195,9 @@ async fn main() -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
     tracing::info!(policy = ?args.layer, "serving");
+    if args.axum_serve {
+        return serve_with_axum(listener, args.layer).await;
+    }
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
     match args.max_connections {
@@ -210,4 +222,28 @@ async fn main() -> std::io::Result<()> {
         .await?;
     tracing::info!("drained; bye");
     Ok(())
+}
+
+/// The same app through `axum::serve`: the listener gives each connection its handle and idle timer, the
+/// make-service binds the layer to it.
+#[cfg(feature = "axum")]
+async fn serve_with_axum(
+    listener: tokio::net::TcpListener,
+    layer: KeepAliveLayer,
+) -> std::io::Result<()> {
+    use tower_keepalive::axum::{into_make_service, KeepAliveListener};
+
+    let listener = KeepAliveListener::new(listener, layer);
+    let shutdown = listener.on_shutdown(shutdown_signal());
+    axum::serve(listener, into_make_service(app()))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    tracing::info!("drained; bye");
+    Ok(())
+}
+
+#[cfg(not(feature = "axum"))]
+async fn serve_with_axum(_: tokio::net::TcpListener, _: KeepAliveLayer) -> std::io::Result<()> {
+    eprintln!("--axum-serve needs the axum feature: cargo run --example server --features axum");
+    std::process::exit(2)
 }

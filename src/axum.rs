@@ -6,11 +6,14 @@
 //! - [`KeepAliveListener`] wraps any axum listener. Each accepted connection gets its
 //!   [`ConnectionHandle`], carried by its IO ([`KeepAliveIo`]), and a deadline in the listener's timer
 //!   (one task and one heap of deadlines for all its connections, as on the serve path). When the
-//!   connection has been idle for the timeout (nothing in flight, every response body sent), or has
-//!   passed its maximum age (and the timeout its last response advertised has run out), or has been
-//!   told to close (HTTP/2 maximum requests) and is idle, the next
-//!   read returns end-of-file: hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
-//!   request head, is closed the same way.
+//!   connection has been idle for the timeout (nothing in flight, every response written to the
+//!   socket), or has passed its maximum age (and the timeout its last response advertised has run out),
+//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
+//!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
+//!   request head, is closed the same way. The IO is the serve path's [`WatchedIo`] inside, so the wire
+//!   behaves as on the serve path: a large body to a slow reader is not cut, a client that half-closes
+//!   after its request is answered, and the connection ends with a lingering close (RFC 9112 section
+//!   9.6) rather than a reset.
 //! - [`into_make_service`] applies the keep-alive layer to the whole router per connection, bound to that
 //!   connection's handle, so every request is tracked: nothing busy is ever closed.
 //! - [`KeepAliveListener::on_shutdown`] wraps the future you give to axum's `with_graceful_shutdown`, so
@@ -61,7 +64,7 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::serve::Timers;
+use crate::serve::{Timers, WatchedIo};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -161,6 +164,11 @@ pin_project! {
     /// A connection accepted by [`KeepAliveListener`]: the IO and its [`ConnectionHandle`]. Once the
     /// listener's timer finds the connection closing and idle, reads give end-of-file.
     ///
+    /// The IO is wrapped in a [`WatchedIo`], as on the crate's own serve path, and behaves the same on
+    /// the wire: a response is in flight until its last byte has been written to the socket, so a large
+    /// body to a slow reader is not cut; a client that half-closes after its request is answered; and
+    /// the connection ends with a lingering close (RFC 9112 section 9.6). See [`WatchedIo`].
+    ///
     /// ```
     /// # async fn f(io: tower_keepalive::axum::KeepAliveIo<tokio::net::TcpStream>) {
     /// println!("{} requests so far", io.handle().requests());
@@ -168,8 +176,7 @@ pin_project! {
     /// ```
     pub struct KeepAliveIo<I> {
         #[pin]
-        inner: I,
-        handle: ConnectionHandle,
+        inner: WatchedIo<I>,
         // The listener's timers, which wake this IO's task through the handle.
         timers: Arc<Timers>,
         // Once end-of-file has been given, it is given again: the connection is over.
@@ -181,8 +188,8 @@ pin_project! {
             let this = this.project();
             // The connection is gone (the handle may live on elsewhere): its deadline goes too, and it
             // counts as closed now.
-            this.handle.mark_undriven();
-            this.handle.report_closed(CloseReason::ClientClosed);
+            this.inner.handle().mark_undriven();
+            this.inner.handle().report_closed(CloseReason::ClientClosed);
             this.timers.live.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -191,8 +198,7 @@ pin_project! {
 impl<I> KeepAliveIo<I> {
     fn new(inner: I, handle: ConnectionHandle, timers: Arc<Timers>) -> Self {
         KeepAliveIo {
-            inner,
-            handle,
+            inner: WatchedIo::new(inner, handle),
             timers,
             closed: false,
         }
@@ -206,7 +212,7 @@ impl<I> KeepAliveIo<I> {
     /// # }
     /// ```
     pub fn handle(&self) -> &ConnectionHandle {
-        &self.handle
+        self.inner.handle()
     }
 
     /// The wrapped IO.
@@ -217,29 +223,29 @@ impl<I> KeepAliveIo<I> {
     /// # }
     /// ```
     pub fn get_ref(&self) -> &I {
-        &self.inner
+        self.inner.get_ref()
     }
 }
 
 impl<I: fmt::Debug> fmt::Debug for KeepAliveIo<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeepAliveIo")
-            .field("inner", &self.inner)
-            .field("handle", &self.handle)
+            .field("inner", self.get_ref())
+            .field("handle", self.handle())
             .finish()
     }
 }
 
 impl<I> KeepAliveIo<I> {
     /// Whether the connection should end now: closing (idle for the timeout, past its maximum age, told
-    /// to close, the server shutting down) with nothing in flight. Registers the task to be woken when
-    /// the timers decide a close otherwise.
+    /// to close, the server shutting down) and idle (nothing in flight, every response written to the
+    /// socket). Registers the task to be woken when the timers decide a close otherwise.
     fn should_end(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let this = self.project();
         if *this.closed {
             return true;
         }
-        let handle = &*this.handle;
+        let handle = this.inner.handle();
         if handle.close_reason() == Some(CloseReason::Upgraded) {
             // The upgraded protocol owns the IO now, and the timers let it go; HTTP is over on it, as
             // the serve path counts it.
@@ -252,7 +258,9 @@ impl<I> KeepAliveIo<I> {
         // Registered before the state is read: a close decided after this read wakes the task. (A
         // wake-up takes the registration, so it is made on every read; so did the timer this replaces.)
         handle.register_driver(cx.waker());
-        if handle.in_flight() == 0
+        // Idle, not merely nothing in flight: hyper may still be writing out the last body frame it was
+        // given, and an end-of-file now would cut that response.
+        if handle.idle_since().is_some()
             && handle.pending_close().is_some()
             && handle.may_close_idle(std::time::Instant::now())
         {
@@ -279,7 +287,8 @@ impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
     }
 }
 
-impl<I: AsyncWrite> AsyncWrite for KeepAliveIo<I> {
+impl<I: AsyncRead + AsyncWrite> AsyncWrite for KeepAliveIo<I> {
+    #[inline]
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -288,14 +297,17 @@ impl<I: AsyncWrite> AsyncWrite for KeepAliveIo<I> {
         self.project().inner.poll_write(cx, buf)
     }
 
+    #[inline]
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_flush(cx)
     }
 
+    #[inline]
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         self.project().inner.poll_shutdown(cx)
     }
 
+    #[inline]
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -304,6 +316,7 @@ impl<I: AsyncWrite> AsyncWrite for KeepAliveIo<I> {
         self.project().inner.poll_write_vectored(cx, bufs)
     }
 
+    #[inline]
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
@@ -345,7 +358,7 @@ where
     }
 
     fn call(&mut self, stream: IncomingStream<'_, L>) -> Self::Future {
-        let handle = stream.io().handle.clone();
+        let handle = stream.io().handle().clone();
         std::future::ready(Ok(ConnectionService {
             inner: KeepAlive::bound(self.service.clone(), handle),
         }))
@@ -377,6 +390,10 @@ where
     }
 
     fn call(&mut self, req: Request) -> Self::Future {
+        // For the IO's half-close handling: see `WatchedIo`.
+        if let Some(handle) = self.inner.bound_handle() {
+            handle.note_request_body(!http_body::Body::is_end_stream(req.body()));
+        }
         ConnectionFuture {
             inner: self.inner.call(req),
         }

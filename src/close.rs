@@ -28,7 +28,8 @@ pub enum CloseReason {
     MaxRequests,
     /// The connection reached its maximum age.
     MaxAge,
-    /// The client asked to close (`Connection: close`, an HTTP/1.0 request without `keep-alive`), or went away.
+    /// The client asked to close (`Connection: close`, an HTTP/1.0 request without `keep-alive`), went
+    /// away, or closed its sending side (a half-close: it is answered first, on the crate's serve paths).
     ClientClosed,
     /// The inner service asked to close (its response said `Connection: close`), or its response to an
     /// HTTP/1.0 client had no length known in advance, so only closing the connection can end it.

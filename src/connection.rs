@@ -9,7 +9,7 @@
 //! [`KeepAliveLayer::bind`]: crate::KeepAliveLayer::bind
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,12 +65,22 @@ pub(crate) struct Shared {
     /// request). Written before the decrement that makes the connection idle, so whoever sees
     /// `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
-    /// Whether the connection's last write found the socket full: the response bodies are done, but
-    /// hyper is still sending what they gave it (a large body to a slow client), so it is not idle.
-    /// Set by the serve path's IO wrapper (`serve::watched`); always `false` without it.
-    write_blocked: AtomicBool,
-    /// The connection speaks HTTP/2 (it has carried an HTTP/2 request).
-    http2: AtomicBool,
+    /// What the connection's IO (`serve::watched`) tells the others, written by it alone, so with plain
+    /// loads and stores: [`IO_WRITE_BLOCKED`], whether its last write found the socket full (the
+    /// response bodies are done, but hyper is still sending what they gave it, a large body to a slow
+    /// client: the connection is not idle); [`IO_LINGERING`], whether it is in its lingering close
+    /// (closed for writing, reading what the client still sends until it closes too, within bounds of
+    /// its own), which whoever drives the connection lets finish rather than drop it at the end of its
+    /// grace period; [`IO_PEER_EOF`], whether it has read the client's end of stream (its own state,
+    /// kept here in a byte that is free). Always 0 without that IO.
+    io: AtomicU8,
+    /// What the request side knows of the connection: [`REQ_HTTP2`], it has carried an HTTP/2 request;
+    /// [`REQ_BODILESS`], the request in flight is known to have no body (it ends with its head; set per
+    /// request by the crate's serve paths), so the IO may hold back a client's end of stream: with a
+    /// body, it may end a body the client cut short, which hyper must see to fail the request. Read with
+    /// a plain load, changed with an atomic or/and only when a bit changes (HTTP/2 streams start on
+    /// several threads).
+    request_flags: AtomicU8,
     /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
     /// connection told to close can see whether it is still writing at the end of its grace period.
     /// Only the connection's own IO writes it.
@@ -114,8 +124,8 @@ impl ConnectionHandle {
                 activity: AtomicU64::new(0),
                 requests_wrapped: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(opened_ns),
-                write_blocked: AtomicBool::new(false),
-                http2: AtomicBool::new(false),
+                io: AtomicU8::new(0),
+                request_flags: AtomicU8::new(0),
                 writes: AtomicU32::new(0),
                 close: AtomicU8::new(0),
                 advert_secs: AtomicU8::new(0),
@@ -148,8 +158,8 @@ impl ConnectionHandle {
     }
 
     /// When the connection became idle, or `None` while a request is in flight or, on the crate's serve
-    /// path, while a response is still being written to a full socket. A new connection is idle from the
-    /// moment it was accepted.
+    /// paths (an IO wrapped in `serve::WatchedIo`), while a response is still being written to a full
+    /// socket. A new connection is idle from the moment it was accepted.
     ///
     /// ```
     /// let handle = tower_keepalive::KeepAliveLayer::new().connection();
@@ -159,7 +169,7 @@ impl ConnectionHandle {
         if in_flight(self.shared.activity.load(Ordering::Acquire)) != 0 {
             return None;
         }
-        if self.shared.write_blocked.load(Ordering::Acquire) {
+        if self.shared.io.load(Ordering::Acquire) & IO_WRITE_BLOCKED != 0 {
             return None;
         }
         Some(clock::instant(
@@ -172,22 +182,75 @@ impl ConnectionHandle {
         self.shared.writes.load(Ordering::Relaxed)
     }
 
-    /// Records that the connection speaks HTTP/2. A load, and a store only the first time.
+    /// Records that the connection speaks HTTP/2. A load, and an atomic or only the first time.
     pub(crate) fn mark_http2(&self) {
-        if !self.shared.http2.load(Ordering::Relaxed) {
-            self.shared.http2.store(true, Ordering::Relaxed);
-        }
+        self.set_request_flag(REQ_HTTP2, true);
     }
 
     pub(crate) fn is_http2(&self) -> bool {
-        self.shared.http2.load(Ordering::Relaxed)
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_HTTP2 != 0
+    }
+
+    fn set_request_flag(&self, flag: u8, on: bool) {
+        let flags = &self.shared.request_flags;
+        // Requests in a row are alike: the bit rarely changes, so the usual cost is a plain load.
+        if (flags.load(Ordering::Relaxed) & flag != 0) != on {
+            if on {
+                flags.fetch_or(flag, Ordering::Relaxed);
+            } else {
+                flags.fetch_and(!flag, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The connection's IO begins (`true`) or ends its lingering close.
+    pub(crate) fn set_lingering(&self, lingering: bool) {
+        self.set_io_flag(IO_LINGERING, lingering);
+    }
+
+    /// Whether the connection's IO is in its lingering close: it ends within bounds of its own.
+    pub(crate) fn is_lingering(&self) -> bool {
+        self.shared.io.load(Ordering::Relaxed) & IO_LINGERING != 0
+    }
+
+    /// The connection's IO has read the client's end of stream.
+    pub(crate) fn set_peer_eof(&self) {
+        self.set_io_flag(IO_PEER_EOF, true);
+    }
+
+    /// Whether the connection's IO has read the client's end of stream.
+    pub(crate) fn peer_eof(&self) -> bool {
+        self.shared.io.load(Ordering::Relaxed) & IO_PEER_EOF != 0
+    }
+
+    /// For the IO alone (one writer: a load, and a store when the flag changes).
+    fn set_io_flag(&self, flag: u8, on: bool) {
+        let io = &self.shared.io;
+        let flags = io.load(Ordering::Relaxed);
+        let new = if on { flags | flag } else { flags & !flag };
+        if new != flags {
+            io.store(new, Ordering::Release);
+        }
+    }
+
+    /// Records whether the request just started has a body: a plain load per request, and an atomic
+    /// and/or when it differs from the one before.
+    pub(crate) fn note_request_body(&self, has_body: bool) {
+        self.set_request_flag(REQ_BODILESS, !has_body);
+    }
+
+    /// Whether the request in flight is known to have no body (see [`note_request_body`]).
+    ///
+    /// [`note_request_body`]: Self::note_request_body
+    pub(crate) fn request_is_bodiless(&self) -> bool {
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_BODILESS != 0
     }
 
     /// Records a write on the connection's socket: `blocked` when the socket was full.
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
         if blocked {
-            shared.write_blocked.store(true, Ordering::Release);
+            self.set_io_flag(IO_WRITE_BLOCKED, true);
             return;
         }
         // One writer (the connection's IO): a load and a store, no read-modify-write.
@@ -195,14 +258,17 @@ impl ConnectionHandle {
         shared
             .writes
             .store(writes.wrapping_add(1), Ordering::Relaxed);
-        if shared.write_blocked.load(Ordering::Relaxed) {
+        let flags = shared.io.load(Ordering::Relaxed);
+        if flags & IO_WRITE_BLOCKED != 0 {
             // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
             // The first write after the socket was full: the earliest the buffered response could have
             // been fully sent. Idle time counts from here if that is later.
             shared
                 .idle_since_ns
                 .fetch_max(clock::now_ns(), Ordering::Relaxed);
-            shared.write_blocked.store(false, Ordering::Release);
+            shared
+                .io
+                .store(flags & !IO_WRITE_BLOCKED, Ordering::Release);
         }
     }
 
@@ -595,6 +661,18 @@ const UNDRIVEN: u8 = 0x40;
 /// The connection's end has been counted and logged ([`ConnectionHandle::report_closed`]).
 const REPORTED: u8 = 0x80;
 
+/// `Shared::io`: the connection's last write found the socket full.
+/// `Shared::request_flags`: the connection has carried an HTTP/2 request.
+const REQ_HTTP2: u8 = 0x01;
+/// `Shared::request_flags`: the request in flight has no body.
+const REQ_BODILESS: u8 = 0x02;
+
+const IO_WRITE_BLOCKED: u8 = 0x01;
+/// `Shared::io`: the connection's IO is in its lingering close.
+const IO_LINGERING: u8 = 0x02;
+/// `Shared::io`: the connection's IO has read the client's end of stream.
+const IO_PEER_EOF: u8 = 0x04;
+
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;
 
@@ -613,7 +691,7 @@ impl Shared {
     /// Counts the connection closed and logs it, for `reason`.
     fn closed(&self, reason: CloseReason) {
         let requests = self.requests();
-        let http2 = self.http2.load(Ordering::Relaxed);
+        let http2 = self.request_flags.load(Ordering::Relaxed) & REQ_HTTP2 != 0;
         self.config
             .stats
             .connection_closed(reason, requests, self.opened_ns, http2);
@@ -683,6 +761,13 @@ mod tests {
         assert_eq!(handle.in_flight(), 0);
         assert!(handle.idle_since().unwrap() >= before);
         assert_eq!(handle.requests(), 2);
+    }
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn the_shared_state_stays_small() {
+        // One per connection, for its whole life; its flags live in what would otherwise be padding.
+        assert!(std::mem::size_of::<Shared>() <= 96);
     }
 
     #[test]

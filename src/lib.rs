@@ -58,7 +58,9 @@
 //! left as it nears, the response planned with less than a second left says `Connection: close`, and a
 //! connection idle at its maximum age is closed only once its last `T` has run out. The response that uses up the limit says `Connection: close` and nothing about
 //! keep-alive; hyper then closes the connection after it, and pipelined requests sent behind it are not
-//! processed.
+//! processed. On the crate's serve paths they are read and dropped until the client closes its side (a
+//! lingering close, [RFC 9112, section 9.6][rfc9112-96]): closing with them unread would make the kernel
+//! reset the connection and destroy the responses the client has not read yet.
 //!
 //! ```text
 //! GET / HTTP/1.1          HTTP/1.1 200 OK

@@ -101,6 +101,14 @@ impl<S> KeepAlive<S> {
         }
     }
 
+    /// The connection's handle, when bound to one.
+    pub(crate) fn bound_handle(&self) -> Option<&ConnectionHandle> {
+        match &self.binding {
+            Binding::Connection(handle) => Some(handle),
+            Binding::Unbound(_) => None,
+        }
+    }
+
     /// The inner service.
     ///
     /// ```

@@ -13,17 +13,43 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::serve::Listener;
 use axum::Router;
-use common::{assert_adverts_honest, http_get, within, RawClient};
+use common::{
+    assert_adverts_honest, assert_pipelined_past_the_limit, get_request, http_get,
+    send_junk_until_cut, within, RawClient,
+};
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tower_keepalive::axum::{into_make_service, KeepAliveIo, KeepAliveListener};
 use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
+/// The size of `/big`'s body.
+const BIG: usize = 32 * 1024 * 1024;
+
 /// The app; `started` is notified when a `/slow` request reaches its handler.
+///
+/// - `/`: `hello`;
+/// - `/slow`: `slow` after 2.5 s;
+/// - `/pause`: `paused` after 300 ms;
+/// - `/big`: [`BIG`] bytes of `x` in one frame;
+/// - `/64k`: 64 KiB of `x`;
+/// - `/ws`: a WebSocket echo.
 fn app(started: Arc<Notify>) -> Router {
     Router::new()
         .route("/", get(|| async { "hello" }))
+        .route(
+            "/pause",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                "paused"
+            }),
+        )
+        .route(
+            "/big",
+            get(|| async { bytes::Bytes::from(vec![b'x'; BIG]) }),
+        )
+        .route("/64k", get(|| async { vec![b'x'; 64 * 1024] }))
         .route(
             "/slow",
             get(move || async move {
@@ -140,18 +166,20 @@ async fn requests_are_counted_without_router_layer() {
 async fn idle_connection_is_closed_after_the_timeout_and_not_before() {
     let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
     let mut client = RawClient::connect(server.addr).await;
+    // The server's idle time starts after this instant, whatever the load: measured from after the
+    // response, the bound would not hold when the client's task runs late.
+    let asked = Instant::now();
     let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
-    let answered = Instant::now();
     assert_eq!(res.header("keep-alive"), Some("timeout=1, max=999"));
     client.expect_eof().await;
-    let idle = answered.elapsed();
+    let idle = asked.elapsed();
     assert!(idle >= Duration::from_secs(1), "closed after {idle:?}");
 
     // A client that never sends a byte is closed too.
+    let connecting = Instant::now();
     let mut silent = RawClient::connect(server.addr).await;
-    let connected = Instant::now();
     silent.expect_eof().await;
-    assert!(connected.elapsed() >= Duration::from_secs(1));
+    assert!(connecting.elapsed() >= Duration::from_secs(1));
 }
 
 #[tokio::test]
@@ -334,4 +362,86 @@ async fn max_age_keeps_the_advert_of_a_response_streaming_across_it() {
     assert_eq!(res.values("connection"), ["close"], "{res:#?}");
     client.expect_eof().await;
     assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+}
+
+// A response is in flight until its last byte has been written to the socket: a large body that hyper
+// holds in one piece and writes out to a slow reader is not taken for an idle connection and cut.
+#[tokio::test]
+async fn a_large_body_to_a_slow_reader_is_not_cut() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    client.send(get_request("/big")).await;
+    // Reading nothing for longer than the idle timeout: the socket buffers fill up and the rest of the
+    // body waits in the server.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let res = client.read_response().await;
+    assert_eq!(res.status, 200);
+    assert_eq!(res.body.len(), BIG, "body cut");
+    // Then the connection is idle, and closed after the timeout.
+    client.expect_eof().await;
+}
+
+// Lingering close (RFC 9112 section 9.6): pipelined requests past the limit do not reset the connection
+// under the responses the client has not read yet.
+#[tokio::test]
+async fn pipelined_past_max_requests_get_every_response_then_a_clean_close() {
+    let server = start(KeepAliveLayer::new().max_requests(100)).await;
+    // A reset destroys what the client has not read: it depends on timing, so several rounds.
+    for _ in 0..5 {
+        assert_pipelined_past_the_limit(server.addr, "/64k", 100, 10_000).await;
+    }
+}
+
+// The linger is bounded: a client that sends without end after the close is cut.
+#[tokio::test]
+async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
+    let server = start(KeepAliveLayer::new().max_requests(1)).await;
+    let stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(get_request("/").as_bytes()).await.unwrap();
+    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
+    let res = client.read_response().await;
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    send_junk_until_cut(&mut write, Duration::from_secs(10)).await;
+}
+
+// A client that half-closes after its request (RFC 9112 section 9.6: it has finished sending) is
+// answered, then the connection closes. On a runtime with worker threads, as servers run: whether the
+// end of stream is read before or after the service has seen the request depends on timing there, hence
+// ten clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_then_half_close_is_answered() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
+    for (path, body) in [("/", "hello"), ("/pause", "paused")] {
+        let clients = (0..10).map(|_| async move {
+            let mut client = RawClient::connect(server.addr).await;
+            client.send(get_request(path)).await;
+            client.stream_mut().shutdown().await.unwrap();
+            let res = client.read_response().await;
+            assert_eq!(
+                (res.status, res.body_str()),
+                (200, body),
+                "{path}: {res:#?}"
+            );
+            if path != "/" {
+                // Still busy when the end of the request stream came: the response says so.
+                assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+            }
+            client.expect_eof().await;
+        });
+        futures_util::future::join_all(clients).await;
+    }
+}
+
+// One that half-closes without a request is closed at once, not after the idle timeout.
+#[tokio::test]
+async fn a_half_close_without_a_request_is_closed_at_once() {
+    let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    client.stream_mut().shutdown().await.unwrap();
+    // Well within the idle timeout.
+    within("the server to close", client.expect_eof()).await;
 }

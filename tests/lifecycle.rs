@@ -933,3 +933,142 @@ async fn http2_client_going_away_is_client_closed() {
     assert_eq!(closed.reason, CloseReason::ClientClosed);
     assert!(closed.at.duration_since(dropped) < SLACK);
 }
+
+// 13. Lingering close (RFC 9112 section 9.6): a server that closes with input unread makes the kernel
+// reset the connection, which destroys the responses the client has not read yet. Pipelined requests
+// past the limit are read and dropped until the client closes.
+#[tokio::test]
+async fn http1_pipelined_past_max_requests_get_every_response_then_a_clean_close() {
+    let mut server = start(idle(Duration::from_secs(30)).max_requests(100)).await;
+    // A reset destroys what the client has not read: it depends on timing, so several rounds.
+    for _ in 0..5 {
+        assert_pipelined_past_the_limit(server.addr, "/big?bytes=65536", 100, 10_000).await;
+        let closed = server.next_close().await;
+        assert_eq!(closed.reason, CloseReason::MaxRequests);
+        assert_eq!(closed.handle.requests(), 100, "requests past the limit ran");
+    }
+}
+
+/// A client that has sent one request to a server answering one request per connection: it has read the
+/// response (`Connection: close`) and the end of the stream, and can still write.
+async fn answered_and_closed(
+    addr: std::net::SocketAddr,
+) -> (
+    RawClient<tokio::io::Join<tokio::net::tcp::OwnedReadHalf, tokio::io::Sink>>,
+    tokio::net::tcp::OwnedWriteHalf,
+) {
+    let stream = within("connect", WAIT, TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(get_request("/").as_bytes()).await.unwrap();
+    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
+    let res = client.read_response().await;
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    (client, write)
+}
+
+// 13: the linger is bounded by what it reads: a client that sends without end after the close is cut
+// (at 4 MiB).
+#[tokio::test]
+async fn http1_lingering_close_is_cut_when_the_client_never_stops_sending() {
+    let mut server = start(idle(Duration::from_secs(30)).max_requests(1)).await;
+    let (_client, mut write) = answered_and_closed(server.addr).await;
+    send_junk_until_cut(&mut write, WAIT).await;
+    assert_eq!(server.next_close().await.reason, CloseReason::MaxRequests);
+}
+
+// 13: and by time: a client that stays silent and never closes is let go 2 s after the close. The
+// lifecycle's 1 s grace for a connection told to close does not cut the linger short.
+#[tokio::test]
+async fn http1_lingering_close_of_a_silent_client_ends_after_two_seconds() {
+    let mut server = start(idle(Duration::from_secs(30)).max_requests(1)).await;
+    let began = Instant::now();
+    let (_client, _write) = answered_and_closed(server.addr).await;
+    let closed = server.next_close().await;
+    assert_eq!(closed.reason, CloseReason::MaxRequests);
+    // From before the request: the linger began after it, so the lower bound holds whatever the load.
+    assert_between(
+        "the end of the linger",
+        closed.at.duration_since(began),
+        ms(1500),
+        ms(2000) + SLACK,
+    );
+}
+
+// 13: a drain deadline still drops a lingering connection at once.
+#[tokio::test]
+async fn drain_deadline_cuts_a_lingering_close() {
+    let mut server = start_with(idle(Duration::from_secs(30)).max_requests(1), Some(ms(500))).await;
+    let (_client, mut write) = answered_and_closed(server.addr).await;
+    // A byte every 300 ms keeps the linger going for as long as it may last (10 s).
+    let dribble = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(ms(300));
+        loop {
+            tick.tick().await;
+            if write.write_all(b"x").await.is_err() {
+                return;
+            }
+        }
+    });
+    server.shutdown();
+    let signalled = Instant::now();
+    server.finished(ms(500) + SLACK).await;
+    assert!(
+        signalled.elapsed() >= ms(500),
+        "returned before the deadline"
+    );
+    assert_eq!(server.next_close().await.reason, CloseReason::MaxRequests);
+    dribble.abort();
+}
+
+// 14. A client that half-closes after its request (RFC 9112 section 9.6: it has finished sending) is
+// answered, then the connection closes. On a runtime with worker threads, as servers run: whether the
+// end of stream is read before or after the service has seen the request depends on timing there, hence
+// ten clients at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_request_then_half_close_is_answered() {
+    let mut server = start(idle(Duration::from_secs(30))).await;
+    for (path, body) in [("/", "hello"), ("/slow?ms=300", "slept")] {
+        let clients = (0..10).map(|_| half_close_after(server.addr, path, body));
+        futures_util::future::join_all(clients).await;
+        for _ in 0..10 {
+            let closed = server.next_close().await;
+            assert_eq!(closed.reason, CloseReason::ClientClosed, "{path}");
+            assert_eq!(closed.handle.requests(), 1, "{path}");
+        }
+    }
+}
+
+/// Sends a GET for `path` and half-closes: the response (`body`) comes, then the end of the stream.
+async fn half_close_after(addr: std::net::SocketAddr, path: &str, body: &str) {
+    let mut client = RawClient::connect(addr).await;
+    client.send(get_request(path)).await;
+    client.stream_mut().shutdown().await.unwrap();
+    let res = client.read_response().await;
+    assert_eq!(
+        (res.status, res.body_str()),
+        (200, body),
+        "{path}: {res:#?}"
+    );
+    if path != "/" {
+        // Still busy when the end of the request stream came: the response says so.
+        assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+    }
+    client.expect_eof().await;
+}
+
+// 14: one that half-closes without a request is closed at once, not after the idle timeout.
+#[tokio::test]
+async fn http1_half_close_without_a_request_is_closed_at_once() {
+    let mut server = start(idle(Duration::from_secs(30))).await;
+    let mut client = RawClient::connect(server.addr).await;
+    let shut = Instant::now();
+    client.stream_mut().shutdown().await.unwrap();
+    client.expect_eof().await;
+    let closed = server.next_close().await;
+    assert_eq!(closed.reason, CloseReason::ClientClosed);
+    assert_eq!(closed.handle.requests(), 0);
+    assert!(closed.at.duration_since(shut) < SLACK, "{closed:?}");
+}

@@ -89,6 +89,8 @@ async fn connections_are_recorded_at_their_events() {
         assert_eq!(a.get("/").await.status, 200);
     }
     a.expect_eof().await;
+    // As clients do on a close: the server's lingering close then ends at once.
+    drop(a);
     assert_eq!(server.next_close().await.reason, CloseReason::MaxRequests);
 
     // B: two requests, then the client goes.

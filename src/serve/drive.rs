@@ -279,7 +279,10 @@ impl ConnectionHandle {
     /// One timer per connection; nothing runs while the connection is idle but that timer, and waking
     /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
     /// connection's IO in [`WatchedIo`](crate::serve::WatchedIo) so that a response still being written
-    /// to a slow client is not taken for idle either. Connections watched by a
+    /// to a slow client is not taken for idle either, and so that the connection ends with a lingering
+    /// close (RFC 9112 section 9.6), which this lifecycle lets run its course. Here the IO does not
+    /// learn whether a request has a body, so it does not hold back a client's half-close: turn on
+    /// hyper's `http1().half_close(true)` to answer such clients. Connections watched by a
     /// [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
     ///
     /// ```no_run
@@ -317,6 +320,12 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         return None;
     }
     if handle.in_grace() {
+        if handle.is_lingering() {
+            // Closed for writing and reading what the client still sends, so that the kernel does not
+            // reset the connection under responses the client has not read: that ends within its own
+            // bounds (`serve::watched`). A drain's deadline still drops it.
+            return Some(now + GRACE);
+        }
         // Told to close, nothing in flight and nothing written for the grace period, still open: a head
         // that never completes. A response hyper is still writing out (to a full socket, or as HTTP/2
         // flow control lets it) is not cut.
@@ -871,6 +880,24 @@ mod tests {
         handle.start_grace(clock::ns_of(began));
         assert!(check(&handle, began + GRACE / 2).is_some());
         assert_eq!(handle.driver_flags(), (true, false));
+        assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn a_lingering_connection_is_not_dropped_at_the_end_of_its_grace() {
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
+        let (timers, handle) = one_watched(&layer);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        timers.tick();
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        // Its IO has shut down for writing and reads what the client still sends, within its own
+        // bounds: the grace period does not cut that short.
+        handle.set_lingering(true);
+        assert!(check(&handle, began + GRACE).is_some());
+        assert_eq!(handle.driver_flags(), (true, false));
+        handle.set_lingering(false);
         assert_eq!(check(&handle, began + GRACE), None);
         assert_eq!(handle.driver_flags(), (true, true));
     }

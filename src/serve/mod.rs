@@ -23,6 +23,22 @@
 //! - **drain** on a shutdown signal: idle connections close at once, requests in flight finish with
 //!   `Connection: close` (HTTP/1) or after GOAWAY (HTTP/2); the serve future returns once every connection
 //!   is gone, or when the drain deadline passes;
+//! - **slow readers**: a response is in flight until its last byte has been written to the socket, so a
+//!   large body hyper is still writing out to a slow client is never taken for an idle connection;
+//! - **half-close** (RFC 9112 section 9.6): a client that shuts down its sending side after a request
+//!   without a body (scripts, `nc`, some proxies and load tools) has finished sending, and is answered,
+//!   then the connection closes (a response not begun yet says `Connection: close`). One that
+//!   half-closes with no request in flight is closed at once. (The flip side: a client that goes away in
+//!   the middle of such a request looks the same, and is noticed when its response is written, or after
+//!   60 s, not before.) A request body cut short by a half-close still fails at once;
+//! - **lingering close** (RFC 9112 section 9.6, nginx's `lingering_close`): when a connection ends, its
+//!   sending side is shut down after the last response byte, then what the client still sends is read
+//!   and dropped until it closes its side too, for at most 2 s without input, 10 s in all or 4 MiB
+//!   (none of it when the client has closed already, or, with nothing from the client waiting, for a
+//!   connection idle for 1 s, as at its idle timeout, or when the client asked to close after a request
+//!   without a body). Closing with input unread would make the kernel reset the connection, destroying
+//!   the responses the client has not read yet (requests pipelined past the connection's last). A
+//!   drain's deadline still drops a lingering connection at once;
 //! - **connection budget** ([`Serve::connection_limits`]): above the soft limit of open connections
 //!   the idle timeout shrinks, and idle connections may be closed *before* the `timeout=` their last
 //!   response advertised, longest idle first (close reason [`CloseReason::Pressure`]); this is the one
@@ -31,6 +47,9 @@
 //!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it.
+//!
+//! The connection's IO does the last three, in [`WatchedIo`]; the `axum::serve` path
+//! (`tower_keepalive::axum`) wraps its connections in it too, so both paths behave the same on the wire.
 //!
 //! No timer per connection: the server keeps one heap of deadlines (idle, maximum age, grace periods)
 //! and one task that sleeps until the earliest, then wakes only the connections whose time has come.
@@ -561,7 +580,7 @@ where
                 // Pinned here, once: the connection is the largest part of the task.
                 let conn = pin!(shared.builder.serve_connection_with_upgrades(
                     TokioIo::new(WatchedIo::new(io, handle.clone())),
-                    TowerToHyperService::new(svc),
+                    TowerToHyperService::new(ConnectionService { inner: svc }),
                 ));
                 handle_connection(conn, &handle, watcher, permit, &shared).await;
             };
@@ -575,6 +594,39 @@ where
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())
+    }
+}
+
+/// One connection's service on the serve path: the app behind the keep-alive layer bound to the
+/// connection, telling the connection's IO whether each request has a body (see [`WatchedIo`]: a client's
+/// end of stream is held back only while a request without one is in flight).
+#[derive(Clone)]
+struct ConnectionService<S> {
+    inner: KeepAlive<S>,
+}
+
+impl<S> Service<Request<Incoming>> for ConnectionService<S>
+where
+    KeepAlive<S>: Service<Request<Incoming>>,
+{
+    type Response = <KeepAlive<S> as Service<Request<Incoming>>>::Response;
+    type Error = <KeepAlive<S> as Service<Request<Incoming>>>::Error;
+    type Future = <KeepAlive<S> as Service<Request<Incoming>>>::Future;
+
+    #[inline]
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    #[inline]
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        if let Some(handle) = self.inner.bound_handle() {
+            handle.note_request_body(!http_body::Body::is_end_stream(req.body()));
+        }
+        self.inner.call(req)
     }
 }
 

@@ -193,7 +193,7 @@ impl Accepted {
             handle.report_closed(reason);
             return closed(&shared, &handle, reason, watcher, permit);
         };
-        let svc = TowerToHyperService::new(svc);
+        let svc = TowerToHyperService::new(super::ConnectionService { inner: svc });
         if stream.get_ref().1.alpn_protocol() == Some(H2) {
             let http2_only;
             let builder = if shared.builder.is_http1_available() {

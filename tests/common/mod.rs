@@ -31,6 +31,9 @@ pub use raw::{RawClient, RawResponse};
 // For the files that check adverts against a maximum age; the others leave it unused.
 #[allow(unused_imports)]
 pub use raw::assert_adverts_honest;
+// For the files that pipeline or flood; the others include this module too.
+#[allow(unused_imports)]
+pub use raw::{assert_pipelined_past_the_limit, get_request, send_junk_until_cut};
 
 /// The bound on every wait: generous, the test machine is shared.
 pub const WAIT: Duration = Duration::from_secs(5);

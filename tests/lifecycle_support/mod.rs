@@ -33,7 +33,10 @@ use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 mod raw;
 // Not every test file uses each of them.
 #[allow(unused_imports)]
-pub use raw::{assert_adverts_honest, get_request, is_reset, within, RawClient};
+pub use raw::{
+    assert_adverts_honest, assert_pipelined_past_the_limit, get_request, is_reset,
+    send_junk_until_cut, within, RawClient,
+};
 
 /// The bound on any single wait that has no tighter bound of its own.
 pub const WAIT: Duration = Duration::from_secs(10);

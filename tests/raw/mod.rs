@@ -10,8 +10,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, Join, Sink};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
 
 /// The bound on every read and write: generous, the test machine is shared.
 const WAIT: Duration = Duration::from_secs(10);
@@ -37,6 +39,107 @@ pub fn is_reset(err: &io::Error) -> bool {
             | io::ErrorKind::BrokenPipe
             | io::ErrorKind::ConnectionAborted
     )
+}
+
+/// A client that pipelines: reads with a [`RawClient`] while a task of its own writes.
+pub type PipeliningClient = RawClient<Join<OwnedReadHalf, Sink>>;
+
+/// Connects, and sends `count` copies of `request` from a task while the caller reads the responses with
+/// the returned client. Returns once a tenth of them are out, so that the server has input it has not read
+/// yet when it answers the last request it will; the rest goes out while the caller reads. The task stops
+/// at its first failed write (the server may close before it has read everything) and returns the write
+/// half, still open: the server, not the client, ends the connection. Abort the task if the server may
+/// stop reading without closing.
+pub async fn pipeline(
+    addr: SocketAddr,
+    request: &[u8],
+    count: usize,
+) -> (PipeliningClient, JoinHandle<OwnedWriteHalf>) {
+    let stream = within("connect", WAIT, TcpStream::connect(addr))
+        .await
+        .unwrap();
+    let (read, mut write) = stream.into_split();
+    // A hundred requests per write: fewer system calls, and the server still sees them arrive while it
+    // answers.
+    let batch = request.repeat(100);
+    let len = request.len();
+    let (under_way, started) = tokio::sync::oneshot::channel();
+    let writer = tokio::spawn(async move {
+        let mut under_way = Some(under_way);
+        let mut sent = 0;
+        while sent < count {
+            let n = (count - sent).min(100);
+            if write.write_all(&batch[..n * len]).await.is_err() {
+                break;
+            }
+            sent += n;
+            if sent >= count / 10 {
+                if let Some(tx) = under_way.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        write
+    });
+    // Dropped unsent if the writer stopped early: that is a start too.
+    let _ = within("the first requests to go out", WAIT, started).await;
+    (
+        RawClient::new(tokio::io::join(read, tokio::io::sink())),
+        writer,
+    )
+}
+
+/// Pipelines `count` GETs for `path` on one connection to a server that answers at most `max` requests
+/// per connection, reading while they are sent: exactly `max` responses arrive, the last saying
+/// `Connection: close`, then a clean end of the stream.
+///
+/// A server that closes with input unread makes its kernel reset the connection, which throws away what
+/// it has not sent yet, and the client's kernel what the client has not read yet. Give `path` a body of
+/// some size (64 KiB, say): the server has then written most of the responses into its socket buffer, not
+/// onto the wire, when it closes.
+pub async fn assert_pipelined_past_the_limit(
+    addr: SocketAddr,
+    path: &str,
+    max: usize,
+    count: usize,
+) {
+    let (mut client, writer) = pipeline(addr, get_request(path).as_bytes(), count).await;
+    for n in 1..=max {
+        let res = client.read_response().await;
+        assert_eq!(res.status, 200, "response {n}: {res:#?}");
+        let expected = if n < max { "keep-alive" } else { "close" };
+        assert_eq!(
+            res.values("connection"),
+            [expected],
+            "response {n}: {res:#?}"
+        );
+    }
+    client.expect_eof().await;
+    writer.abort();
+}
+
+/// Writes junk on `stream` as fast as the server takes it, reading nothing, until a write fails (the
+/// server closed and reset the connection). Fails if that takes longer than `limit`. Returns how many
+/// bytes went out.
+pub async fn send_junk_until_cut(stream: &mut OwnedWriteHalf, limit: Duration) -> usize {
+    let junk = vec![b'x'; 64 * 1024];
+    let mut sent = 0;
+    within(
+        "the server to cut a client that never stops sending",
+        limit,
+        async {
+            loop {
+                match stream.write(&junk).await {
+                    Ok(0) => return,
+                    Ok(n) => sent += n,
+                    Err(err) if is_reset(&err) => return,
+                    Err(err) => panic!("write failed: {err}"),
+                }
+            }
+        },
+    )
+    .await;
+    sent
 }
 
 /// One HTTP/1 response as read off the wire.
