@@ -931,6 +931,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_busy_connection_is_dropped_once_past_its_max_age_and_grace() {
+        let layer = KeepAliveLayer::new()
+            .max_age(Duration::from_millis(20))
+            .max_age_jitter(0.0)
+            .max_age_grace(Duration::from_millis(30));
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, in_flight) = handle.start_request();
+        let age = handle.max_age_at().expect("a maximum age");
+        // At the maximum age: GOAWAY, and the stream runs on.
+        assert!(check(&handle, age).is_some());
+        assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+        assert_eq!(handle.driver_flags(), (true, false));
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        // The next look is due by the end of the grace, not a whole `GRACE` later.
+        let next = check(&handle, age + Duration::from_millis(10)).expect("looked at again");
+        assert!(next <= age + Duration::from_millis(30), "{next:?}");
+        assert_eq!(handle.driver_flags(), (true, false));
+        // Past it: cut, whatever is in flight.
+        assert_eq!(check(&handle, age + Duration::from_millis(30)), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+        drop(in_flight);
+
+        // Without a grace period, the stream is waited for.
+        let layer = KeepAliveLayer::new()
+            .max_age(Duration::from_millis(20))
+            .max_age_jitter(0.0);
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, _in_flight) = handle.start_request();
+        let age = handle.max_age_at().expect("a maximum age");
+        assert!(check(&handle, age).is_some());
+        assert!(check(&handle, age + Duration::from_secs(3600)).is_some());
+        assert_eq!(handle.driver_flags(), (true, false));
+    }
+
+    #[tokio::test]
     async fn a_connection_nobody_drives_leaves_the_timers() {
         let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
         let (timers, handle) = one_watched(&layer);
