@@ -114,9 +114,8 @@ fn app() -> Router {
     Router::new()
         .route(
             "/",
-            get(|| async { "hello from tower-keepalive\n" }).post(|body: Bytes| async move {
-                format!("received {} bytes\n", body.len())
-            }),
+            get(|| async { "hello from tower-keepalive\n" })
+                .post(|body: Bytes| async move { format!("received {} bytes\n", body.len()) }),
         )
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))

@@ -433,7 +433,14 @@ mod tests {
     #[test]
     fn behind_a_balancer_the_idle_timeout_outlasts_the_balancers() {
         let secs = |s| Duration::from_secs(s);
-        for (lb, ours) in [(0, 5), (10, 15), (60, 66), (350, 385), (600, 660), (3600, 3960)] {
+        for (lb, ours) in [
+            (0, 5),
+            (10, 15),
+            (60, 66),
+            (350, 385),
+            (600, 660),
+            (3600, 3960),
+        ] {
             let layer = KeepAliveLayer::behind_load_balancer(secs(lb));
             assert_eq!(layer.get_idle_timeout(), secs(ours), "behind {lb} s");
             assert_eq!(layer.get_max_requests(), None);
@@ -443,10 +450,7 @@ mod tests {
         // stays above the balancer's timeout.
         let layer = KeepAliveLayer::behind_load_balancer(Duration::from_millis(60_500));
         assert_eq!(layer.get_idle_timeout(), secs(67));
-        assert_eq!(
-            layer.config.advert(None).unwrap().value(),
-            "timeout=67"
-        );
+        assert_eq!(layer.config.advert(None).unwrap().value(), "timeout=67");
         // The maximum age is kept when set afterwards, and builder methods still apply.
         let layer = KeepAliveLayer::behind_load_balancer(secs(60)).max_age(secs(600));
         assert_eq!(layer.get_max_age(), Some(secs(600)));

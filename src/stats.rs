@@ -154,7 +154,8 @@ impl Counters {
 
     /// The server starts its lame-duck period or its drain (`None`: it serves again).
     pub(crate) fn set_shutdown(&self, reason: Option<CloseReason>) {
-        self.shutdown.store(reason.map_or(0, CloseReason::to_u8), Relaxed);
+        self.shutdown
+            .store(reason.map_or(0, CloseReason::to_u8), Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

@@ -30,7 +30,10 @@ async fn reasons<A>(server: &mut TestServer<A>, n: usize) -> HashMap<CloseReason
 
 async fn assert_refused(addr: std::net::SocketAddr) {
     let refused = within("connect", WAIT, TcpStream::connect(addr)).await;
-    assert!(refused.is_err(), "a new connection was accepted after the lame-duck period");
+    assert!(
+        refused.is_err(),
+        "a new connection was accepted after the lame-duck period"
+    );
 }
 
 #[tokio::test]
@@ -50,7 +53,10 @@ async fn http1_lame_duck_serves_new_connections_with_close_then_drains() {
     let signalled = Instant::now();
     // The idle keep-alive connection is closed at once, quietly.
     let eof = idle.eof().await;
-    assert!(eof.duration_since(signalled) < SLACK, "idle connection not closed at once");
+    assert!(
+        eof.duration_since(signalled) < SLACK,
+        "idle connection not closed at once"
+    );
     // The listener still accepts, and serves; the response says close.
     let mut fresh = RawClient::connect(server.addr).await;
     let res = fresh.get("/").await;
@@ -126,7 +132,10 @@ async fn http2_lame_duck_sends_goaway_to_every_connection() {
     assert_eq!(closes, HashMap::from([(CloseReason::LameDuck, 3)]));
     // The serve future returns once the period is over and the connections are gone.
     server.finished(period + WAIT).await;
-    assert!(signalled.elapsed() >= period, "returned before the lame-duck period was over");
+    assert!(
+        signalled.elapsed() >= period,
+        "returned before the lame-duck period was over"
+    );
     assert_refused(server.addr).await;
 }
 
@@ -167,8 +176,8 @@ async fn a_request_outlasting_lame_duck_and_drain_deadline_is_cut() {
 mod axum_path {
     use super::*;
     use axum::routing::get;
-    use std::future::IntoFuture;
     use axum::Router;
+    use std::future::IntoFuture;
     use tokio::sync::oneshot;
     use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 
@@ -199,7 +208,10 @@ mod axum_path {
         let _ = tx.send(());
         let signalled = Instant::now();
         let eof = idle.eof().await;
-        assert!(eof.duration_since(signalled) < SLACK, "idle connection not closed at once");
+        assert!(
+            eof.duration_since(signalled) < SLACK,
+            "idle connection not closed at once"
+        );
         let mut fresh = RawClient::connect(addr).await;
         let res = fresh.get("/").await;
         assert_eq!((res.status, res.body_str()), (200, "hello"));
@@ -209,7 +221,10 @@ mod axum_path {
             .await
             .expect("serve task panicked")
             .expect("serve failed");
-        assert!(signalled.elapsed() >= period, "returned before the lame-duck period was over");
+        assert!(
+            signalled.elapsed() >= period,
+            "returned before the lame-duck period was over"
+        );
         let refused = within("connect", WAIT, TcpStream::connect(addr)).await;
         assert!(refused.is_err(), "accepted after the lame-duck period");
         assert_eq!(stats.snapshot().closed(CloseReason::LameDuck), 2);

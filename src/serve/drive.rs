@@ -336,7 +336,9 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
             handle.drop_now();
             return None;
         }
-        return Some(max_age_grace_end(handle).map_or(now + GRACE, |end| end.clamp(now, now + GRACE)));
+        return Some(
+            max_age_grace_end(handle).map_or(now + GRACE, |end| end.clamp(now, now + GRACE)),
+        );
     }
     match handle.due(now) {
         // HTTP/1 past its maximum age closes on a response that says `close`, or once idle and its last

@@ -86,9 +86,9 @@ use tower_service::Service;
 
 #[cfg(feature = "axum")]
 pub(crate) use drive::Timers;
+pub use drive::{Drain, DrainWatcher, GracefulConnection};
 #[cfg(feature = "axum")]
 pub(crate) use lame_duck::begin as lame_duck_begin;
-pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
 pub use watched::WatchedIo;
 
