@@ -1,14 +1,14 @@
 //! A server for trying tower-keepalive by hand and from scripts.
 //!
 //! ```text
-//! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--no-advertise] [--max-connections N]
+//! cargo run --release --example server -- --addr 127.0.0.1:0 --idle-timeout 2 --max-requests 5 [--max-age 30] [--max-age-grace 10] [--no-advertise] [--max-connections N] [--lame-duck 5] [--behind-lb 60]
 //! cargo run --release --example server --features axum -- --axum-serve [--idle-timeout 2 ...]
 //! ```
 //!
 //! The first line on stdout is `listening on http://ADDR`. HTTP/1.x and h2c (prior knowledge) on the
 //! same port. Routes:
 //!
-//! - `/`: a short text body;
+//! - `/`: a short text body; a POST to it is answered with the length of its body;
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
 //! - `/ws`: a WebSocket echo.
@@ -21,7 +21,13 @@
 //! `--max-connections` do not apply there: `axum::serve` waits for every connection when it shuts down,
 //! and has no connection budget; closes are not logged either.
 //!
-//! On SIGINT or SIGTERM it drains and exits 0. Each connection's close reason is logged (set `RUST_LOG`
+//! `--lame-duck SECS`: on the shutdown signal, keep accepting and serving for that long, keeping no
+//! connection alive, before the drain (for a load balancer to take the server out of rotation).
+//! `--behind-lb SECS`: the policy for a server behind a balancer whose idle timeout is SECS
+//! (`KeepAliveLayer::behind_load_balancer`; give it before the other policy flags, which then apply on top).
+//! `--max-age-grace SECS`: streams still open at the maximum age get that long, then are cut.
+//!
+//! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
 
 use std::collections::HashMap;
@@ -42,6 +48,7 @@ struct Args {
     addr: SocketAddr,
     layer: KeepAliveLayer,
     drain_timeout: Duration,
+    lame_duck: Option<Duration>,
     max_connections: Option<usize>,
     axum_serve: bool,
 }
@@ -49,7 +56,8 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
-         [--no-advertise] [--drain-timeout SECS] [--max-connections N] [--axum-serve]"
+         [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
+         [--lame-duck SECS] [--behind-lb SECS] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -59,6 +67,7 @@ fn parse_args() -> Args {
         addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
         layer: KeepAliveLayer::new(),
         drain_timeout: Duration::from_secs(30),
+        lame_duck: None,
         max_connections: None,
         axum_serve: false,
     };
@@ -90,6 +99,9 @@ fn parse_args() -> Args {
                 };
             }
             "--max-age" => args.layer = args.layer.max_age(secs(it.next())),
+            "--max-age-grace" => args.layer = args.layer.max_age_grace(secs(it.next())),
+            "--lame-duck" => args.lame_duck = Some(secs(it.next())),
+            "--behind-lb" => args.layer = KeepAliveLayer::behind_load_balancer(secs(it.next())),
             "--no-advertise" => args.layer = args.layer.advertise(false),
             "--drain-timeout" => args.drain_timeout = secs(it.next()),
             "--max-connections" => {
@@ -109,7 +121,11 @@ fn parse_args() -> Args {
 
 fn app() -> Router {
     Router::new()
-        .route("/", get(|| async { "hello from tower-keepalive\n" }))
+        .route(
+            "/",
+            get(|| async { "hello from tower-keepalive\n" })
+                .post(|body: Bytes| async move { format!("received {} bytes\n", body.len()) }),
+        )
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))
         .route("/ws", get(ws))
@@ -179,7 +195,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    tracing::info!("shutdown signal received; draining");
+    tracing::info!("shutdown signal received");
 }
 
 #[tokio::main]
@@ -208,9 +224,13 @@ async fn main() -> std::io::Result<()> {
         // The default budget, from the file-descriptor limit.
         None => {}
     }
-    server
+    let mut server = server
         .with_graceful_shutdown(shutdown_signal())
-        .drain_timeout(args.drain_timeout)
+        .drain_timeout(args.drain_timeout);
+    if let Some(period) = args.lame_duck {
+        server = server.lame_duck(period);
+    }
+    server
         .on_close(|conn, reason| {
             tracing::info!(
                 reason = reason.as_str(),

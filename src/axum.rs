@@ -129,7 +129,52 @@ impl<L> KeepAliveListener<L> {
         let state = self.layer.config.stats.clone();
         async move {
             signal.await;
-            state.set_draining(true);
+            state.set_shutdown(Some(CloseReason::Drain));
+        }
+    }
+
+    /// Wraps the shutdown `signal` as [`on_shutdown`](Self::on_shutdown) does, with a lame-duck period
+    /// of `period` first: give the future it returns to axum's `with_graceful_shutdown`. axum keeps
+    /// accepting until the future resolves, `period` after the signal; meanwhile no connection of this
+    /// listener is kept alive: every HTTP/1 response says `Connection: close` (RFC 9112 section 9.6),
+    /// idle connections that have served a request are closed, and new connections are served, then
+    /// closed. Close reason [`CloseReason::LameDuck`]. Then axum stops accepting and drains (see
+    /// [`Serve::lame_duck`](crate::serve::Serve::lame_duck) for why a server behind a load balancer
+    /// wants this).
+    ///
+    /// What this path cannot do, where [`serve`](crate::serve()) can: send GOAWAY (RFC 9113 section
+    /// 6.8). An HTTP/2 connection is closed by end-of-file once it has no stream open (a client that
+    /// sends a stream at that moment sees the connection close under it); axum's own drain sends GOAWAY
+    /// once the period is over. axum has no drain deadline either.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let listener = tower_keepalive::axum::KeepAliveListener::new(tcp, Default::default());
+    /// let shutdown = listener.lame_duck(async {}, Duration::from_millis(10));
+    /// shutdown.await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lame_duck<F>(
+        &self,
+        signal: F,
+        period: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let state = self.layer.config.stats.clone();
+        let timers = self.timers.clone();
+        async move {
+            signal.await;
+            crate::serve::lame_duck_begin(&state, &timers);
+            tokio::time::sleep(period).await;
+            state.set_shutdown(Some(CloseReason::Drain));
+            // Silent connections accepted meanwhile close now too, as on the serve path's drain.
+            timers.begin_drain();
         }
     }
 }

@@ -34,7 +34,7 @@ pub enum CloseReason {
     /// The inner service asked to close (its response said `Connection: close`), or its response to an
     /// HTTP/1.0 client had no length known in advance, so only closing the connection can end it.
     Service,
-    /// The server is shutting down.
+    /// The server is shutting down: the drain, after the listener closed.
     Drain,
     /// The connection failed: an I/O or protocol error, or an error from the inner service.
     Error,
@@ -47,10 +47,15 @@ pub enum CloseReason {
     /// The TLS handshake failed or did not finish within the handshake timeout (the serve path with
     /// feature `tls`): the connection never spoke HTTP.
     TlsHandshake,
+    /// The server was in its lame-duck period ([`Serve::lame_duck`](crate::serve::Serve::lame_duck),
+    /// [`KeepAliveListener::lame_duck`](crate::axum::KeepAliveListener::lame_duck)): shutting down, but
+    /// still accepting and serving while the load balancer takes it out of rotation, and keeping no
+    /// connection alive. Closes decided once the drain has begun say [`Drain`](Self::Drain).
+    LameDuck,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 10;
+    pub(crate) const COUNT: usize = 11;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -62,6 +67,7 @@ impl CloseReason {
         CloseReason::Upgraded,
         CloseReason::Pressure,
         CloseReason::TlsHandshake,
+        CloseReason::LameDuck,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -81,6 +87,7 @@ impl CloseReason {
             CloseReason::Upgraded => "upgraded",
             CloseReason::Pressure => "pressure",
             CloseReason::TlsHandshake => "tls_handshake",
+            CloseReason::LameDuck => "lame_duck",
         }
     }
 

@@ -21,6 +21,7 @@ pub(crate) struct Config {
     pub(crate) http10: bool,
     pub(crate) max_age: Option<Duration>,
     pub(crate) max_age_jitter: f64,
+    pub(crate) max_age_grace: Option<Duration>,
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
     pub(crate) stats: Arc<Counters>,
@@ -57,6 +58,7 @@ impl Default for Config {
             http10: true,
             max_age: None,
             max_age_jitter: 0.1,
+            max_age_grace: None,
             strip_request: false,
             protected: PROTECTED_REQUEST_FIELDS
                 .iter()
@@ -77,6 +79,7 @@ impl fmt::Debug for Config {
             .field("http10", &self.http10)
             .field("max_age", &self.max_age)
             .field("max_age_jitter", &self.max_age_jitter)
+            .field("max_age_grace", &self.max_age_grace)
             .field("strip_request", &self.strip_request)
             .finish_non_exhaustive()
     }

@@ -343,13 +343,16 @@ impl ConnectionHandle {
         first
     }
 
-    /// The close decided for this connection, or for the whole server (drain), if any.
+    /// The close decided for this connection, or for the whole server (lame duck, drain) once the
+    /// connection has served a request, if any. A connection that has not served one yet is left to
+    /// send it: during the lame-duck period a balancer opens connections and sends on them at once, and
+    /// a close under that first request would lose it.
     pub(crate) fn pending_close(&self) -> Option<CloseReason> {
         self.close_reason().or_else(|| {
             self.config()
                 .stats
-                .is_draining()
-                .then_some(CloseReason::Drain)
+                .shutdown_reason()
+                .filter(|_| self.requests() != 0)
         })
     }
 

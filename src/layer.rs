@@ -59,6 +59,17 @@ impl Default for KeepAliveLayer {
     }
 }
 
+/// The idle timeout behind a balancer whose own is `lb_idle`: a tenth more, at least 5 s more, rounded
+/// up to whole seconds (the advert is whole seconds, rounded down: a fraction would be lost from it).
+fn idle_behind(lb_idle: Duration) -> Duration {
+    let margin = (lb_idle / 10).max(Duration::from_secs(5));
+    let total = lb_idle.saturating_add(margin);
+    let secs = total
+        .as_secs()
+        .saturating_add(u64::from(total.subsec_nanos() != 0));
+    Duration::from_secs(secs)
+}
+
 impl KeepAliveLayer {
     /// The default policy: idle timeout 5 s, 1000 requests per connection, advertised.
     ///
@@ -72,6 +83,40 @@ impl KeepAliveLayer {
             config: Arc::new(Config::default()),
             handle: None,
         }
+    }
+
+    /// A policy for a server behind a load balancer (or a reverse proxy) whose idle timeout towards its
+    /// backends is `lb_idle`: the idle timeout is `lb_idle` plus a margin (a tenth of it, at least 5 s,
+    /// in whole seconds), and requests per connection are unlimited. The maximum age stays as set (none
+    /// by default).
+    ///
+    /// The rule: a backend keeps an idle connection open longer than the balancer in front of it. The
+    /// balancer then always closes an idle connection first; the other way round, the balancer may send a
+    /// request on a connection the backend is closing at that moment, and the client gets a 502 (the
+    /// request was sent, so a non-idempotent one is not retried). With a 60 s balancer (AWS ALB, nginx
+    /// upstream `keepalive_timeout`) the timeout is 66 s; with GCP's 600 s, 660 s. Node.js raised its
+    /// default from 5 s to 65 s for this; nginx's own `keepalive_timeout` is 75 s.
+    ///
+    /// The crate's default idle timeout stays 5 s, for servers that clients reach directly: every idle
+    /// connection holds memory and a file descriptor, and browsers keep connections open as long as
+    /// they are allowed. Behind a balancer the few connections it keeps are worth keeping; use this.
+    ///
+    /// A balancer's connection carries many clients' requests, so no maximum number of requests closes
+    /// it (a close on a response is safe, but makes the balancer reconnect for nothing).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_keepalive::KeepAliveLayer;
+    ///
+    /// // AWS ALB's idle timeout is 60 s.
+    /// let layer = KeepAliveLayer::behind_load_balancer(Duration::from_secs(60));
+    /// assert_eq!(layer.get_idle_timeout(), Duration::from_secs(66));
+    /// assert_eq!(layer.get_max_requests(), None);
+    /// ```
+    pub fn behind_load_balancer(lb_idle: Duration) -> Self {
+        Self::new()
+            .idle_timeout(idle_behind(lb_idle))
+            .unlimited_requests()
     }
 
     fn update(mut self, f: impl FnOnce(&mut Config)) -> Self {
@@ -210,6 +255,28 @@ impl KeepAliveLayer {
         self.update(|c| c.max_age_jitter = fraction)
     }
 
+    /// How long the streams still open at a connection's maximum age may run on (default: off, they
+    /// run to their end, however long). Past [`max_age`](Self::max_age) and this grace period, a
+    /// connection that still has a request in flight is closed hard: on HTTP/2, after the GOAWAY that
+    /// the maximum age sent (RFC 9113 section 6.8), the streams left open see the connection end; on
+    /// HTTP/1, a response still being sent is cut. gRPC's `MAX_CONNECTION_AGE_GRACE`: with a maximum age
+    /// it makes long-lived streams (gRPC streaming calls, server-sent events) move to other backends,
+    /// and bounds how long an old connection holds on. An idle connection is never cut by it.
+    ///
+    /// Carried out by whoever drives the connection: the serve path and
+    /// [`ConnectionHandle::drive`](crate::ConnectionHandle::drive) (not the `axum::serve` path).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_keepalive::KeepAliveLayer::new()
+    ///     .max_age(Duration::from_secs(30 * 60))
+    ///     .max_age_grace(Duration::from_secs(30));
+    /// assert_eq!(layer.get_max_age_grace(), Some(Duration::from_secs(30)));
+    /// ```
+    pub fn max_age_grace(self, grace: Duration) -> Self {
+        self.update(|c| c.max_age_grace = Some(grace))
+    }
+
     /// Whether to remove the hop-by-hop fields of each request before the inner service sees it (default
     /// `false`): for proxies, which must not forward them (RFC 9110 section 7.6.1). Removed: every field
     /// named in `Connection`, then `Connection`, `Keep-Alive`, `Proxy-Connection`, `TE`,
@@ -282,6 +349,16 @@ impl KeepAliveLayer {
         self.config.max_age
     }
 
+    /// The grace period after the maximum age, `None` when off (see
+    /// [`max_age_grace`](Self::max_age_grace)).
+    ///
+    /// ```
+    /// assert_eq!(tower_keepalive::KeepAliveLayer::new().get_max_age_grace(), None);
+    /// ```
+    pub fn get_max_age_grace(&self) -> Option<Duration> {
+        self.config.max_age_grace
+    }
+
     /// The counters of every connection made from this layer: connections open and idle, requests in
     /// flight and served, closes by reason, requests per connection. See [`Stats`].
     ///
@@ -352,6 +429,35 @@ impl<S> Layer<S> for KeepAliveLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn behind_a_balancer_the_idle_timeout_outlasts_the_balancers() {
+        let secs = |s| Duration::from_secs(s);
+        for (lb, ours) in [
+            (0, 5),
+            (10, 15),
+            (60, 66),
+            (350, 385),
+            (600, 660),
+            (3600, 3960),
+        ] {
+            let layer = KeepAliveLayer::behind_load_balancer(secs(lb));
+            assert_eq!(layer.get_idle_timeout(), secs(ours), "behind {lb} s");
+            assert_eq!(layer.get_max_requests(), None);
+            assert_eq!(layer.get_max_age(), None);
+        }
+        // A fraction of a second is rounded up: what is advertised (whole seconds, rounded down)
+        // stays above the balancer's timeout.
+        let layer = KeepAliveLayer::behind_load_balancer(Duration::from_millis(60_500));
+        assert_eq!(layer.get_idle_timeout(), secs(67));
+        assert_eq!(layer.config.advert(None).unwrap().value(), "timeout=67");
+        // The maximum age is kept when set afterwards, and builder methods still apply.
+        let layer = KeepAliveLayer::behind_load_balancer(secs(60)).max_age(secs(600));
+        assert_eq!(layer.get_max_age(), Some(secs(600)));
+        assert_eq!(layer.get_idle_timeout(), secs(66));
+        // Saturates instead of overflowing.
+        assert!(KeepAliveLayer::behind_load_balancer(Duration::MAX).get_idle_timeout() >= secs(1));
+    }
 
     #[test]
     fn builder_changes_reset_the_table() {

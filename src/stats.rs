@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{
-    AtomicBool, AtomicU32, AtomicU64, AtomicUsize,
+    AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
 use std::sync::Arc;
@@ -23,8 +23,9 @@ pub(crate) struct Counters {
     per_connection: [AtomicU64; BUCKETS],
     /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
     pressure: AtomicU32,
-    /// The server is shutting down: no connection is kept alive any more.
-    draining: AtomicBool,
+    /// The server is shutting down (a [`CloseReason`] as `to_u8`, 0 while serving): lame duck, then
+    /// drain. No connection that has served a request is kept alive any more.
+    shutdown: AtomicU8,
 }
 
 /// Shards that belong to one thread at a time: their owner moves them with plain loads and stores, no
@@ -146,12 +147,15 @@ impl Counters {
         self.pressure.swap(level.min(PRESSURE_STEPS), Relaxed)
     }
 
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Relaxed)
+    /// Why the server is shutting down ([`CloseReason::LameDuck`] or [`CloseReason::Drain`]), if it is.
+    pub(crate) fn shutdown_reason(&self) -> Option<CloseReason> {
+        CloseReason::from_u8(self.shutdown.load(Relaxed))
     }
 
-    pub(crate) fn set_draining(&self, draining: bool) {
-        self.draining.store(draining, Relaxed);
+    /// The server starts its lame-duck period or its drain (`None`: it serves again).
+    pub(crate) fn set_shutdown(&self, reason: Option<CloseReason>) {
+        self.shutdown
+            .store(reason.map_or(0, CloseReason::to_u8), Relaxed);
     }
 
     pub(crate) fn connection_opened(&self) {

@@ -136,6 +136,11 @@ impl Drain {
         self.timers.shed_one()
     }
 
+    /// The timers, for the lame-duck period that runs before the drain.
+    pub(crate) fn timers(&self) -> Arc<Timers> {
+        self.timers.clone()
+    }
+
     /// A sender of connection-pressure updates to every watched connection.
     pub(crate) fn pressure_sender(&self) -> PressureSender {
         PressureSender {
@@ -319,6 +324,11 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
     if !handle.wants_timer() {
         return None;
     }
+    if past_max_age_grace(handle, now) {
+        tracing::debug!("streams still open past the maximum age and its grace; closing hard");
+        handle.drop_now();
+        return None;
+    }
     if handle.in_grace() {
         if handle.is_lingering() {
             // Closed for writing and reading what the client still sends, so that the kernel does not
@@ -335,7 +345,9 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
             handle.drop_now();
             return None;
         }
-        return Some(now + GRACE);
+        return Some(
+            max_age_grace_end(handle).map_or(now + GRACE, |end| end.clamp(now, now + GRACE)),
+        );
     }
     match handle.due(now) {
         // HTTP/1 past its maximum age closes on a response that says `close`, or once idle and its last
@@ -358,6 +370,23 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
     } else {
         Some(handle.next_check().max(now))
     }
+}
+
+/// Whether the connection is closing for its maximum age, still has something in flight (or a graceful
+/// close that has not ended), and its grace period after the maximum age has run out: it is cut.
+/// A closing connection is looked at every [`CLOSING_RECHECK`], so the cut comes that soon after.
+fn past_max_age_grace(handle: &ConnectionHandle, now: Instant) -> bool {
+    max_age_grace_end(handle).is_some_and(|end| end <= now)
+        && (handle.in_flight() != 0 || handle.in_grace())
+}
+
+/// When the grace period after the connection's maximum age ends, if it has one and is closing for it.
+fn max_age_grace_end(handle: &ConnectionHandle) -> Option<Instant> {
+    let grace = handle.config().max_age_grace?;
+    if handle.close_reason() != Some(CloseReason::MaxAge) {
+        return None;
+    }
+    Some(handle.max_age_at()? + grace)
 }
 
 /// Where a connection's lifecycle gets its timer from.
@@ -512,6 +541,9 @@ where
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum DrainState {
     Serving,
+    /// Shutting down, still accepting: connections that have served a request close now if idle, after
+    /// their in-flight work if busy; new ones are served, then closed (see `pending_close`).
+    LameDuck,
     /// Keep nothing alive: idle connections close now, busy ones after their in-flight work.
     Draining,
     /// The drain deadline passed: drop what is left.
@@ -613,7 +645,7 @@ impl Timers {
         }
         let mut heap = self.lock();
         match heap.state {
-            DrainState::Serving => {}
+            DrainState::Serving | DrainState::LameDuck => {}
             DrainState::Draining => {
                 handle.close(CloseReason::Drain);
             }
@@ -647,14 +679,39 @@ impl Timers {
         let mut heap = self.lock();
         heap.state = state;
         for entry in heap.entries.iter() {
-            if let Some(shared) = entry.conn.upgrade() {
-                let handle = ConnectionHandle { shared };
-                handle.close(CloseReason::Drain);
-                if state == DrainState::Abort {
+            let Some(shared) = entry.conn.upgrade() else {
+                continue;
+            };
+            let handle = ConnectionHandle { shared };
+            match state {
+                DrainState::Serving => {}
+                // One that has not served a request may be a balancer's with its first request on the
+                // way: closing it now could lose that request. It is served, then closed.
+                DrainState::LameDuck if handle.requests() == 0 => {}
+                DrainState::LameDuck => {
+                    handle.close(CloseReason::LameDuck);
+                }
+                DrainState::Draining => {
+                    handle.close(CloseReason::Drain);
+                }
+                DrainState::Abort => {
+                    handle.close(CloseReason::Drain);
                     handle.drop_now();
                 }
             }
         }
+    }
+
+    /// The lame-duck period begins: no connection that has served a request is kept alive (see
+    /// `DrainState::LameDuck`).
+    pub(crate) fn begin_lame_duck(&self) {
+        self.set_state(DrainState::LameDuck);
+    }
+
+    /// The drain begins, without waiting for it (the axum path, where axum waits).
+    #[cfg(feature = "axum")]
+    pub(crate) fn begin_drain(&self) {
+        self.set_state(DrainState::Draining);
     }
 
     fn pressure_rose(&self) {
@@ -900,6 +957,44 @@ mod tests {
         handle.set_lingering(false);
         assert_eq!(check(&handle, began + GRACE), None);
         assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn a_busy_connection_is_dropped_once_past_its_max_age_and_grace() {
+        let layer = KeepAliveLayer::new()
+            .max_age(Duration::from_millis(20))
+            .max_age_jitter(0.0)
+            .max_age_grace(Duration::from_millis(30));
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, in_flight) = handle.start_request();
+        let age = handle.max_age_at().expect("a maximum age");
+        // At the maximum age: GOAWAY, and the stream runs on.
+        assert!(check(&handle, age).is_some());
+        assert_eq!(handle.close_reason(), Some(CloseReason::MaxAge));
+        assert_eq!(handle.driver_flags(), (true, false));
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        // The next look is due by the end of the grace, not a whole `GRACE` later.
+        let next = check(&handle, age + Duration::from_millis(10)).expect("looked at again");
+        assert!(next <= age + Duration::from_millis(30), "{next:?}");
+        assert_eq!(handle.driver_flags(), (true, false));
+        // Past it: cut, whatever is in flight.
+        assert_eq!(check(&handle, age + Duration::from_millis(30)), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+        drop(in_flight);
+
+        // Without a grace period, the stream is waited for.
+        let layer = KeepAliveLayer::new()
+            .max_age(Duration::from_millis(20))
+            .max_age_jitter(0.0);
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, _in_flight) = handle.start_request();
+        let age = handle.max_age_at().expect("a maximum age");
+        assert!(check(&handle, age).is_some());
+        assert!(check(&handle, age + Duration::from_secs(3600)).is_some());
+        assert_eq!(handle.driver_flags(), (true, false));
     }
 
     #[tokio::test]

@@ -80,6 +80,7 @@
 
 mod budget;
 mod drive;
+mod lame_duck;
 mod listener;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
@@ -105,6 +106,8 @@ use tower_service::Service;
 #[cfg(feature = "axum")]
 pub(crate) use drive::Timers;
 pub use drive::{Drain, DrainWatcher, GracefulConnection};
+#[cfg(feature = "axum")]
+pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use listener::Listener;
 pub use watched::WatchedIo;
 
@@ -135,6 +138,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         service,
         layer: KeepAliveLayer::new(),
         signal: std::future::pending(),
+        lame_duck: None,
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
@@ -182,6 +186,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     service: S,
     layer: KeepAliveLayer,
     signal: F,
+    lame_duck: Option<Duration>,
     drain_timeout: Option<Duration>,
     on_close: Option<OnClose>,
     limits: Option<Limits>,
@@ -235,6 +240,7 @@ impl<L, S, F> Serve<L, S, F> {
             service: self.service,
             layer: self.layer,
             signal,
+            lame_duck: self.lame_duck,
             drain_timeout: self.drain_timeout,
             on_close: self.on_close,
             limits: self.limits,
@@ -345,6 +351,48 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
+    /// A lame-duck period of `period` before the drain (default: none, the drain begins at the signal).
+    ///
+    /// Behind a load balancer, an instance told to stop (Kubernetes sends SIGTERM) is still sent new
+    /// requests until the balancer has taken it out of rotation, which takes seconds: one that stops
+    /// accepting at once refuses them, and those already sent on its idle keep-alive connections fail.
+    /// For `period` from the shutdown signal ([`with_graceful_shutdown`](Self::with_graceful_shutdown))
+    /// the server keeps accepting and serving, but keeps no connection alive:
+    ///
+    /// - HTTP/1: every response says `Connection: close` (RFC 9112 section 9.6) and the connection
+    ///   closes after it; idle connections are closed at once;
+    /// - HTTP/2: every connection gets GOAWAY at once (RFC 9113 section 6.8), and its streams in flight
+    ///   finish; a connection opened during the period serves the streams it opens first and then gets
+    ///   its GOAWAY;
+    /// - a connection accepted but silent, that has not sent its first request yet, is left to send it
+    ///   (a balancer opens a connection and sends on it at once): it is served and closed as above, or
+    ///   closed by its idle timeout or by the drain.
+    ///
+    /// Only then does the listener close and the drain begin, with its
+    /// [`drain_timeout`](Self::drain_timeout). Connections closed during the period have close reason
+    /// [`CloseReason::LameDuck`], those closed by the drain [`CloseReason::Drain`]; both are counted
+    /// apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
+    /// endpoint propagation, a few seconds), and the pod's `terminationGracePeriodSeconds` at least the
+    /// period plus the drain timeout.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// use std::time::Duration;
+    /// tower_keepalive::serve(listener, app)
+    ///     .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+    ///     .lame_duck(Duration::from_secs(10))
+    ///     .drain_timeout(Duration::from_secs(30))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn lame_duck(mut self, period: Duration) -> Self {
+        self.lame_duck = Some(period);
+        self
+    }
+
     /// How long a drain may take before the connections still open are dropped (default: no limit).
     ///
     /// ```no_run
@@ -450,6 +498,7 @@ where
         f.debug_struct("Serve")
             .field("listener", &self.listener)
             .field("layer", &self.layer)
+            .field("lame_duck", &self.lame_duck)
             .field("drain_timeout", &self.drain_timeout)
             .field("limits", &self.limits)
             .finish_non_exhaustive()
@@ -492,6 +541,7 @@ where
             service,
             layer,
             signal,
+            lame_duck,
             drain_timeout,
             on_close,
             limits,
@@ -507,7 +557,7 @@ where
             on_close,
         });
         // A layer reused after an earlier server drained starts serving again.
-        layer.config.stats.set_draining(false);
+        layer.config.stats.set_shutdown(None);
         let drain = Drain::new();
         let budget = limits.map(|limits| {
             Arc::new(Budget::new(
@@ -516,7 +566,12 @@ where
                 drain.pressure_sender(),
             ))
         });
-        let mut signal = pin!(signal);
+        let mut signal = pin!(lame_duck::stop_accepting(
+            signal,
+            lame_duck,
+            layer.config.stats.clone(),
+            drain.timers(),
+        ));
         let mut backoff = listener::Backoff::default();
 
         loop {
@@ -590,7 +645,7 @@ where
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
         // Responses decided from now on say `close`, even before their connection hears of the drain.
-        layer.config.stats.set_draining(true);
+        layer.config.stats.set_shutdown(Some(CloseReason::Drain));
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())

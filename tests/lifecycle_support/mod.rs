@@ -95,6 +95,26 @@ pub fn start_on<L: Listener>(
     layer: KeepAliveLayer,
     drain_timeout: Option<Duration>,
 ) -> TestServer<L::Addr> {
+    start_lame_duck_on(listener, layer, None, drain_timeout)
+}
+
+/// Serves [`app`] on 127.0.0.1 with `layer`, a lame-duck period and an optional drain deadline.
+pub async fn start_lame_duck(
+    layer: KeepAliveLayer,
+    lame_duck: Duration,
+    drain_timeout: Option<Duration>,
+) -> TestServer<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    start_lame_duck_on(listener, layer, Some(lame_duck), drain_timeout)
+}
+
+/// Serves [`app`] on `listener`, with a lame-duck period if given.
+pub fn start_lame_duck_on<L: Listener>(
+    listener: L,
+    layer: KeepAliveLayer,
+    lame_duck: Option<Duration>,
+    drain_timeout: Option<Duration>,
+) -> TestServer<L::Addr> {
     let addr = listener.local_addr().unwrap();
     let (started_tx, started) = mpsc::unbounded_channel();
     let (close_tx, closes) = mpsc::unbounded_channel();
@@ -114,6 +134,9 @@ pub fn start_on<L: Listener>(
         });
     if let Some(timeout) = drain_timeout {
         server = server.drain_timeout(timeout);
+    }
+    if let Some(period) = lame_duck {
+        server = server.lame_duck(period);
     }
     TestServer {
         addr,
