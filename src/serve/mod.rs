@@ -62,6 +62,7 @@
 mod budget;
 mod drive;
 mod listener;
+mod peer;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
@@ -87,9 +88,12 @@ use tower_service::Service;
 pub(crate) use drive::Timers;
 pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub use listener::Listener;
+pub use peer::PeerAddr;
 pub use watched::WatchedIo;
 
 use budget::{Admission, Budget, Limits};
+use listener::Accepting;
+pub(crate) use peer::WithPeer;
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -120,6 +124,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         on_close: None,
         limits: Limits::from_fd_limit(),
         builder: default_builder(),
+        accepting: Accepting::default(),
         #[cfg(feature = "tls")]
         tls: tls::Settings::default(),
     }
@@ -167,6 +172,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     on_close: Option<OnClose>,
     limits: Option<Limits>,
     builder: auto::Builder<TokioExecutor>,
+    accepting: Accepting,
     #[cfg(feature = "tls")]
     tls: tls::Settings,
 }
@@ -220,6 +226,7 @@ impl<L, S, F> Serve<L, S, F> {
             on_close: self.on_close,
             limits: self.limits,
             builder: self.builder,
+            accepting: self.accepting,
             #[cfg(feature = "tls")]
             tls: self.tls,
         }
@@ -364,6 +371,32 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
+    /// Whether every request carries its connection's peer address (default: on): as
+    /// [`PeerAddr<L::Addr>`](PeerAddr) in its extensions, and with feature `axum` as
+    /// `axum::extract::ConnectInfo<L::Addr>` too, which axum's `ConnectInfo` extractor reads (as it
+    /// would under `into_make_service_with_connect_info`). Over TLS the address is the TCP peer's.
+    ///
+    /// The cost, measured by `tests/alloc.rs`: inserting into `http::Extensions` allocates the map on
+    /// a request's first extension and one box per value, so 3 allocations per request for a service
+    /// that adds no extension of its own (4 with feature `axum`, which adds `ConnectInfo`), and 1 (or
+    /// 2) for an axum `Router`, which allocates the map for its own extensions anyway. Small next to
+    /// what hyper and a router allocate per request, and what users of
+    /// `into_make_service_with_connect_info` already pay; a server that never reads the address can
+    /// turn it off.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).peer_addr(false).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn peer_addr(mut self, on: bool) -> Self {
+        self.accepting.peer_addr = on;
+        self
+    }
+
     /// Serves HTTPS: every accepted connection is a TLS connection, with `config` (see
     /// [`tls::config_from_pem`] for one read from PEM files).
     ///
@@ -477,6 +510,7 @@ where
             on_close,
             limits,
             builder,
+            accepting,
             #[cfg(feature = "tls")]
             tls,
         } = self;
@@ -533,7 +567,10 @@ where
                 budget.update();
             }
             let handle = layer.connection();
-            let svc = KeepAlive::bound(service.clone(), handle.clone());
+            let svc = KeepAlive::bound(
+                WithPeer::new(service.clone(), accepting.peer(&addr)),
+                handle.clone(),
+            );
             let watcher = drain.watcher();
             let span = tracing::debug_span!(
                 "connection",
