@@ -46,10 +46,14 @@ pub enum CloseReason {
     /// The TLS handshake failed or did not finish within the handshake timeout (the serve path with
     /// feature `tls`): the connection never spoke HTTP.
     TlsHandshake,
+    /// A request head took longer than the header timeout, counted from its first byte (from the
+    /// accept, for a connection's first request): a slow or stalled client, maybe a slowloris attack
+    /// (the serve path, [`Serve::header_timeout`](crate::serve::Serve::header_timeout)).
+    HeaderTimeout,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 10;
+    pub(crate) const COUNT: usize = 11;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -61,6 +65,7 @@ impl CloseReason {
         CloseReason::Upgraded,
         CloseReason::Pressure,
         CloseReason::TlsHandshake,
+        CloseReason::HeaderTimeout,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -80,6 +85,7 @@ impl CloseReason {
             CloseReason::Upgraded => "upgraded",
             CloseReason::Pressure => "pressure",
             CloseReason::TlsHandshake => "tls_handshake",
+            CloseReason::HeaderTimeout => "header_timeout",
         }
     }
 

@@ -80,7 +80,14 @@ impl<I: AsyncRead> AsyncRead for WatchedIo<I> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        let before = buf.filled().len();
+        let poll = this.inner.poll_read(cx, buf);
+        // The first bytes of an idle period start a request head, for the header timeout.
+        if buf.filled().len() > before {
+            this.handle.note_read();
+        }
+        poll
     }
 }
 
