@@ -64,7 +64,7 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::serve::{Timers, WatchedIo};
+use crate::serve::{Timers, WatchedIo, WithPeer};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -393,8 +393,9 @@ impl<S, L, I> Service<IncomingStream<'_, L>> for IntoMakeService<S>
 where
     S: Clone,
     L: Listener<Io = KeepAliveIo<I>>,
+    L::Addr: Clone + Send + Sync + 'static,
 {
-    type Response = ConnectionService<S>;
+    type Response = ConnectionService<S, L::Addr>;
     type Error = Infallible;
     type Future = Ready<Result<Self::Response, Infallible>>;
 
@@ -404,27 +405,32 @@ where
 
     fn call(&mut self, stream: IncomingStream<'_, L>) -> Self::Future {
         let handle = stream.io().handle().clone();
+        let peer = WithPeer::new(self.service.clone(), Some(stream.remote_addr().clone()));
         std::future::ready(Ok(ConnectionService {
-            inner: KeepAlive::bound(self.service.clone(), handle),
+            inner: KeepAlive::bound(peer, handle),
         }))
     }
 }
 
 /// One connection's service under `axum::serve`: the app with the keep-alive layer bound to the
-/// connection. Made by [`IntoMakeService`].
+/// connection, and the connection's peer address (`A`, the listener's `Addr`) in every request as
+/// axum's [`ConnectInfo`](::axum::extract::ConnectInfo) and as
+/// [`PeerAddr`](crate::serve::PeerAddr), as `into_make_service_with_connect_info` would give it. Made
+/// by [`IntoMakeService`].
 ///
 /// ```
 /// fn is_service<S: tower::Service<axum::extract::Request>>() {}
 /// is_service::<tower_keepalive::axum::ConnectionService<axum::Router>>();
 /// ```
 #[derive(Clone, Debug)]
-pub struct ConnectionService<S> {
-    inner: KeepAlive<S>,
+pub struct ConnectionService<S, A = std::net::SocketAddr> {
+    inner: KeepAlive<WithPeer<S, A>>,
 }
 
-impl<S> Service<Request> for ConnectionService<S>
+impl<S, A> Service<Request> for ConnectionService<S, A>
 where
     S: Service<Request, Response = Response, Error = Infallible>,
+    A: Clone + Send + Sync + 'static,
 {
     type Response = Response;
     type Error = Infallible;

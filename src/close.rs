@@ -52,10 +52,14 @@ pub enum CloseReason {
     /// still accepting and serving while the load balancer takes it out of rotation, and keeping no
     /// connection alive. Closes decided once the drain has begun say [`Drain`](Self::Drain).
     LameDuck,
+    /// A request head took longer than the header timeout, counted from its first byte (from the
+    /// accept, for a connection's first request): a slow or stalled client, maybe a slowloris attack
+    /// (the serve path, [`Serve::header_timeout`](crate::serve::Serve::header_timeout)).
+    HeaderTimeout,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 11;
+    pub(crate) const COUNT: usize = 12;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -68,6 +72,7 @@ impl CloseReason {
         CloseReason::Pressure,
         CloseReason::TlsHandshake,
         CloseReason::LameDuck,
+        CloseReason::HeaderTimeout,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -88,6 +93,7 @@ impl CloseReason {
             CloseReason::Pressure => "pressure",
             CloseReason::TlsHandshake => "tls_handshake",
             CloseReason::LameDuck => "lame_duck",
+            CloseReason::HeaderTimeout => "header_timeout",
         }
     }
 

@@ -25,6 +25,9 @@ pub(crate) struct Config {
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
     pub(crate) stats: Arc<Counters>,
+    /// The longest a request head may take (serve path only, `Serve::header_timeout`); `None` for a
+    /// layer used on its own, which sees no reads.
+    pub(crate) header_timeout: Option<Duration>,
     adverts: OnceLock<&'static [HeaderValue]>,
 }
 
@@ -65,6 +68,7 @@ impl Default for Config {
                 .map(|name| HeaderName::from_static(name))
                 .collect(),
             stats: Arc::default(),
+            header_timeout: None,
             adverts: OnceLock::new(),
         }
     }
@@ -81,6 +85,7 @@ impl fmt::Debug for Config {
             .field("max_age_jitter", &self.max_age_jitter)
             .field("max_age_grace", &self.max_age_grace)
             .field("strip_request", &self.strip_request)
+            .field("header_timeout", &self.header_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -143,6 +148,13 @@ impl Config {
     /// The idle timeout in force now: shortened in proportion to the server's connection pressure.
     pub(crate) fn effective_idle_timeout(&self) -> Duration {
         scaled_timeout(self.idle_timeout, self.stats.pressure())
+    }
+
+    /// The header timeout in force now, if there is one: shortened under connection pressure as the
+    /// idle timeout is.
+    pub(crate) fn effective_header_timeout(&self) -> Option<Duration> {
+        let timeout = self.header_timeout?;
+        Some(scaled_timeout(timeout, self.stats.pressure()))
     }
 
     /// The `Keep-Alive` value for a response after which the connection accepts `remaining` more

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use atomic_waker::AtomicWaker;
 
-use crate::clock::{self, nanos};
+use crate::clock;
 use crate::close::CloseReason;
 use crate::config::{Advert, Config};
 
@@ -54,8 +54,10 @@ pub(crate) struct Shared {
     /// When the connection was accepted. Every time here is a reading of `clock` in nanoseconds: 8 bytes
     /// where an `Instant` takes 16.
     opened_ns: u64,
-    /// When the connection reaches its maximum age (jitter applied); `u64::MAX` when it has none.
-    max_age_at_ns: u64,
+    /// When the connection reaches its maximum age (jitter applied), in milliseconds after
+    /// `opened_ns` (at most `u32::MAX - 1`, about 49 days); `u32::MAX` when it has none. Four bytes
+    /// rather than a clock reading's eight, to leave room for `head_since_ms` in the 96.
+    max_age_ms: u32,
     /// Requests in flight (low half) and requests started, modulo 2^32 (high half): one atomic
     /// addition starts a request. See [`ACTIVITY_REQUEST`].
     activity: AtomicU64,
@@ -65,6 +67,15 @@ pub(crate) struct Shared {
     /// request). Written before the decrement that makes the connection idle, so whoever sees
     /// `in_flight == 0` also sees the matching time.
     idle_since_ns: AtomicU64,
+    /// When the request head being read started: the first byte read in the current idle period, or
+    /// the accept for a connection's first request. Stale (a head that has since become a request)
+    /// when earlier than `idle_since_ns`. Set by the serve path's IO wrapper (`serve::watched`), for
+    /// the header timeout.
+    /// In milliseconds after `opened_ns`, rounded down, so that the mark of a head that became a request
+    /// is always earlier than the idle period after it; a head whose first byte came in the
+    /// millisecond its idle period began is marked at its next read. Saturated at `u32::MAX` (a
+    /// connection over 49 days old, whose heads are then no longer timed).
+    head_since_ms: AtomicU32,
     /// What the connection's IO (`serve::watched`) tells the others, written by it alone, so with plain
     /// loads and stores: [`IO_WRITE_BLOCKED`], whether its last write found the socket full (the
     /// response bodies are done, but hyper is still sending what they gave it, a large body to a slow
@@ -108,22 +119,40 @@ pub(crate) struct Shared {
     writes_seen: AtomicU32,
 }
 
+impl Shared {
+    /// The clock reading at the maximum age (`u64::MAX` without one).
+    fn max_age_at_ns(&self) -> u64 {
+        if self.max_age_ms == u32::MAX {
+            return u64::MAX;
+        }
+        self.opened_ns
+            .saturating_add(u64::from(self.max_age_ms) * 1_000_000)
+    }
+
+    /// The clock reading a `head_since_ms` value stands for.
+    fn head_ns(&self, ms: u32) -> u64 {
+        self.opened_ns.saturating_add(u64::from(ms) * 1_000_000)
+    }
+}
+
 impl ConnectionHandle {
     pub(crate) fn new(config: Arc<Config>) -> Self {
         // The precise clock, once per connection: `opened_at` is never later than the accept.
         let opened_ns = clock::now_ns();
         config.stats.connection_opened();
-        let max_age_at_ns = config.max_age.map_or(u64::MAX, |age| {
-            opened_ns.saturating_add(nanos(jitter(age, config.max_age_jitter, seed(opened_ns))))
+        let max_age_ms = config.max_age.map_or(u32::MAX, |age| {
+            let age = jitter(age, config.max_age_jitter, seed(opened_ns));
+            u32::try_from(age.as_millis()).map_or(u32::MAX - 1, |ms| ms.min(u32::MAX - 1))
         });
         ConnectionHandle {
             shared: Arc::new(Shared {
                 config,
                 opened_ns,
-                max_age_at_ns,
+                max_age_ms,
                 activity: AtomicU64::new(0),
                 requests_wrapped: AtomicU32::new(0),
                 idle_since_ns: AtomicU64::new(opened_ns),
+                head_since_ms: AtomicU32::new(0),
                 io: AtomicU8::new(0),
                 request_flags: AtomicU8::new(0),
                 writes: AtomicU32::new(0),
@@ -272,6 +301,50 @@ impl ConnectionHandle {
         }
     }
 
+    /// Records bytes read from the connection's socket: the first read of an idle period starts a
+    /// request head, which the header timeout bounds. Two loads per read, a clock reading and a store
+    /// once per head; nothing without a header timeout.
+    #[inline]
+    pub(crate) fn note_read(&self) {
+        let shared = &*self.shared;
+        if shared.config.header_timeout.is_none()
+            || in_flight(shared.activity.load(Ordering::Acquire)) != 0
+        {
+            return;
+        }
+        let head = shared.head_since_ms.load(Ordering::Relaxed);
+        if head == u32::MAX || shared.head_ns(head) >= shared.idle_since_ns.load(Ordering::Relaxed)
+        {
+            // This idle period's head has begun already (or the connection is too old to tell).
+            return;
+        }
+        let after = clock::now_ns().saturating_sub(shared.opened_ns);
+        let ms = u32::try_from(after / 1_000_000).unwrap_or(u32::MAX);
+        shared.head_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the HTTP/1 request head now being read started, and the header timeout in force, if the
+    /// connection has a header timeout and is reading a head (idle, and bytes read since, or no request
+    /// yet). HTTP/2 connections are left to the idle timeout once they have carried a request: their
+    /// idle periods see reads (PING, SETTINGS, WINDOW_UPDATE) that start no head.
+    fn head_deadline(&self) -> Option<Instant> {
+        let (head, limit) = self.head_timing()?;
+        head.map(|head| head + limit)
+    }
+
+    /// For a connection held to a header timeout, idle: when its current head started (`None`: no
+    /// byte read yet in this idle period), and the timeout in force.
+    fn head_timing(&self) -> Option<(Option<Instant>, Duration)> {
+        let shared = &*self.shared;
+        let limit = shared.config.effective_header_timeout()?;
+        if self.is_http2() {
+            return None;
+        }
+        let idle_since = self.idle_since()?;
+        let head = clock::instant(shared.head_ns(shared.head_since_ms.load(Ordering::Relaxed)));
+        Some(((head >= idle_since).then_some(head), limit))
+    }
+
     /// When the connection was accepted (when this handle was created).
     ///
     /// ```
@@ -294,8 +367,8 @@ impl ConnectionHandle {
     /// assert!(age >= Duration::from_secs(54) && age <= Duration::from_secs(66));
     /// ```
     pub fn max_age_at(&self) -> Option<Instant> {
-        let at = self.shared.max_age_at_ns;
-        (at != u64::MAX).then(|| clock::instant(at))
+        self.has_max_age()
+            .then(|| clock::instant(self.shared.max_age_at_ns()))
     }
 
     /// Why the connection is closing or closed, or `None` while it is kept alive.
@@ -472,14 +545,14 @@ impl ConnectionHandle {
 
     /// Whether the connection's maximum age has passed.
     pub(crate) fn is_past_max_age(&self) -> bool {
-        self.has_max_age() && clock::now_ns() >= self.shared.max_age_at_ns
+        self.has_max_age() && clock::now_ns() >= self.shared.max_age_at_ns()
     }
 
     /// Whether the connection has a maximum age. No atomic, no clock: a connection without one pays
     /// for nothing more per request.
     #[inline(always)]
     pub(crate) fn has_max_age(&self) -> bool {
-        self.shared.max_age_at_ns != u64::MAX
+        self.shared.max_age_ms != u32::MAX
     }
 
     /// For an HTTP/1 response planned now on a connection with a maximum age: its `Keep-Alive` value
@@ -492,7 +565,7 @@ impl ConnectionHandle {
         remaining: Option<u64>,
     ) -> Result<Option<Advert>, CloseReason> {
         let shared = &*self.shared;
-        let left = shared.max_age_at_ns.saturating_sub(clock::now_ns());
+        let left = shared.max_age_at_ns().saturating_sub(clock::now_ns());
         let (secs, advert) = shared
             .config
             .advert_within(remaining, Duration::from_nanos(left))
@@ -574,7 +647,11 @@ impl ConnectionHandle {
                 Some(_) => {}
             }
         }
-        let idle = now.saturating_duration_since(idle_since?);
+        let idle_since = idle_since?;
+        if self.head_deadline().is_some_and(|at| at <= now) {
+            return Some(CloseReason::HeaderTimeout);
+        }
+        let idle = now.saturating_duration_since(idle_since);
         let limit = self.idle_limit();
         if idle < limit {
             None
@@ -596,7 +673,24 @@ impl ConnectionHandle {
         let at = match idle_since {
             Some(since) => since + limit,
             // Not sooner than every 1/16 of the timeout, even when pressure shrinks the limit to nothing.
-            None => Instant::now() + limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK),
+            // With a header timeout, no later than it either: the head after this request is bounded
+            // by it, and the timer has to see that head.
+            None => {
+                let every = limit.max(self.config().idle_timeout / 16).max(MIN_RECHECK);
+                let every = match self.config().effective_header_timeout() {
+                    Some(header) => every.min(header.max(MIN_RECHECK)),
+                    None => every,
+                };
+                Instant::now() + every
+            }
+        };
+        // A head's first byte is seen by the IO, which tells no timer (that would take the timer's
+        // lock once per request): an idle connection held to a header timeout is looked at every
+        // header timeout, to find the head that has started and schedule its deadline.
+        let at = match self.head_timing() {
+            Some((Some(head), limit)) => at.min(head + limit),
+            Some((None, limit)) => at.min(Instant::now() + limit),
+            None => at,
         };
         let Some(age) = self.max_age_at() else {
             return at;

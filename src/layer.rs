@@ -119,6 +119,16 @@ impl KeepAliveLayer {
             .unlimited_requests()
     }
 
+    /// The serve path's header timeout (`Serve::header_timeout`), carried by the policy so that every
+    /// connection handle sees it.
+    #[cfg(feature = "serve")]
+    pub(crate) fn with_header_timeout(mut self, timeout: Option<std::time::Duration>) -> Self {
+        if self.config.header_timeout != timeout {
+            Arc::make_mut(&mut self.config).header_timeout = timeout;
+        }
+        self
+    }
+
     fn update(mut self, f: impl FnOnce(&mut Config)) -> Self {
         let config = Arc::make_mut(&mut self.config);
         f(config);

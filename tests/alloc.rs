@@ -255,3 +255,60 @@ fn a_connection_costs_one_allocation() {
     );
     assert_eq!(count, 1);
 }
+
+/// Allocations per `REQUESTS` requests of `insert` run on each request's extensions before the inner
+/// service: (without it, with it).
+fn compare_extensions(insert: fn(&mut http::Extensions)) -> (u64, u64) {
+    let inner =
+        || tower::service_fn(|_req: Request<Full<Bytes>>| async { Ok::<_, Infallible>(hello()) });
+    let bare = measure(inner, Version::HTTP_11);
+    let with = measure(
+        move || {
+            let mut inner = inner();
+            tower::service_fn(move |mut req: Request<Full<Bytes>>| {
+                insert(req.extensions_mut());
+                inner.call(req)
+            })
+        },
+        Version::HTTP_11,
+    );
+    (bare, with)
+}
+
+#[test]
+fn the_peer_address_costs_the_extension_map_and_a_box_per_type() {
+    // What the serve path's per-connection service does for `Serve::peer_addr(true)` (the default):
+    // the address as `PeerAddr`, and with feature `axum` as `ConnectInfo` too. Not the layer's: the
+    // layer itself still adds nothing (the tests above).
+    use std::net::SocketAddr;
+    use tower_keepalive::serve::PeerAddr;
+    fn peer(extensions: &mut http::Extensions) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 40_000));
+        extensions.insert(PeerAddr(addr));
+        #[cfg(feature = "axum")]
+        extensions.insert(axum::extract::ConnectInfo(addr));
+    }
+    let types: u64 = if cfg!(feature = "axum") { 2 } else { 1 };
+    let (bare, with) = compare_extensions(peer);
+    let added = with - bare;
+    println!(
+        "peer address: {:.2} allocations per request added ({types} extension types, empty map before)",
+        added as f64 / REQUESTS as f64
+    );
+    // The map on the first insert (its box and its table), and one box per value.
+    assert_eq!(added, (2 + types) * REQUESTS);
+    // A request that already has an extension (axum's router adds its own): only the boxes.
+    fn peer_after_another(extensions: &mut http::Extensions) {
+        extensions.insert(7_u8);
+        peer(extensions);
+    }
+    let (_, one_other) = compare_extensions(|e| {
+        e.insert(7_u8);
+    });
+    let (_, with) = compare_extensions(peer_after_another);
+    println!(
+        "peer address on a request with extensions already: {:.2} allocations per request added",
+        (with - one_other) as f64 / REQUESTS as f64
+    );
+    assert_eq!(with - one_other, types * REQUESTS);
+}

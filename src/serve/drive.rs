@@ -354,6 +354,14 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         // advert has run out (below): asking the driver now would close it right after a response that
         // went out with keep-alive before the maximum age.
         Some(CloseReason::MaxAge) if !handle.is_http2() => handle.mark_closing(CloseReason::MaxAge),
+        // hyper waits for a started head before it honours a graceful shutdown, and there is no
+        // request to lose: the connection is dropped, as hyper's own header timeout does.
+        Some(CloseReason::HeaderTimeout) => {
+            tracing::debug!("request head not complete within the header timeout; dropping");
+            handle.close(CloseReason::HeaderTimeout);
+            handle.drop_now();
+            return None;
+        }
         Some(reason) => {
             handle.close(reason);
         }

@@ -29,8 +29,9 @@ pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// The peer address type; in each connection's `tracing` span as `network.peer.address` and
     /// `network.peer.port` when its `Debug` form is an IP socket address (as `SocketAddr`'s is), else
-    /// as `network.peer.address` in that form.
-    type Addr: Send + std::fmt::Debug;
+    /// as `network.peer.address` in that form; and cloned into every request's extensions as
+    /// [`PeerAddr`](super::PeerAddr) (and axum's `ConnectInfo` with feature `axum`).
+    type Addr: Clone + Send + Sync + std::fmt::Debug + 'static;
 
     /// Accepts the next connection. An error ends nothing: the serve loop backs off and goes on.
     fn accept(&mut self) -> impl Future<Output = io::Result<(Self::Io, Self::Addr)>> + Send;
@@ -66,6 +67,25 @@ impl Listener for tokio::net::UnixListener {
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
         tokio::net::UnixListener::local_addr(self)
+    }
+}
+
+/// What the accept loop does with each connection it accepts, before serving it.
+#[derive(Clone, Debug)]
+pub(crate) struct Accepting {
+    pub(crate) peer_addr: bool,
+}
+
+impl Default for Accepting {
+    fn default() -> Self {
+        Accepting { peer_addr: true }
+    }
+}
+
+impl Accepting {
+    /// The peer address to put into the connection's requests, if that is on.
+    pub(crate) fn peer<A: Clone>(&self, addr: &A) -> Option<A> {
+        self.peer_addr.then(|| addr.clone())
     }
 }
 

@@ -82,6 +82,7 @@ mod budget;
 mod drive;
 mod lame_duck;
 mod listener;
+mod peer;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
@@ -109,9 +110,12 @@ pub use drive::{Drain, DrainWatcher, GracefulConnection};
 #[cfg(feature = "axum")]
 pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use listener::Listener;
+pub use peer::PeerAddr;
 pub use watched::WatchedIo;
 
 use budget::{Admission, Budget, Limits};
+use listener::Accepting;
+pub(crate) use peer::WithPeer;
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -136,13 +140,14 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
     Serve {
         listener,
         service,
-        layer: KeepAliveLayer::new(),
+        layer: KeepAliveLayer::new().with_header_timeout(Some(HEADER_TIMEOUT)),
         signal: std::future::pending(),
         lame_duck: None,
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
         builder: default_builder(),
+        accepting: Accepting::default(),
         #[cfg(feature = "tls")]
         tls: tls::Settings::default(),
     }
@@ -169,6 +174,12 @@ fn default_builder() -> auto::Builder<TokioExecutor> {
 /// closed. Change it with `http_builder(|b| { b.http1().max_buf_size(n); })` (at least 8 KiB).
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 
+/// The default [`Serve::header_timeout`]: 10 s. A request head is one or two packets; 10 s covers a
+/// few TCP retransmissions on a poor mobile link (1 + 2 + 4 s of back-off) and then some, while a
+/// client that dribbles its head (slowloris) holds a connection for no longer. Shorter than hyper's
+/// 30 s and nginx's 60 s `client_header_timeout`, longer than actix-web's 5 s; Go has none by default.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A server being configured; runs when awaited. Built by [`serve`].
 ///
 /// ```no_run
@@ -191,6 +202,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     on_close: Option<OnClose>,
     limits: Option<Limits>,
     builder: auto::Builder<TokioExecutor>,
+    accepting: Accepting,
     #[cfg(feature = "tls")]
     tls: tls::Settings,
 }
@@ -212,10 +224,47 @@ impl<L, S, F> Serve<L, S, F> {
     /// ```
     pub fn keep_alive(mut self, layer: KeepAliveLayer) -> Self {
         // A layer bound to some connection would make every connection share its count.
+        let header_timeout = self.layer.config.header_timeout;
         self.layer = KeepAliveLayer {
             config: layer.config,
             handle: None,
-        };
+        }
+        .with_header_timeout(header_timeout);
+        self
+    }
+
+    /// The longest a request head (request line and header fields, RFC 9112 section 2.1) may take to
+    /// arrive, counted from its first byte, or from the accept for a connection's first request
+    /// (default: 10 s). A connection whose head is not complete by then is dropped (close reason
+    /// [`CloseReason::HeaderTimeout`]), with no response, as hyper's and nginx's header timeouts do:
+    /// whatever the idle timeout, so with an idle timeout of 75 s and a header timeout of 2 s, a head
+    /// dribbled a byte at a time (slowloris) is cut at 2 s, while a connection idle after a response
+    /// keeps its 75 s. A connection that never sends a byte is cut at the header timeout too (or at the
+    /// idle timeout, when that is shorter), as nginx's `client_header_timeout` cuts it. Under connection
+    /// pressure the header timeout shrinks as the idle timeout does.
+    ///
+    /// It is the crate's own timer, not hyper's `header_read_timeout`: hyper 1.12 starts that one
+    /// when it begins to wait for the next head, at the end of the previous response, so it would close
+    /// idle connections at the header timeout; and it runs no timer while hyper-util's auto builder is
+    /// still detecting the protocol. Here the first bytes read in an idle period start the head.
+    ///
+    /// HTTP/2 connections are held to it until their first request (the preface and settings must be
+    /// followed by a request's HEADERS within it); after that, the idle timeout alone applies to them,
+    /// as their idle periods carry frames that start no request. The head timeout applies to the
+    /// decrypted stream over TLS, and to the handshake too, which is part of the first head's time.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .header_timeout(std::time::Duration::from_secs(5))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn header_timeout(mut self, timeout: Duration) -> Self {
+        self.layer = self.layer.with_header_timeout(Some(timeout));
         self
     }
 
@@ -245,6 +294,7 @@ impl<L, S, F> Serve<L, S, F> {
             on_close: self.on_close,
             limits: self.limits,
             builder: self.builder,
+            accepting: self.accepting,
             #[cfg(feature = "tls")]
             tls: self.tls,
         }
@@ -431,6 +481,32 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
+    /// Whether every request carries its connection's peer address (default: on): as
+    /// [`PeerAddr<L::Addr>`](PeerAddr) in its extensions, and with feature `axum` as
+    /// `axum::extract::ConnectInfo<L::Addr>` too, which axum's `ConnectInfo` extractor reads (as it
+    /// would under `into_make_service_with_connect_info`). Over TLS the address is the TCP peer's.
+    ///
+    /// The cost, measured by `tests/alloc.rs`: inserting into `http::Extensions` allocates the map on
+    /// a request's first extension and one box per value, so 3 allocations per request for a service
+    /// that adds no extension of its own (4 with feature `axum`, which adds `ConnectInfo`), and 1 (or
+    /// 2) for an axum `Router`, which allocates the map for its own extensions anyway. Small next to
+    /// what hyper and a router allocate per request, and what users of
+    /// `into_make_service_with_connect_info` already pay; a server that never reads the address can
+    /// turn it off.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).peer_addr(false).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn peer_addr(mut self, on: bool) -> Self {
+        self.accepting.peer_addr = on;
+        self
+    }
+
     /// Serves HTTPS: every accepted connection is a TLS connection, with `config` (see
     /// [`tls::config_from_pem`] for one read from PEM files).
     ///
@@ -546,6 +622,7 @@ where
             on_close,
             limits,
             builder,
+            accepting,
             #[cfg(feature = "tls")]
             tls,
         } = self;
@@ -607,7 +684,10 @@ where
                 budget.update();
             }
             let handle = layer.connection();
-            let svc = KeepAlive::bound(service.clone(), handle.clone());
+            let svc = KeepAlive::bound(
+                WithPeer::new(service.clone(), accepting.peer(&addr)),
+                handle.clone(),
+            );
             let watcher = drain.watcher();
             let span = tracing::debug_span!(
                 "connection",

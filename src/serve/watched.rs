@@ -222,7 +222,12 @@ impl<I: AsyncRead> WatchedIo<I> {
         }
         let before = buf.filled().len();
         ready!(this.inner.poll_read(cx, buf))?;
-        if buf.filled().len() != before || buf.remaining() == 0 {
+        if buf.filled().len() != before {
+            // The first bytes of an idle period start a request head, for the header timeout.
+            handle.note_read();
+            return Poll::Ready(Ok(()));
+        }
+        if buf.remaining() == 0 {
             return Poll::Ready(Ok(()));
         }
         if handle.is_http2() || handle.close_reason() == Some(CloseReason::Upgraded) {
