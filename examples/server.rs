@@ -26,6 +26,10 @@
 //! `--behind-lb SECS`: the policy for a server behind a balancer whose idle timeout is SECS
 //! (`KeepAliveLayer::behind_load_balancer`; give it before the other policy flags, which then apply on top).
 //! `--max-age-grace SECS`: streams still open at the maximum age get that long, then are cut.
+//! `--header-timeout SECS`: the request head timeout (`Serve::header_timeout`); `--h2-ping-interval SECS`:
+//! HTTP/2 PING keep-alive (through `Serve::http_builder`); `--tls-cert PEM --tls-key PEM` (feature `tls`):
+//! HTTPS, and the first line says `listening on https://ADDR`. Route `/peer` answers the client's address
+//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`).
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -51,13 +55,18 @@ struct Args {
     lame_duck: Option<Duration>,
     max_connections: Option<usize>,
     axum_serve: bool,
+    header_timeout: Option<Duration>,
+    h2_ping_interval: Option<Duration>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
-         [--lame-duck SECS] [--behind-lb SECS] [--axum-serve]"
+         [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
+         [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -70,6 +79,10 @@ fn parse_args() -> Args {
         lame_duck: None,
         max_connections: None,
         axum_serve: false,
+        header_timeout: None,
+        h2_ping_interval: None,
+        tls_cert: None,
+        tls_key: None,
     };
     let mut it = std::env::args().skip(1);
     let secs = |v: Option<String>| -> Duration {
@@ -112,6 +125,10 @@ fn parse_args() -> Args {
                 );
             }
             "--axum-serve" => args.axum_serve = true,
+            "--header-timeout" => args.header_timeout = Some(secs(it.next())),
+            "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
+            "--tls-cert" => args.tls_cert = Some(it.next().unwrap_or_else(|| usage())),
+            "--tls-key" => args.tls_key = Some(it.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
             _ => usage(),
         }
@@ -129,6 +146,23 @@ fn app() -> Router {
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))
         .route("/ws", get(ws))
+        .route("/peer", get(peer))
+}
+
+/// The peer address as a handler sees it: axum's `ConnectInfo` (feature `axum`), else the serve path's
+/// `PeerAddr`.
+async fn peer(req: axum::extract::Request) -> String {
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+    {
+        return format!("{addr}\n");
+    }
+    match req.extensions().get::<tower_keepalive::serve::PeerAddr>() {
+        Some(tower_keepalive::serve::PeerAddr(addr)) => format!("{addr}\n"),
+        None => "unknown\n".to_string(),
+    }
 }
 
 fn param(q: &HashMap<String, String>, name: &str, default: u64) -> u64 {
@@ -209,13 +243,27 @@ async fn main() -> std::io::Result<()> {
         .init();
     let args = parse_args();
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    let tls = tls_config(&args)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("listening on {scheme}://{}", listener.local_addr()?);
     tracing::info!(policy = ?args.layer, "serving");
     if args.axum_serve {
         return serve_with_axum(listener, args.layer).await;
     }
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
+    if let Some(timeout) = args.header_timeout {
+        server = server.header_timeout(timeout);
+    }
+    if let Some(interval) = args.h2_ping_interval {
+        server = server.http_builder(|builder| {
+            builder.http2().keep_alive_interval(Some(interval));
+        });
+    }
+    #[cfg(feature = "tls")]
+    if let Some(config) = tls {
+        server = server.tls(config);
+    }
     match args.max_connections {
         // No budget at all: every connection is accepted (until the process runs out of descriptors).
         Some(0) => server = server.unlimited_connections(),
@@ -242,6 +290,27 @@ async fn main() -> std::io::Result<()> {
         .await?;
     tracing::info!("drained; bye");
     Ok(())
+}
+
+/// The TLS configuration from `--tls-cert` and `--tls-key`, if given.
+#[cfg(feature = "tls")]
+fn tls_config(args: &Args) -> std::io::Result<Option<rustls::ServerConfig>> {
+    match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            tower_keepalive::serve::tls::config_from_pem(cert, key).map(Some)
+        }
+        (None, None) => Ok(None),
+        _ => usage(),
+    }
+}
+
+#[cfg(not(feature = "tls"))]
+fn tls_config(args: &Args) -> std::io::Result<Option<()>> {
+    if args.tls_cert.is_some() || args.tls_key.is_some() {
+        eprintln!("--tls-cert and --tls-key need the tls feature: cargo run --example server --features tls");
+        std::process::exit(2)
+    }
+    Ok(None)
 }
 
 /// The same app through `axum::serve`: the listener gives each connection its handle and idle timer, the
