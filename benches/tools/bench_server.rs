@@ -13,8 +13,9 @@
 //! All three set `TCP_NODELAY`, turn hyper's header-read timer off (as the serve path does), and answer
 //! every request with `200 hello` and a `content-type` (as axum and nginx do). The runtime has `--threads`
 //! worker threads (default 1) and the accept loop runs on them too, so pinning the process to one core with
-//! `taskset` gives it exactly that core. The first line on stdout is `listening on http://ADDR`; sizes of
-//! the per-connection futures go to stderr. Stop it with a signal.
+//! `taskset` gives it exactly that core. Built with feature `metrics`, it records into a Prometheus
+//! recorder. The first line on stdout is `listening on http://ADDR`; sizes of the per-connection
+//! futures go to stderr. Stop it with a signal.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -120,6 +121,12 @@ async fn run(args: Args) -> std::io::Result<()> {
         sizes(&args.layer);
         return Ok(());
     }
+    // Built with feature `metrics`, the server records into a real recorder, as one that exports its
+    // metrics does: what the feature costs when used.
+    #[cfg(feature = "metrics")]
+    let _recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     println!("listening on http://{}", listener.local_addr()?);
 
