@@ -64,7 +64,7 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::serve::{Timers, WatchedIo, WithPeer};
+use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -84,6 +84,7 @@ pub struct KeepAliveListener<L> {
     inner: L,
     layer: KeepAliveLayer,
     timers: Arc<Timers>,
+    tcp_keepalive: Option<TcpKeepalive>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -105,7 +106,29 @@ impl<L> KeepAliveListener<L> {
                 handle: None,
             },
             timers: Arc::new(Timers::new()),
+            tcp_keepalive: None,
         }
+    }
+
+    /// TCP keepalive probes on every accepted connection whose IO is a `tokio::net::TcpStream`
+    /// (default: off), as [`Serve::tcp_keepalive`](crate::serve::Serve::tcp_keepalive) sets them on
+    /// the serve path. For a listener of axum's that wraps the stream (`tap_io` keeps it a
+    /// `TcpStream`), or your own, call [`TcpKeepalive::apply`] in `ListenerExt::tap_io` instead.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use tower_keepalive::serve::TcpKeepalive;
+    /// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let listener = tower_keepalive::axum::KeepAliveListener::new(tcp, Default::default())
+    ///     .tcp_keepalive(TcpKeepalive::new(Duration::from_secs(60)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.tcp_keepalive = Some(keepalive);
+        self
     }
 
     /// Wraps the shutdown `signal` you give to axum's `with_graceful_shutdown`: once it completes, no
@@ -194,6 +217,9 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = self.inner.accept().await;
+        if let Some(keepalive) = &self.tcp_keepalive {
+            keepalive.apply_to(&io);
+        }
         let handle = self.layer.connection();
         self.timers.live.fetch_add(1, Ordering::Relaxed);
         self.timers.start(&handle);

@@ -83,6 +83,7 @@ mod drive;
 mod lame_duck;
 mod listener;
 mod peer;
+mod tcp;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
@@ -111,6 +112,7 @@ pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use listener::Listener;
 pub use peer::PeerAddr;
+pub use tcp::TcpKeepalive;
 pub use watched::WatchedIo;
 
 use budget::{Admission, Budget, Limits};
@@ -507,6 +509,31 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
+    /// TCP keepalive probes on every accepted TCP connection (default: off). See [`TcpKeepalive`] for
+    /// what they find that the idle timeout does not, and why they are off by default.
+    ///
+    /// Set at accept, before a TLS handshake, on connections whose IO is a `tokio::net::TcpStream`
+    /// (a `TcpListener`, or a listener of your own that yields one); other listeners' connections (a
+    /// Unix socket) are left as they are. A failure to set it is logged at `debug` and the connection
+    /// served without probes.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// use std::time::Duration;
+    /// use tower_keepalive::serve::TcpKeepalive;
+    /// tower_keepalive::serve(listener, app)
+    ///     .tcp_keepalive(TcpKeepalive::new(Duration::from_secs(60)).interval(Duration::from_secs(10)))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.accepting.tcp_keepalive = Some(keepalive);
+        self
+    }
+
     /// Serves HTTPS: every accepted connection is a TLS connection, with `config` (see
     /// [`tls::config_from_pem`] for one read from PEM files).
     ///
@@ -670,6 +697,7 @@ where
                 },
                 () = &mut signal => break,
             };
+            accepting.configure(&io);
             // At the hard limit, the client just accepted makes room (an idle connection is closed for
             // it) or waits here while every connection is busy; the clients behind it stay in the
             // listener's accept queue.
