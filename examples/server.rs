@@ -29,7 +29,9 @@
 //! `--header-timeout SECS`: the request head timeout (`Serve::header_timeout`); `--h2-ping-interval SECS`:
 //! HTTP/2 PING keep-alive (through `Serve::http_builder`); `--tls-cert PEM --tls-key PEM` (feature `tls`):
 //! HTTPS, and the first line says `listening on https://ADDR`. Route `/peer` answers the client's address
-//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`).
+//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`). `--tcp-keepalive SECS`: TCP keepalive
+//! probes after SECS of silence from the peer (`Serve::tcp_keepalive`; `KeepAliveListener::tcp_keepalive`
+//! with `--axum-serve`), at the system's interval and count.
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -46,6 +48,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::stream;
+use tower_keepalive::serve::TcpKeepalive;
 use tower_keepalive::KeepAliveLayer;
 
 struct Args {
@@ -57,6 +60,7 @@ struct Args {
     axum_serve: bool,
     header_timeout: Option<Duration>,
     h2_ping_interval: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
 }
@@ -66,7 +70,7 @@ fn usage() -> ! {
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
          [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
-         [--tls-cert PEM --tls-key PEM] [--axum-serve]"
+         [--tcp-keepalive SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -81,6 +85,7 @@ fn parse_args() -> Args {
         axum_serve: false,
         header_timeout: None,
         h2_ping_interval: None,
+        tcp_keepalive: None,
         tls_cert: None,
         tls_key: None,
     };
@@ -127,6 +132,7 @@ fn parse_args() -> Args {
             "--axum-serve" => args.axum_serve = true,
             "--header-timeout" => args.header_timeout = Some(secs(it.next())),
             "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
+            "--tcp-keepalive" => args.tcp_keepalive = Some(secs(it.next())),
             "--tls-cert" => args.tls_cert = Some(it.next().unwrap_or_else(|| usage())),
             "--tls-key" => args.tls_key = Some(it.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
@@ -247,8 +253,9 @@ async fn main() -> std::io::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
     tracing::info!(policy = ?args.layer, "serving");
+    let tcp_keepalive = args.tcp_keepalive.map(TcpKeepalive::new);
     if args.axum_serve {
-        return serve_with_axum(listener, args.layer).await;
+        return serve_with_axum(listener, args.layer, tcp_keepalive).await;
     }
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
@@ -259,6 +266,9 @@ async fn main() -> std::io::Result<()> {
         server = server.http_builder(|builder| {
             builder.http2().keep_alive_interval(Some(interval));
         });
+    }
+    if let Some(keepalive) = tcp_keepalive {
+        server = server.tcp_keepalive(keepalive);
     }
     #[cfg(feature = "tls")]
     if let Some(config) = tls {
@@ -319,10 +329,14 @@ fn tls_config(args: &Args) -> std::io::Result<Option<()>> {
 async fn serve_with_axum(
     listener: tokio::net::TcpListener,
     layer: KeepAliveLayer,
+    tcp_keepalive: Option<TcpKeepalive>,
 ) -> std::io::Result<()> {
     use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 
-    let listener = KeepAliveListener::new(listener, layer);
+    let mut listener = KeepAliveListener::new(listener, layer);
+    if let Some(keepalive) = tcp_keepalive {
+        listener = listener.tcp_keepalive(keepalive);
+    }
     let shutdown = listener.on_shutdown(shutdown_signal());
     axum::serve(listener, into_make_service(app()))
         .with_graceful_shutdown(shutdown)
@@ -332,7 +346,11 @@ async fn serve_with_axum(
 }
 
 #[cfg(not(feature = "axum"))]
-async fn serve_with_axum(_: tokio::net::TcpListener, _: KeepAliveLayer) -> std::io::Result<()> {
+async fn serve_with_axum(
+    _: tokio::net::TcpListener,
+    _: KeepAliveLayer,
+    _: Option<TcpKeepalive>,
+) -> std::io::Result<()> {
     eprintln!("--axum-serve needs the axum feature: cargo run --example server --features axum");
     std::process::exit(2)
 }
