@@ -26,6 +26,25 @@
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
+//! # axum versions
+//!
+//! Tested with axum 0.8 (0.8.9, its latest release). axum's next release (unreleased, read on its main
+//! branch) changes three things that touch this module:
+//!
+//! - `axum::serve` turns on hyper's HTTP/1 `header_read_timeout` (30 s). hyper 1.12 runs it from the
+//!   end of a response to the next request's head, so it closes an idle keep-alive connection quietly
+//!   30 s after its last response: keep the idle timeout under 30 s on this path (the default is 5 s),
+//!   or the advertised `timeout=` promises more than hyper keeps. The crate's [`serve`](crate::serve())
+//!   runs its own head timer and is not affected.
+//! - `ListenerExt::limit_connections(n)`: wrap it inside, `KeepAliveListener::new(tcp.limit_connections(n),
+//!   layer)`, since [`into_make_service`] needs a `KeepAliveListener` outermost. Idle connections keep
+//!   their place until their idle timeout; the serve path's budget sheds them for new clients instead.
+//!   [`KeepAliveListener::tcp_keepalive`] does not see a `TcpStream` through the limiter: call
+//!   [`TcpKeepalive::apply`] from `tap_io` on the `TcpListener` before `limit_connections`.
+//! - The serve future's output is `()` instead of `io::Result<()>` (drop the `?` after `.await`). The
+//!   listener and make-service hooks this module uses are unchanged: the module builds against axum's
+//!   main branch as it is.
+//!
 //! # Example
 //!
 //! ```no_run

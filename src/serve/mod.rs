@@ -371,13 +371,20 @@ impl<L, S, F> Serve<L, S, F> {
     /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
     /// and frame sizes, PING keep-alive, and so on. The serve path starts from
     /// `auto::Builder::new(TokioExecutor::new())` with a [`TokioTimer`] for both protocols, so every
-    /// timed setting is safe to turn on (HTTP/2's `keep_alive_interval` sends PINGs and closes a
-    /// connection whose peer stops answering them), and with hyper's HTTP/1 header-read timer off (the
+    /// timed setting is safe to turn on, and with hyper's HTTP/1 header-read timer off (the
     /// lifecycle closes idle connections and slow heads itself; turning hyper's timer back on would close
     /// idle connections at that timeout, before the advertised one if it is shorter). The HTTP/1 buffer
     /// (`max_buf_size`, which bounds the request head) starts at 64 KiB instead of hyper's ~400 KB: a
     /// larger head is answered with `431 Request Header Fields Too Large`. (HTTP/2's
     /// `max_header_list_size` is hyper's, 16 KiB.)
+    ///
+    /// HTTP/2 PING keep-alive (RFC 9113 section 6.7) is set here: with `keep_alive_interval(Some(i))`,
+    /// hyper sends a PING once nothing has been received for `i`, whether streams are open or not, and
+    /// closes the connection when a PING is not answered within `keep_alive_timeout` (hyper's default:
+    /// 20 s). A stream in flight completes as long as the peer answers; one that stops answering (gone
+    /// without a FIN, or stuck) is closed after about `i` plus the timeout. PINGs are not requests: the
+    /// idle timeout still closes a connection with nothing in flight. For TCP connections, see also
+    /// [`tcp_keepalive`](Self::tcp_keepalive), which finds a vanished peer below HTTP, for HTTP/1 too.
     ///
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
