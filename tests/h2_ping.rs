@@ -142,7 +142,10 @@ async fn pings_go_out_while_a_stream_is_in_flight_and_it_completes() {
     let (pings, answered) = tokio::time::timeout(SLACK, run_client(&mut stream, true))
         .await
         .expect("no response");
-    assert!(answered, "the connection closed under a peer that answers PINGs");
+    assert!(
+        answered,
+        "the connection closed under a peer that answers PINGs"
+    );
     // 1.5 s of handler time at a 200 ms interval: several PINGs, bounded loosely for a loaded machine.
     assert!(pings >= 2, "{pings} PINGs");
 }

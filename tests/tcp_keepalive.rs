@@ -104,7 +104,10 @@ async fn request(addr: SocketAddr) -> TcpStream {
 
 fn assert_keepalive(socket: &socket2::Socket) {
     assert!(socket.keepalive().unwrap(), "SO_KEEPALIVE off");
-    assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(37));
+    assert_eq!(
+        socket.tcp_keepalive_time().unwrap(),
+        Duration::from_secs(37)
+    );
     assert_eq!(
         socket.tcp_keepalive_interval().unwrap(),
         Duration::from_secs(7)
