@@ -11,6 +11,8 @@
 //! - `/`: a short text body; a POST to it is answered with the length of its body;
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
+//! - `/big?bytes=N`: a body of N bytes (default 1 MiB, at most 1 GiB) with its `Content-Length`,
+//!   streamed in 64 KiB chunks, for slow-reader tests;
 //! - `/ws`: a WebSocket echo.
 //!
 //! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
@@ -151,6 +153,7 @@ fn app() -> Router {
         )
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))
+        .route("/big", get(big))
         .route("/ws", get(ws))
         .route("/peer", get(peer))
 }
@@ -197,6 +200,28 @@ async fn stream_body(Query(q): Query<HashMap<String, String>>) -> Response {
         ))
     });
     Response::new(Body::from_stream(body))
+}
+
+/// `/big`'s chunks: one static buffer, so a large body costs no memory of its own.
+static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+async fn big(Query(q): Query<HashMap<String, String>>) -> Response {
+    let bytes = param(&q, "bytes", 1 << 20).min(1 << 30);
+    let body = stream::unfold(bytes, |left| async move {
+        if left == 0 {
+            return None;
+        }
+        // At most 64 KiB: fits in usize everywhere.
+        let n = left.min(CHUNK.len() as u64) as usize;
+        Some((
+            Ok::<_, Infallible>(Bytes::from_static(&CHUNK[..n])),
+            left - n as u64,
+        ))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    res.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(bytes));
+    res
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {
