@@ -149,3 +149,56 @@ async fn keep_alive_listener_sets_tcp_keepalive_on_accepted_sockets() {
     let socket = within("socket", sockets.recv()).await.unwrap();
     assert_keepalive(&socket);
 }
+
+#[cfg(feature = "tls")]
+#[tokio::test]
+async fn serve_sets_tcp_keepalive_under_tls() {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use std::sync::Arc;
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![der.clone()], key)
+        .unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let (listener, addr, mut sockets) = tapped().await;
+    tokio::spawn(
+        tower_keepalive::serve(listener, app())
+            .tls(config)
+            .tcp_keepalive(keepalive())
+            .into_future(),
+    );
+    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut tls = within(
+        "handshake",
+        tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
+    )
+    .await
+    .unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    while !buf.ends_with(b"ok") {
+        let mut chunk = [0; 1024];
+        let n = within("response", tls.read(&mut chunk)).await.unwrap();
+        assert!(n > 0, "closed before the response: {buf:?}");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let socket = within("socket", sockets.recv()).await.unwrap();
+    assert_keepalive(&socket);
+}
