@@ -11,6 +11,8 @@
 //! - `/`: a short text body; a POST to it is answered with the length of its body;
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
+//! - `/big?bytes=N`: a body of N bytes (default 1 MiB, at most 1 GiB) with its `Content-Length`,
+//!   streamed in 64 KiB chunks, for slow-reader tests;
 //! - `/ws`: a WebSocket echo.
 //!
 //! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
@@ -29,7 +31,9 @@
 //! `--header-timeout SECS`: the request head timeout (`Serve::header_timeout`); `--h2-ping-interval SECS`:
 //! HTTP/2 PING keep-alive (through `Serve::http_builder`); `--tls-cert PEM --tls-key PEM` (feature `tls`):
 //! HTTPS, and the first line says `listening on https://ADDR`. Route `/peer` answers the client's address
-//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`).
+//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`). `--tcp-keepalive SECS`: TCP keepalive
+//! probes after SECS of silence from the peer (`Serve::tcp_keepalive`; `KeepAliveListener::tcp_keepalive`
+//! with `--axum-serve`), at the system's interval and count.
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -46,6 +50,7 @@ use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
 use futures_util::stream;
+use tower_keepalive::serve::TcpKeepalive;
 use tower_keepalive::KeepAliveLayer;
 
 struct Args {
@@ -57,6 +62,7 @@ struct Args {
     axum_serve: bool,
     header_timeout: Option<Duration>,
     h2_ping_interval: Option<Duration>,
+    tcp_keepalive: Option<Duration>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
 }
@@ -66,7 +72,7 @@ fn usage() -> ! {
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
          [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
-         [--tls-cert PEM --tls-key PEM] [--axum-serve]"
+         [--tcp-keepalive SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -81,6 +87,7 @@ fn parse_args() -> Args {
         axum_serve: false,
         header_timeout: None,
         h2_ping_interval: None,
+        tcp_keepalive: None,
         tls_cert: None,
         tls_key: None,
     };
@@ -127,6 +134,7 @@ fn parse_args() -> Args {
             "--axum-serve" => args.axum_serve = true,
             "--header-timeout" => args.header_timeout = Some(secs(it.next())),
             "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
+            "--tcp-keepalive" => args.tcp_keepalive = Some(secs(it.next())),
             "--tls-cert" => args.tls_cert = Some(it.next().unwrap_or_else(|| usage())),
             "--tls-key" => args.tls_key = Some(it.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
@@ -145,6 +153,7 @@ fn app() -> Router {
         )
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))
+        .route("/big", get(big))
         .route("/ws", get(ws))
         .route("/peer", get(peer))
 }
@@ -191,6 +200,28 @@ async fn stream_body(Query(q): Query<HashMap<String, String>>) -> Response {
         ))
     });
     Response::new(Body::from_stream(body))
+}
+
+/// `/big`'s chunks: one static buffer, so a large body costs no memory of its own.
+static CHUNK: [u8; 64 * 1024] = [b'x'; 64 * 1024];
+
+async fn big(Query(q): Query<HashMap<String, String>>) -> Response {
+    let bytes = param(&q, "bytes", 1 << 20).min(1 << 30);
+    let body = stream::unfold(bytes, |left| async move {
+        if left == 0 {
+            return None;
+        }
+        // At most 64 KiB: fits in usize everywhere.
+        let n = left.min(CHUNK.len() as u64) as usize;
+        Some((
+            Ok::<_, Infallible>(Bytes::from_static(&CHUNK[..n])),
+            left - n as u64,
+        ))
+    });
+    let mut res = Response::new(Body::from_stream(body));
+    res.headers_mut()
+        .insert(http::header::CONTENT_LENGTH, http::HeaderValue::from(bytes));
+    res
 }
 
 async fn ws(upgrade: WebSocketUpgrade) -> Response {
@@ -247,8 +278,9 @@ async fn main() -> std::io::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
     tracing::info!(policy = ?args.layer, "serving");
+    let tcp_keepalive = args.tcp_keepalive.map(TcpKeepalive::new);
     if args.axum_serve {
-        return serve_with_axum(listener, args.layer).await;
+        return serve_with_axum(listener, args.layer, tcp_keepalive).await;
     }
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
@@ -259,6 +291,9 @@ async fn main() -> std::io::Result<()> {
         server = server.http_builder(|builder| {
             builder.http2().keep_alive_interval(Some(interval));
         });
+    }
+    if let Some(keepalive) = tcp_keepalive {
+        server = server.tcp_keepalive(keepalive);
     }
     #[cfg(feature = "tls")]
     if let Some(config) = tls {
@@ -319,10 +354,14 @@ fn tls_config(args: &Args) -> std::io::Result<Option<()>> {
 async fn serve_with_axum(
     listener: tokio::net::TcpListener,
     layer: KeepAliveLayer,
+    tcp_keepalive: Option<TcpKeepalive>,
 ) -> std::io::Result<()> {
     use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 
-    let listener = KeepAliveListener::new(listener, layer);
+    let mut listener = KeepAliveListener::new(listener, layer);
+    if let Some(keepalive) = tcp_keepalive {
+        listener = listener.tcp_keepalive(keepalive);
+    }
     let shutdown = listener.on_shutdown(shutdown_signal());
     axum::serve(listener, into_make_service(app()))
         .with_graceful_shutdown(shutdown)
@@ -332,7 +371,11 @@ async fn serve_with_axum(
 }
 
 #[cfg(not(feature = "axum"))]
-async fn serve_with_axum(_: tokio::net::TcpListener, _: KeepAliveLayer) -> std::io::Result<()> {
+async fn serve_with_axum(
+    _: tokio::net::TcpListener,
+    _: KeepAliveLayer,
+    _: Option<TcpKeepalive>,
+) -> std::io::Result<()> {
     eprintln!("--axum-serve needs the axum feature: cargo run --example server --features axum");
     std::process::exit(2)
 }

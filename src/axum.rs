@@ -26,6 +26,25 @@
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
+//! # axum versions
+//!
+//! Tested with axum 0.8 (0.8.9, its latest release). axum's next release (unreleased, read on its main
+//! branch) changes three things that touch this module:
+//!
+//! - `axum::serve` turns on hyper's HTTP/1 `header_read_timeout` (30 s). hyper 1.12 runs it from the
+//!   end of a response to the next request's head, so it closes an idle keep-alive connection quietly
+//!   30 s after its last response: keep the idle timeout under 30 s on this path (the default is 5 s),
+//!   or the advertised `timeout=` promises more than hyper keeps. The crate's [`serve`](crate::serve())
+//!   runs its own head timer and is not affected.
+//! - `ListenerExt::limit_connections(n)`: wrap it inside, `KeepAliveListener::new(tcp.limit_connections(n),
+//!   layer)`, since [`into_make_service`] needs a `KeepAliveListener` outermost. Idle connections keep
+//!   their place until their idle timeout; the serve path's budget sheds them for new clients instead.
+//!   [`KeepAliveListener::tcp_keepalive`] does not see a `TcpStream` through the limiter: call
+//!   [`TcpKeepalive::apply`] from `tap_io` on the `TcpListener` before `limit_connections`.
+//! - The serve future's output is `()` instead of `io::Result<()>` (drop the `?` after `.await`). The
+//!   listener and make-service hooks this module uses are unchanged: the module builds against axum's
+//!   main branch as it is.
+//!
 //! # Example
 //!
 //! ```no_run
@@ -64,7 +83,7 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::serve::{Timers, WatchedIo, WithPeer};
+use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -84,6 +103,7 @@ pub struct KeepAliveListener<L> {
     inner: L,
     layer: KeepAliveLayer,
     timers: Arc<Timers>,
+    tcp_keepalive: Option<TcpKeepalive>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -105,7 +125,29 @@ impl<L> KeepAliveListener<L> {
                 handle: None,
             },
             timers: Arc::new(Timers::new()),
+            tcp_keepalive: None,
         }
+    }
+
+    /// TCP keepalive probes on every accepted connection whose IO is a `tokio::net::TcpStream`
+    /// (default: off), as [`Serve::tcp_keepalive`](crate::serve::Serve::tcp_keepalive) sets them on
+    /// the serve path. For a listener of axum's that wraps the stream (`tap_io` keeps it a
+    /// `TcpStream`), or your own, call [`TcpKeepalive::apply`] in `ListenerExt::tap_io` instead.
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> std::io::Result<()> {
+    /// use std::time::Duration;
+    /// use tower_keepalive::serve::TcpKeepalive;
+    /// let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// let listener = tower_keepalive::axum::KeepAliveListener::new(tcp, Default::default())
+    ///     .tcp_keepalive(TcpKeepalive::new(Duration::from_secs(60)));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.tcp_keepalive = Some(keepalive);
+        self
     }
 
     /// Wraps the shutdown `signal` you give to axum's `with_graceful_shutdown`: once it completes, no
@@ -194,6 +236,9 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
         let (io, addr) = self.inner.accept().await;
+        if let Some(keepalive) = &self.tcp_keepalive {
+            keepalive.apply_to(&io);
+        }
         let handle = self.layer.connection();
         self.timers.live.fetch_add(1, Ordering::Relaxed);
         self.timers.start(&handle);

@@ -74,11 +74,15 @@ impl Listener for tokio::net::UnixListener {
 #[derive(Clone, Debug)]
 pub(crate) struct Accepting {
     pub(crate) peer_addr: bool,
+    pub(crate) tcp_keepalive: Option<super::TcpKeepalive>,
 }
 
 impl Default for Accepting {
     fn default() -> Self {
-        Accepting { peer_addr: true }
+        Accepting {
+            peer_addr: true,
+            tcp_keepalive: None,
+        }
     }
 }
 
@@ -86,6 +90,13 @@ impl Accepting {
     /// The peer address to put into the connection's requests, if that is on.
     pub(crate) fn peer<A: Clone>(&self, addr: &A) -> Option<A> {
         self.peer_addr.then(|| addr.clone())
+    }
+
+    /// Sets the socket options of a connection just accepted (before any TLS handshake).
+    pub(crate) fn configure<I: 'static>(&self, io: &I) {
+        if let Some(keepalive) = &self.tcp_keepalive {
+            keepalive.apply_to(io);
+        }
     }
 }
 

@@ -83,6 +83,7 @@ mod drive;
 mod lame_duck;
 mod listener;
 mod peer;
+mod tcp;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
@@ -111,6 +112,7 @@ pub use drive::{Drain, DrainWatcher, GracefulConnection};
 pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use listener::Listener;
 pub use peer::PeerAddr;
+pub use tcp::TcpKeepalive;
 pub use watched::WatchedIo;
 
 use budget::{Admission, Budget, Limits};
@@ -369,13 +371,20 @@ impl<L, S, F> Serve<L, S, F> {
     /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
     /// and frame sizes, PING keep-alive, and so on. The serve path starts from
     /// `auto::Builder::new(TokioExecutor::new())` with a [`TokioTimer`] for both protocols, so every
-    /// timed setting is safe to turn on (HTTP/2's `keep_alive_interval` sends PINGs and closes a
-    /// connection whose peer stops answering them), and with hyper's HTTP/1 header-read timer off (the
+    /// timed setting is safe to turn on, and with hyper's HTTP/1 header-read timer off (the
     /// lifecycle closes idle connections and slow heads itself; turning hyper's timer back on would close
     /// idle connections at that timeout, before the advertised one if it is shorter). The HTTP/1 buffer
     /// (`max_buf_size`, which bounds the request head) starts at 64 KiB instead of hyper's ~400 KB: a
     /// larger head is answered with `431 Request Header Fields Too Large`. (HTTP/2's
     /// `max_header_list_size` is hyper's, 16 KiB.)
+    ///
+    /// HTTP/2 PING keep-alive (RFC 9113 section 6.7) is set here: with `keep_alive_interval(Some(i))`,
+    /// hyper sends a PING once nothing has been received for `i`, whether streams are open or not, and
+    /// closes the connection when a PING is not answered within `keep_alive_timeout` (hyper's default:
+    /// 20 s). A stream in flight completes as long as the peer answers; one that stops answering (gone
+    /// without a FIN, or stuck) is closed after about `i` plus the timeout. PINGs are not requests: the
+    /// idle timeout still closes a connection with nothing in flight. For TCP connections, see also
+    /// [`tcp_keepalive`](Self::tcp_keepalive), which finds a vanished peer below HTTP, for HTTP/1 too.
     ///
     /// ```no_run
     /// # async fn run() -> std::io::Result<()> {
@@ -484,7 +493,9 @@ impl<L, S, F> Serve<L, S, F> {
     /// Whether every request carries its connection's peer address (default: on): as
     /// [`PeerAddr<L::Addr>`](PeerAddr) in its extensions, and with feature `axum` as
     /// `axum::extract::ConnectInfo<L::Addr>` too, which axum's `ConnectInfo` extractor reads (as it
-    /// would under `into_make_service_with_connect_info`). Over TLS the address is the TCP peer's.
+    /// would under `into_make_service_with_connect_info`). Over TLS the address is the TCP peer's,
+    /// and each request carries the connection's [`tls::TlsInfo`] too (ALPN protocol and SNI name:
+    /// one more allocation per request, the extension's box).
     ///
     /// The cost, measured by `tests/alloc.rs`: inserting into `http::Extensions` allocates the map on
     /// a request's first extension and one box per value, so 3 allocations per request for a service
@@ -504,6 +515,31 @@ impl<L, S, F> Serve<L, S, F> {
     /// ```
     pub fn peer_addr(mut self, on: bool) -> Self {
         self.accepting.peer_addr = on;
+        self
+    }
+
+    /// TCP keepalive probes on every accepted TCP connection (default: off). See [`TcpKeepalive`] for
+    /// what they find that the idle timeout does not, and why they are off by default.
+    ///
+    /// Set at accept, before a TLS handshake, on connections whose IO is a `tokio::net::TcpStream`
+    /// (a `TcpListener`, or a listener of your own that yields one); other listeners' connections (a
+    /// Unix socket) are left as they are. A failure to set it is logged at `debug` and the connection
+    /// served without probes.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// use std::time::Duration;
+    /// use tower_keepalive::serve::TcpKeepalive;
+    /// tower_keepalive::serve(listener, app)
+    ///     .tcp_keepalive(TcpKeepalive::new(Duration::from_secs(60)).interval(Duration::from_secs(10)))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.accepting.tcp_keepalive = Some(keepalive);
         self
     }
 
@@ -670,6 +706,7 @@ where
                 },
                 () = &mut signal => break,
             };
+            accepting.configure(&io);
             // At the hard limit, the client just accepted makes room (an idle connection is closed for
             // it) or waits here while every connection is busy; the clients behind it stay in the
             // listener's accept queue.
@@ -706,6 +743,7 @@ where
                     watcher,
                     permit,
                     shared: shared.clone(),
+                    info: accepting.peer_addr,
                 };
                 spawn_connection(accepted.serve(io, svc), span);
                 continue;

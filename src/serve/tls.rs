@@ -4,7 +4,8 @@
 //! its `rustls::ServerConfig` from a certificate chain and a key in PEM files. Each connection's
 //! handshake runs in the connection's own task, bounded by
 //! [`Serve::tls_handshake_timeout`](super::Serve::tls_handshake_timeout), and the protocol ALPN chose
-//! is the one served: `h2` as HTTP/2 only, anything else as HTTP/1 only.
+//! is the one served: `h2` as HTTP/2 only, anything else as HTTP/1 only. Each request carries its
+//! connection's [`TlsInfo`]: the protocol ALPN chose and the server name the client asked for (SNI).
 //!
 //! # Example
 //!
@@ -113,6 +114,102 @@ fn invalid(path: &Path, err: impl std::fmt::Display) -> io::Error {
     )
 }
 
+/// What a TLS connection's handshake settled, in the extensions of each of its requests on the serve
+/// path (with [`PeerAddr`](super::PeerAddr), and turned off with it by
+/// [`Serve::peer_addr(false)`](super::Serve::peer_addr)): the application protocol ALPN chose
+/// (RFC 7301) and the server name the client sent (SNI, RFC 6066 section 3), for a server with several
+/// names or a handler that logs how it was reached.
+///
+/// Read once per connection, at the end of its handshake, and shared by its requests: each request
+/// costs a reference count and the extension's box.
+///
+/// ```no_run
+/// use tower_keepalive::serve::tls::TlsInfo;
+///
+/// # async fn run() -> std::io::Result<()> {
+/// let svc = tower::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+///     let name = req.extensions().get::<TlsInfo>().and_then(|tls| tls.server_name());
+///     let body = format!("you asked for {}", name.unwrap_or("no name"));
+///     Ok::<_, std::convert::Infallible>(http::Response::new(body))
+/// });
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:443").await?;
+/// let config = tower_keepalive::serve::tls::config_from_pem("cert.pem", "key.pem")?;
+/// tower_keepalive::serve(listener, svc).tls(config).await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// With axum, as an extension: `Extension(tls): Extension<TlsInfo>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsInfo(Arc<TlsFacts>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct TlsFacts {
+    alpn_protocol: Option<Box<[u8]>>,
+    server_name: Option<Box<str>>,
+}
+
+impl TlsInfo {
+    fn new(connection: &rustls::ServerConnection) -> Self {
+        TlsInfo(Arc::new(TlsFacts {
+            alpn_protocol: connection.alpn_protocol().map(Box::from),
+            server_name: connection.server_name().map(Box::from),
+        }))
+    }
+
+    /// The protocol ALPN chose (`b"h2"`, `b"http/1.1"`), or `None` when the client offered none the
+    /// server has.
+    ///
+    /// ```
+    /// # fn f(tls: &tower_keepalive::serve::tls::TlsInfo) {
+    /// let h2 = tls.alpn_protocol() == Some(b"h2");
+    /// # }
+    /// ```
+    pub fn alpn_protocol(&self) -> Option<&[u8]> {
+        self.0.alpn_protocol.as_deref()
+    }
+
+    /// The server name the client asked for (SNI), as rustls read it: a DNS name, lower case. `None`
+    /// when the client sent none (as clients do when they connect to an IP address).
+    ///
+    /// ```
+    /// # fn f(tls: &tower_keepalive::serve::tls::TlsInfo) {
+    /// let name = tls.server_name().unwrap_or("default");
+    /// # }
+    /// ```
+    pub fn server_name(&self) -> Option<&str> {
+        self.0.server_name.as_deref()
+    }
+}
+
+/// A TLS connection's service: puts the connection's [`TlsInfo`] into each request.
+#[derive(Clone)]
+struct WithTls<S> {
+    inner: S,
+    info: Option<TlsInfo>,
+}
+
+impl<S, B> Service<Request<B>> for WithTls<S>
+where
+    S: Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> S::Future {
+        if let Some(info) = &self.info {
+            req.extensions_mut().insert(info.clone());
+        }
+        self.inner.call(req)
+    }
+}
+
 /// The TLS settings of a [`Serve`](super::Serve).
 #[derive(Clone)]
 pub(super) struct Settings {
@@ -164,6 +261,8 @@ pub(super) struct Accepted {
     pub(super) watcher: DrainWatcher,
     pub(super) permit: Option<Admission>,
     pub(super) shared: Arc<ConnectionsShared>,
+    /// Whether requests carry the connection's [`TlsInfo`].
+    pub(super) info: bool,
 }
 
 impl Accepted {
@@ -184,6 +283,7 @@ impl Accepted {
             watcher,
             permit,
             shared,
+            info,
         } = self;
         // The idle timeout, the budget's shedding and a drain reach the connection from now on.
         watcher.watch_undriven(&handle);
@@ -193,7 +293,11 @@ impl Accepted {
             handle.report_closed(reason);
             return closed(&shared, &handle, reason, watcher, permit);
         };
-        let svc = TowerToHyperService::new(super::ConnectionService { inner: svc });
+        let info = info.then(|| TlsInfo::new(stream.get_ref().1));
+        let svc = TowerToHyperService::new(WithTls {
+            inner: super::ConnectionService { inner: svc },
+            info,
+        });
         if stream.get_ref().1.alpn_protocol() == Some(H2) {
             let http2_only;
             let builder = if shared.builder.is_http1_available() {
