@@ -73,24 +73,25 @@ impl Server {
     }
 }
 
-/// The health service, behind an interceptor that reports what tonic's `Request` says of the
-/// connection (tonic builds it from the request's extensions, where the serve path put them).
-fn health(
-    reporter: &HealthReporter,
-) -> (
-    InterceptedService<
-        HealthServer<HealthService>,
-        impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
-    >,
-    mpsc::UnboundedReceiver<Seen>,
-) {
+/// An interceptor that reports what tonic's `Request` says of each call's connection (tonic builds
+/// it from the request's extensions, where the serve path put them).
+#[derive(Clone)]
+struct Report(mpsc::UnboundedSender<Seen>);
+
+impl tonic::service::Interceptor for Report {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let _ = self.0.send((req.remote_addr(), req.local_addr()));
+        Ok(req)
+    }
+}
+
+type Health = InterceptedService<HealthServer<HealthService>, Report>;
+
+/// The health service behind the reporting interceptor, and what it reports.
+fn health(reporter: &HealthReporter) -> (Health, mpsc::UnboundedReceiver<Seen>) {
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let service = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
-    let svc = InterceptedService::new(service, move |req: tonic::Request<()>| {
-        let _ = seen_tx.send((req.remote_addr(), req.local_addr()));
-        Ok(req)
-    });
-    (svc, seen)
+    (InterceptedService::new(service, Report(seen_tx)), seen)
 }
 
 #[cfg(feature = "tls")]
