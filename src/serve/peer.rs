@@ -43,35 +43,25 @@ pub(crate) struct WithPeer<S, A> {
     inner: S,
     // `None`: turned off (`Serve::peer_addr(false)`).
     peer: Option<A>,
-    // Made once per connection, for a TCP peer (`A` is `SocketAddr`) only: tonic's own type, which its
-    // `Request::remote_addr()` and `local_addr()` read.
+    // The connection's local address, for tonic's `TcpConnectInfo` (its remote address is `peer`).
     #[cfg(feature = "tonic")]
-    tonic: Option<tonic::transport::server::TcpConnectInfo>,
+    local: Option<std::net::SocketAddr>,
 }
 
-impl<S, A: 'static> WithPeer<S, A> {
+impl<S, A> WithPeer<S, A> {
     pub(crate) fn new(inner: S, peer: Option<A>) -> Self {
         WithPeer {
-            #[cfg(feature = "tonic")]
-            tonic: peer.as_ref().and_then(|peer| {
-                let remote =
-                    *(peer as &dyn std::any::Any).downcast_ref::<std::net::SocketAddr>()?;
-                Some(tonic::transport::server::TcpConnectInfo {
-                    local_addr: None,
-                    remote_addr: Some(remote),
-                })
-            }),
             inner,
             peer,
+            #[cfg(feature = "tonic")]
+            local: None,
         }
     }
 
     /// The connection's local address, for tonic's `Request::local_addr()`.
     #[cfg(feature = "tonic")]
     pub(crate) fn with_local_addr(mut self, local: Option<std::net::SocketAddr>) -> Self {
-        if let Some(info) = &mut self.tonic {
-            info.local_addr = local;
-        }
+        self.local = local;
         self
     }
 }
@@ -93,10 +83,8 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         if let Some(peer) = &self.peer {
             insert(req.extensions_mut(), peer);
-        }
-        #[cfg(feature = "tonic")]
-        if let Some(info) = &self.tonic {
-            req.extensions_mut().insert(info.clone());
+            #[cfg(feature = "tonic")]
+            insert_tonic(req.extensions_mut(), peer, self.local);
         }
         self.inner.call(req)
     }
@@ -109,6 +97,23 @@ fn insert<A: Clone + Send + Sync + 'static>(extensions: &mut Extensions, peer: &
     extensions.insert(PeerAddr(peer.clone()));
     #[cfg(feature = "axum")]
     extensions.insert(::axum::extract::ConnectInfo(peer.clone()));
+}
+
+/// Puts tonic's `TcpConnectInfo` into a request's extensions, for a TCP peer (a `SocketAddr`; the
+/// check is a type-id comparison): what tonic's `Request::remote_addr()` and `local_addr()` read, as
+/// under tonic's own server. One more box per request.
+#[cfg(feature = "tonic")]
+fn insert_tonic<A: 'static>(
+    extensions: &mut Extensions,
+    peer: &A,
+    local: Option<std::net::SocketAddr>,
+) {
+    if let Some(remote) = (peer as &dyn std::any::Any).downcast_ref::<std::net::SocketAddr>() {
+        extensions.insert(tonic::transport::server::TcpConnectInfo {
+            local_addr: local,
+            remote_addr: Some(*remote),
+        });
+    }
 }
 
 /// The local address of each connection a listener accepts, for tonic's `Request::local_addr()`:
