@@ -3,14 +3,15 @@
 //! `KeepAliveListener`, called by tonic's own client `Channel`. Checks that `Request::remote_addr()`
 //! and `local_addr()` work, that an idle channel's connection gets GOAWAY (RFC 9113 section 6.8) and
 //! the channel reconnects for its next call, and that max age moves new calls to a fresh connection
-//! while a server-streaming call runs on through the grace period and is cut after it.
+//! while a server-streaming call runs on through the grace period and is cut after it, and a slow
+//! call in flight at the maximum age finishes within the grace.
 //!
 //! The client connects through a connector of the test's own, which records each connection's local
 //! address and every byte the server sends on it (h2c), so that GOAWAY frames are read on the wire.
 
 #![cfg(feature = "tonic")]
 
-use std::future::IntoFuture;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +92,39 @@ fn health(reporter: &HealthReporter) -> (Health, mpsc::UnboundedReceiver<Seen>) 
     (InterceptedService::new(service, Report(seen_tx)), seen)
 }
 
+/// Answers a call that carries `x-delay-ms` that much later: a slow call.
+#[derive(Clone)]
+struct Delay<S>(S);
+
+impl<S, B> tower::Service<http::Request<B>> for Delay<S>
+where
+    S: tower::Service<http::Request<B>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<S::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let delay = req
+            .headers()
+            .get("x-delay-ms")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .map(Duration::from_millis);
+        let call = self.0.call(req);
+        Box::pin(async move {
+            if let Some(delay) = delay {
+                tokio::time::sleep(delay).await;
+            }
+            call.await
+        })
+    }
+}
+
 #[cfg(feature = "tls")]
 type Tls = Option<rustls::ServerConfig>;
 #[cfg(not(feature = "tls"))]
@@ -103,7 +137,7 @@ async fn start(layer: KeepAliveLayer, tls: Tls) -> Server {
     let reporter = HealthReporter::new();
     let (svc, seen) = health(&reporter);
     let (close_tx, closes) = mpsc::unbounded_channel();
-    let server = tower_keepalive::serve(listener, svc)
+    let server = tower_keepalive::serve(listener, Delay(svc))
         .keep_alive(layer)
         .on_close(move |conn, reason| {
             let _ = close_tx.send((reason, conn.opened_at().elapsed()));
@@ -457,6 +491,43 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
         check(&mut client).await,
         Ok(ServingStatus::NotServing as i32)
     );
+}
+
+#[tokio::test]
+async fn a_slow_call_in_flight_at_max_age_finishes_within_the_grace() {
+    let max_age = Duration::from_secs(1);
+    let grace = Duration::from_secs(2);
+    let layer = KeepAliveLayer::new()
+        .idle_timeout(Duration::from_secs(30))
+        .max_age(max_age)
+        .max_age_jitter(0.0)
+        .max_age_grace(grace);
+    let mut server = start(layer, None).await;
+    let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
+    let mut client = HealthClient::new(channel);
+    let opened = Instant::now();
+
+    // A call answered 1.5 s after it starts: in flight at the maximum age, done within the grace.
+    let mut req = tonic::Request::new(HealthCheckRequest {
+        service: String::new(),
+    });
+    req.metadata_mut().insert(
+        "x-delay-ms",
+        tonic::metadata::MetadataValue::from_static("1500"),
+    );
+    let res = tokio::time::timeout(WAIT, client.check(req))
+        .await
+        .expect("the slow call answered")
+        .expect("the slow call succeeded");
+    assert_eq!(res.into_inner().status, ServingStatus::Serving as i32);
+    assert!(opened.elapsed() >= Duration::from_millis(1500));
+    // The GOAWAY came while it was in flight, and kept it.
+    let first = next_conn(&mut conns).await;
+    assert_graceful(&first.goaways());
+    // The connection closed once the call was done, not at the end of the grace.
+    let (reason, age) = server.next_close().await;
+    assert_eq!(reason, CloseReason::MaxAge);
+    assert!(age < max_age + grace, "closed after {age:?}");
 }
 
 #[cfg(feature = "axum")]
