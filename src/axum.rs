@@ -83,6 +83,8 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+#[cfg(feature = "tonic")]
+use crate::serve::LocalAddr;
 use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -438,6 +440,8 @@ impl<S, L, I> Service<IncomingStream<'_, L>> for IntoMakeService<S>
 where
     S: Clone,
     L: Listener<Io = KeepAliveIo<I>>,
+    // Implied by axum's `Listener::Io: 'static`; said for the connection's local address (tonic).
+    I: 'static,
     L::Addr: Clone + Send + Sync + 'static,
 {
     type Response = ConnectionService<S, L::Addr>;
@@ -451,6 +455,8 @@ where
     fn call(&mut self, stream: IncomingStream<'_, L>) -> Self::Future {
         let handle = stream.io().handle().clone();
         let peer = WithPeer::new(self.service.clone(), Some(stream.remote_addr().clone()));
+        #[cfg(feature = "tonic")]
+        let peer = peer.with_local_addr(LocalAddr::unknown().of_connection(stream.io().get_ref()));
         std::future::ready(Ok(ConnectionService {
             inner: KeepAlive::bound(peer, handle),
         }))
@@ -460,7 +466,8 @@ where
 /// One connection's service under `axum::serve`: the app with the keep-alive layer bound to the
 /// connection, and the connection's peer address (`A`, the listener's `Addr`) in every request as
 /// axum's [`ConnectInfo`](::axum::extract::ConnectInfo) and as
-/// [`PeerAddr`](crate::serve::PeerAddr), as `into_make_service_with_connect_info` would give it. Made
+/// [`PeerAddr`](crate::serve::PeerAddr), as `into_make_service_with_connect_info` would give it (and
+/// with feature `tonic`, for TCP, as tonic's `TcpConnectInfo`, for `Request::remote_addr()`). Made
 /// by [`IntoMakeService`].
 ///
 /// ```

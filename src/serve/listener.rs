@@ -30,7 +30,8 @@ pub trait Listener: Send + 'static {
     /// The peer address type; in each connection's `tracing` span as `network.peer.address` and
     /// `network.peer.port` when its `Debug` form is an IP socket address (as `SocketAddr`'s is), else
     /// as `network.peer.address` in that form; and cloned into every request's extensions as
-    /// [`PeerAddr`](super::PeerAddr) (and axum's `ConnectInfo` with feature `axum`).
+    /// [`PeerAddr`](super::PeerAddr) (and axum's `ConnectInfo` with feature `axum`, and tonic's
+    /// `TcpConnectInfo` with feature `tonic` when it is a `SocketAddr`).
     type Addr: Clone + Send + Sync + std::fmt::Debug + 'static;
 
     /// Accepts the next connection. An error ends nothing: the serve loop backs off and goes on.

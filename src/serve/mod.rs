@@ -117,6 +117,8 @@ pub use watched::WatchedIo;
 
 use budget::{Admission, Budget, Limits};
 use listener::Accepting;
+#[cfg(feature = "tonic")]
+pub(crate) use peer::LocalAddr;
 pub(crate) use peer::WithPeer;
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
@@ -493,14 +495,20 @@ impl<L, S, F> Serve<L, S, F> {
     /// Whether every request carries its connection's peer address (default: on): as
     /// [`PeerAddr<L::Addr>`](PeerAddr) in its extensions, and with feature `axum` as
     /// `axum::extract::ConnectInfo<L::Addr>` too, which axum's `ConnectInfo` extractor reads (as it
-    /// would under `into_make_service_with_connect_info`). Over TLS the address is the TCP peer's,
+    /// would under `into_make_service_with_connect_info`). With feature `tonic`, a TCP connection's
+    /// requests carry tonic's `TcpConnectInfo` too (peer and local address), so that a tonic
+    /// service's `Request::remote_addr()` and `local_addr()` work as under tonic's own server; over
+    /// TLS as well, though tonic's `TlsConnectInfo` (and so `peer_certs()`) is not there, as tonic
+    /// offers no way to build it. Over TLS the address is the TCP peer's,
     /// and each request carries the connection's [`tls::TlsInfo`] too (ALPN protocol and SNI name:
     /// one more allocation per request, the extension's box).
     ///
     /// The cost, measured by `tests/alloc.rs`: inserting into `http::Extensions` allocates the map on
     /// a request's first extension and one box per value, so 3 allocations per request for a service
-    /// that adds no extension of its own (4 with feature `axum`, which adds `ConnectInfo`), and 1 (or
-    /// 2) for an axum `Router`, which allocates the map for its own extensions anyway. Small next to
+    /// that adds no extension of its own (4 with feature `axum`, which adds `ConnectInfo`, and one more
+    /// with feature `tonic`), and 1 (or 2) for an axum `Router`, which allocates the map for its own
+    /// extensions anyway. Feature `tonic` also costs one `getsockname` per connection on a wildcard
+    /// listener (`0.0.0.0`), for the local address. Small next to
     /// what hyper and a router allocate per request, and what users of
     /// `into_make_service_with_connect_info` already pay; a server that never reads the address can
     /// turn it off.
@@ -686,6 +694,8 @@ where
             drain.timers(),
         ));
         let mut backoff = listener::Backoff::default();
+        #[cfg(feature = "tonic")]
+        let local = LocalAddr::of(&listener);
 
         loop {
             let (io, addr) = tokio::select! {
@@ -721,10 +731,10 @@ where
                 budget.update();
             }
             let handle = layer.connection();
-            let svc = KeepAlive::bound(
-                WithPeer::new(service.clone(), accepting.peer(&addr)),
-                handle.clone(),
-            );
+            let peer = WithPeer::new(service.clone(), accepting.peer(&addr));
+            #[cfg(feature = "tonic")]
+            let peer = peer.with_local_addr(local.of_connection(&io));
+            let svc = KeepAlive::bound(peer, handle.clone());
             let watcher = drain.watcher();
             let span = tracing::debug_span!(
                 "connection",
