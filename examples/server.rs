@@ -11,6 +11,8 @@
 //! - `/`: a short text body; a POST to it is answered with the length of its body;
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
+//! - `/big?bytes=N`: a streamed body of N bytes (default 16 MiB, chunked, 64 KiB a frame), for trying
+//!   slow and non-reading clients against the send timeout;
 //! - `/ws`: a WebSocket echo.
 //!
 //! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
@@ -29,7 +31,8 @@
 //! `--header-timeout SECS`: the request head timeout (`Serve::header_timeout`); `--h2-ping-interval SECS`:
 //! HTTP/2 PING keep-alive (through `Serve::http_builder`); `--tls-cert PEM --tls-key PEM` (feature `tls`):
 //! HTTPS, and the first line says `listening on https://ADDR`. Route `/peer` answers the client's address
-//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`).
+//! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`). `--send-timeout SECS`: the send
+//! timeout (`KeepAliveLayer::send_timeout`, 60 s by default; `0`: none).
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -66,7 +69,7 @@ fn usage() -> ! {
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
          [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
-         [--tls-cert PEM --tls-key PEM] [--axum-serve]"
+         [--send-timeout SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -127,6 +130,14 @@ fn parse_args() -> Args {
             "--axum-serve" => args.axum_serve = true,
             "--header-timeout" => args.header_timeout = Some(secs(it.next())),
             "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
+            "--send-timeout" => {
+                let timeout = secs(it.next());
+                args.layer = if timeout.is_zero() {
+                    args.layer.no_send_timeout()
+                } else {
+                    args.layer.send_timeout(timeout)
+                };
+            }
             "--tls-cert" => args.tls_cert = Some(it.next().unwrap_or_else(|| usage())),
             "--tls-key" => args.tls_key = Some(it.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),
@@ -145,6 +156,7 @@ fn app() -> Router {
         )
         .route("/slow", get(slow))
         .route("/stream", get(stream_body))
+        .route("/big", get(big))
         .route("/ws", get(ws))
         .route("/peer", get(peer))
 }
@@ -189,6 +201,24 @@ async fn stream_body(Query(q): Query<HashMap<String, String>>) -> Response {
             Ok::<_, Infallible>(Bytes::from(format!("chunk {i}\n"))),
             i + 1,
         ))
+    });
+    Response::new(Body::from_stream(body))
+}
+
+/// `bytes` bytes of `x`, streamed in 64 KiB frames with no length given: chunked on HTTP/1.
+async fn big(Query(q): Query<HashMap<String, String>>) -> Response {
+    const FRAME: u64 = 64 * 1024;
+    let total = param(&q, "bytes", 16 * 1024 * 1024);
+    let frame = Bytes::from(vec![b'x'; FRAME as usize]);
+    let body = stream::unfold(total, move |left| {
+        let frame = frame.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(FRAME);
+            Some((Ok::<_, Infallible>(frame.slice(..n as usize)), left - n))
+        }
     });
     Response::new(Body::from_stream(body))
 }
