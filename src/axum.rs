@@ -19,6 +19,10 @@
 //! - [`KeepAliveListener::on_shutdown`] wraps the future you give to axum's `with_graceful_shutdown`, so
 //!   that from the signal on, responses say `Connection: close` instead of advertising keep-alive.
 //!
+//! The send timeout ([`KeepAliveLayer::send_timeout`](crate::KeepAliveLayer::send_timeout)) holds here
+//! too: once the listener's timer finds a connection's output stalled for it, every read and write of
+//! the IO fails, and hyper drops the connection.
+//!
 //! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
 //! alone.
 //!
@@ -333,7 +337,11 @@ impl<I> KeepAliveIo<I> {
 
     /// A write that found the socket full: the task is woken if the timers decide to drop the
     /// connection meanwhile (a client that does not read leaves hyper no reason to read either).
-    fn written<T>(self: Pin<&mut Self>, cx: &mut Context<'_>, poll: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+    fn written<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
         if poll.is_pending() {
             let handle = self.inner.handle();
             handle.register_driver(cx.waker());

@@ -157,6 +157,13 @@ impl KeepAliveLayer {
     /// The most requests one connection serves (at least 1). The response to the last one says
     /// `Connection: close` (HTTP/1) or the connection gets GOAWAY after it (HTTP/2).
     ///
+    /// On HTTP/2 the maximum holds whatever the client does: a stream opened past it (a client that
+    /// ignores the GOAWAY, or never acknowledges the PING of hyper's graceful close, which keeps new
+    /// streams coming until it does) is answered `503 Service Unavailable` without calling the inner
+    /// service. So is a stream a client opened before it saw the GOAWAY: a 503 means the request was
+    /// not processed (the layer cannot make hyper answer `REFUSED_STREAM`, RFC 9113 section 8.7, which
+    /// clients retry by themselves).
+    ///
     /// ```
     /// let layer = tower_keepalive::KeepAliveLayer::new().max_requests(100);
     /// assert_eq!(layer.get_max_requests(), Some(100));

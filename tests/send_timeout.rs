@@ -44,7 +44,9 @@ async fn within<F: Future>(what: &str, limit: Duration, fut: F) -> F::Output {
 fn is_reset(err: &io::Error) -> bool {
     matches!(
         err.kind(),
-        io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionAborted
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
     )
 }
 
@@ -278,15 +280,7 @@ struct RawH2 {
 
 impl RawH2 {
     /// Connects with `settings` (id, value) in its SETTINGS.
-    /// The send timeout of these tests, and an idle timeout as short. The timer looks at a connection when
-/// its idle timeout comes (a request starting wakes no timer), then twice per send timeout while it is
-/// busy: output that stalls is seen at most an idle timeout late, so the idle timeout bounds how late
-/// the cut comes after the send timeout.
-fn policy() -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(SEND).send_timeout(SEND)
-}
-
-async fn connect(addr: SocketAddr, settings: &[(u16, u32)]) -> Self {
+    async fn connect(addr: SocketAddr, settings: &[(u16, u32)]) -> Self {
         let mut h2 = RawH2 {
             stream: connect(addr).await,
             buf: Vec::new(),
@@ -305,7 +299,13 @@ async fn connect(addr: SocketAddr, settings: &[(u16, u32)]) -> Self {
         within("a write", WAIT, self.stream.write_all(bytes)).await
     }
 
-    async fn frame_out(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) -> io::Result<()> {
+    async fn frame_out(
+        &mut self,
+        kind: u8,
+        flags: u8,
+        stream: u32,
+        payload: &[u8],
+    ) -> io::Result<()> {
         let mut frame = (payload.len() as u32).to_be_bytes()[1..].to_vec();
         frame.extend_from_slice(&[kind, flags]);
         frame.extend_from_slice(&stream.to_be_bytes());
@@ -405,9 +405,7 @@ async fn h2_zero_window_is_cut(path: Path) {
         !frames.iter().any(|f| f.kind == DATA),
         "{path:?}: data went through a zero window: {frames:?}"
     );
-    server
-        .until_closed(CloseReason::SendTimeout, WAIT)
-        .await;
+    server.until_closed(CloseReason::SendTimeout, WAIT).await;
 }
 
 #[tokio::test]
@@ -432,7 +430,10 @@ async fn h2_pinger_without_streams_is_closed(path: Path) {
     let took = closed - began;
     assert!(took >= idle, "{path:?}: closed after {took:?}");
     // The idle timeout, then (serve path) a grace of one second after GOAWAY.
-    assert!(took < idle + Duration::from_secs(1) + SLACK, "{path:?}: closed after {took:?}");
+    assert!(
+        took < idle + Duration::from_secs(1) + SLACK,
+        "{path:?}: closed after {took:?}"
+    );
     if let Path::Serve = path {
         assert!(frames.iter().any(|f| f.kind == GOAWAY), "{frames:?}");
     }
@@ -510,7 +511,10 @@ async fn h2_max_requests_hold(path: Path) {
     }
     let hits = server.hits.load(Ordering::SeqCst) as u64;
     assert!(hits <= MAX, "{path:?}: {hits} requests reached the handler");
-    assert_eq!(hits, MAX, "{path:?}: the allowed requests were not all served");
+    assert_eq!(
+        hits, MAX,
+        "{path:?}: the allowed requests were not all served"
+    );
     let served = statuses.values().filter(|&&s| s == 0x88).count() as u64;
     match path {
         Path::Serve => assert_eq!(served, MAX, "{path:?}: {statuses:?}"),
@@ -522,7 +526,10 @@ async fn h2_max_requests_hold(path: Path) {
     // Past the maximum, refused: never `:status 200`.
     for (stream, status) in &statuses {
         if *stream > 2 * MAX as u32 - 1 {
-            assert_ne!(*status, 0x88, "{path:?}: stream {stream} served: {statuses:?}");
+            assert_ne!(
+                *status, 0x88,
+                "{path:?}: stream {stream} served: {statuses:?}"
+            );
         }
     }
     // The client ignores the close: it is dropped within the grace period after its last answer.

@@ -341,7 +341,9 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
     if let Some(timeout) = handle.config().send_timeout {
         if let Some(since) = handle.output_stalled_since(now) {
             if since + timeout <= now {
-                tracing::debug!("no progress writing the response within the send timeout; dropping");
+                tracing::debug!(
+                    "no progress writing the response within the send timeout; dropping"
+                );
                 handle.close(CloseReason::SendTimeout);
                 handle.drop_now();
                 return None;
@@ -973,6 +975,54 @@ mod tests {
         assert!(check(&handle, began + GRACE / 2).is_some());
         assert_eq!(handle.driver_flags(), (true, false));
         assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn writes_do_not_extend_the_grace_of_an_idle_connection() {
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
+        let (timers, handle) = one_watched(&layer);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        timers.tick();
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        // PING acknowledgements, say: the server writes, the client sends nothing else.
+        for step in 1..4 {
+            handle.note_write(false);
+            assert!(check(&handle, began + GRACE * step / 4).is_some());
+        }
+        handle.note_write(false);
+        assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn output_that_waits_past_the_send_timeout_is_dropped_and_progress_restarts_it() {
+        let send = Duration::from_secs(2);
+        let layer = KeepAliveLayer::new().send_timeout(send);
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, _in_flight) = handle.start_request();
+        let at = Instant::now();
+        // In flight, nothing waiting (a handler at work): never a send timeout.
+        assert!(check(&handle, at).is_some());
+        assert!(check(&handle, at + 10 * send).is_some());
+        assert_eq!(handle.close_reason(), None);
+        // A body whose stream window is shut: hyper does not poll it.
+        handle.body_waiting();
+        let at = at + 10 * send;
+        assert!(check(&handle, at).is_some());
+        // Polled again before the send timeout (the window opened), then stuck again.
+        handle.body_done_waiting(true);
+        handle.body_waiting();
+        assert!(check(&handle, at + send * 3 / 4).is_some());
+        // A write through a socket that was not full is no progress on HTTP/2 (a PING ack).
+        handle.note_write(false);
+        assert!(check(&handle, at + send * 3 / 2).is_some());
+        assert_eq!(handle.close_reason(), None);
+        assert!(check(&handle, at + send * 5 / 2).is_some());
+        assert_eq!(check(&handle, at + send * 11 / 4), None);
+        assert_eq!(handle.close_reason(), Some(CloseReason::SendTimeout));
         assert_eq!(handle.driver_flags(), (true, true));
     }
 
