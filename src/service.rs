@@ -174,6 +174,9 @@ where
         };
         let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
         if matches!(plan, Plan::Refuse) {
+            tracing::debug!(
+                "HTTP/2 stream past the connection's maximum requests; refused with 503"
+            );
             return ResponseFuture::refused();
         }
         if config.strip_request {
