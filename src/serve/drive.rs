@@ -285,7 +285,13 @@ impl ConnectionHandle {
     ///   second left before the maximum age, or the next one if busy then), or, idle, once the timeout
     ///   its last response advertised has run out; HTTP/2 gets GOAWAY;
     /// - a close decided by the layer (HTTP/2 maximum requests) or with [`close`](Self::close) is
-    ///   carried out (HTTP/2: GOAWAY).
+    ///   carried out (HTTP/2: GOAWAY); one not done within its grace period (1 s with nothing in
+    ///   flight; for HTTP/2 after a request, the send timeout) is dropped, whatever PINGs the client
+    ///   sends;
+    /// - send timeout ([`KeepAliveLayer::send_timeout`](crate::KeepAliveLayer::send_timeout)): output
+    ///   waiting with none of it going out for that long (a client that does not read, HTTP/2 streams
+    ///   on a shut window) drops the connection ([`CloseReason::SendTimeout`]); needs the IO wrapped in
+    ///   [`WatchedIo`](crate::serve::WatchedIo) for HTTP/1.
     ///
     /// One timer per connection; nothing runs while the connection is idle but that timer, and waking
     /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
