@@ -12,7 +12,7 @@
 //! - `/slow?ms=N`: answers after N ms;
 //! - `/stream?chunks=N&ms=M`: a streaming body of N chunks, M ms apart;
 //! - `/big?bytes=N`: a body of N bytes (default 1 MiB, at most 1 GiB) with its `Content-Length`,
-//!   streamed in 64 KiB chunks, for slow-reader tests;
+//!   streamed in 64 KiB chunks, for slow-reader and send-timeout tests;
 //! - `/ws`: a WebSocket echo.
 //!
 //! `--max-connections N` sets the connection budget (soft limit at three quarters of N; `0`: no budget);
@@ -34,6 +34,7 @@
 //! as a handler sees it (`ConnectInfo<SocketAddr>`, `IP:PORT`). `--tcp-keepalive SECS`: TCP keepalive
 //! probes after SECS of silence from the peer (`Serve::tcp_keepalive`; `KeepAliveListener::tcp_keepalive`
 //! with `--axum-serve`), at the system's interval and count.
+//! `--send-timeout SECS`: the send timeout (`KeepAliveLayer::send_timeout`, 60 s by default; `0`: none).
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -72,7 +73,7 @@ fn usage() -> ! {
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
          [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
-         [--tcp-keepalive SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
+         [--tcp-keepalive SECS] [--send-timeout SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -135,6 +136,14 @@ fn parse_args() -> Args {
             "--header-timeout" => args.header_timeout = Some(secs(it.next())),
             "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
             "--tcp-keepalive" => args.tcp_keepalive = Some(secs(it.next())),
+            "--send-timeout" => {
+                let timeout = secs(it.next());
+                args.layer = if timeout.is_zero() {
+                    args.layer.no_send_timeout()
+                } else {
+                    args.layer.send_timeout(timeout)
+                };
+            }
             "--tls-cert" => args.tls_cert = Some(it.next().unwrap_or_else(|| usage())),
             "--tls-key" => args.tls_key = Some(it.next().unwrap_or_else(|| usage())),
             "-h" | "--help" => usage(),

@@ -19,6 +19,10 @@
 //! - [`KeepAliveListener::on_shutdown`] wraps the future you give to axum's `with_graceful_shutdown`, so
 //!   that from the signal on, responses say `Connection: close` instead of advertising keep-alive.
 //!
+//! The send timeout ([`KeepAliveLayer::send_timeout`](crate::KeepAliveLayer::send_timeout)) holds here
+//! too: once the listener's timer finds a connection's output stalled for it, every read and write of
+//! the IO fails, and hyper drops the connection.
+//!
 //! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
 //! alone.
 //!
@@ -365,12 +369,46 @@ impl<I> KeepAliveIo<I> {
     }
 }
 
+/// The error every read and write gives once the timers have decided to drop the connection (the send
+/// timeout: a client that does not read would not read a close either). hyper then drops it.
+fn dropped() -> io::Error {
+    io::Error::new(io::ErrorKind::TimedOut, "connection dropped: send timeout")
+}
+
+impl<I> KeepAliveIo<I> {
+    /// Whether the timers decided to drop the connection. A load.
+    #[inline]
+    fn is_dropped(&self) -> bool {
+        self.inner.handle().driver_flags().1
+    }
+
+    /// A write that found the socket full: the task is woken if the timers decide to drop the
+    /// connection meanwhile (a client that does not read leaves hyper no reason to read either).
+    fn written<T>(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        poll: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if poll.is_pending() {
+            let handle = self.inner.handle();
+            handle.register_driver(cx.waker());
+            if handle.driver_flags().1 {
+                return Poll::Ready(Err(dropped()));
+            }
+        }
+        poll
+    }
+}
+
 impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
+        if self.is_dropped() {
+            return Poll::Ready(Err(dropped()));
+        }
         if self.as_mut().should_end(cx) {
             // End-of-file: hyper closes an idle connection quietly.
             return Poll::Ready(Ok(()));
@@ -382,16 +420,24 @@ impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
 impl<I: AsyncRead + AsyncWrite> AsyncWrite for KeepAliveIo<I> {
     #[inline]
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
+        if self.is_dropped() {
+            return Poll::Ready(Err(dropped()));
+        }
+        let poll = self.as_mut().project().inner.poll_write(cx, buf);
+        self.written(cx, poll)
     }
 
     #[inline]
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.is_dropped() {
+            return Poll::Ready(Err(dropped()));
+        }
+        let poll = self.as_mut().project().inner.poll_flush(cx);
+        self.written(cx, poll)
     }
 
     #[inline]
@@ -401,11 +447,15 @@ impl<I: AsyncRead + AsyncWrite> AsyncWrite for KeepAliveIo<I> {
 
     #[inline]
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
+        if self.is_dropped() {
+            return Poll::Ready(Err(dropped()));
+        }
+        let poll = self.as_mut().project().inner.poll_write_vectored(cx, bufs);
+        self.written(cx, poll)
     }
 
     #[inline]

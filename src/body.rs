@@ -29,15 +29,59 @@ pin_project! {
     /// # }
     /// ```
     pub struct ResponseBody<B> {
+        // `None`: the empty body of a refused request.
         #[pin]
-        inner: B,
+        inner: Option<B>,
         guard: Option<InFlight>,
+        // HTTP/2: output waits on hyper (counted in the connection's handle): made, or a frame handed
+        // over, and not polled since. For the send timeout.
+        waiting: bool,
+    }
+
+    impl<B> PinnedDrop for ResponseBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.waiting {
+                if let Some(guard) = this.guard.as_ref() {
+                    guard.handle().body_done_waiting(false);
+                }
+            }
+        }
     }
 }
 
 impl<B> ResponseBody<B> {
     pub(crate) fn new(inner: B, guard: Option<InFlight>) -> Self {
-        ResponseBody { inner, guard }
+        ResponseBody {
+            inner: Some(inner),
+            guard,
+            waiting: false,
+        }
+    }
+
+    /// No body at all: a refused request's.
+    pub(crate) fn empty() -> Self {
+        ResponseBody {
+            inner: None,
+            guard: None,
+            waiting: false,
+        }
+    }
+
+    /// An HTTP/2 response's body: its output is counted as waiting whenever hyper has not taken it.
+    pub(crate) fn new_http2(inner: B, guard: Option<InFlight>) -> Self {
+        let waiting = match &guard {
+            Some(guard) => {
+                guard.handle().body_waiting();
+                true
+            }
+            None => false,
+        };
+        ResponseBody {
+            inner: Some(inner),
+            guard,
+            waiting,
+        }
     }
 }
 
@@ -58,26 +102,42 @@ impl<B: Body> Body for ResponseBody<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let mut this = self.project();
-        let frame = ready!(this.inner.as_mut().poll_frame(cx));
+        if std::mem::take(this.waiting) {
+            if let Some(guard) = this.guard.as_ref() {
+                guard.handle().body_done_waiting(true);
+            }
+        }
+        let Some(mut inner) = this.inner.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(inner.as_mut().poll_frame(cx));
         // Finished on the end, on an error, or on the frame after which the body says it is done (with an
         // exact length the consumer may never poll again).
         let done = match &frame {
             None | Some(Err(_)) => true,
-            Some(Ok(_)) => this.inner.is_end_stream(),
+            Some(Ok(_)) => inner.is_end_stream(),
         };
         if done {
             this.guard.take();
+        } else if let Some(guard) = this.guard.as_ref() {
+            // Counted only for HTTP/2 bodies: `new_http2` made the first mark, or none was made.
+            if guard.handle().is_http2() {
+                guard.handle().body_waiting();
+                *this.waiting = true;
+            }
         }
         Poll::Ready(frame)
     }
 
     #[inline]
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(B::is_end_stream)
     }
 
     #[inline]
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), B::size_hint)
     }
 }

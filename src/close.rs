@@ -56,10 +56,15 @@ pub enum CloseReason {
     /// accept, for a connection's first request): a slow or stalled client, maybe a slowloris attack
     /// (the serve path, [`Serve::header_timeout`](crate::serve::Serve::header_timeout)).
     HeaderTimeout,
+    /// The client stopped taking the response: output was waiting to be written and nothing of it went
+    /// out for the send timeout ([`KeepAliveLayer::send_timeout`](crate::KeepAliveLayer::send_timeout),
+    /// nginx's `send_timeout`). The connection is dropped, not closed gracefully: a client that does
+    /// not read would not read a close either.
+    SendTimeout,
 }
 
 impl CloseReason {
-    pub(crate) const COUNT: usize = 12;
+    pub(crate) const COUNT: usize = 13;
     pub(crate) const ALL: [CloseReason; Self::COUNT] = [
         CloseReason::Idle,
         CloseReason::MaxRequests,
@@ -73,6 +78,7 @@ impl CloseReason {
         CloseReason::TlsHandshake,
         CloseReason::LameDuck,
         CloseReason::HeaderTimeout,
+        CloseReason::SendTimeout,
     ];
 
     /// A short lower-case name, stable for logs and metrics labels (`"idle"`, `"max_requests"`, ...).
@@ -94,6 +100,7 @@ impl CloseReason {
             CloseReason::TlsHandshake => "tls_handshake",
             CloseReason::LameDuck => "lame_duck",
             CloseReason::HeaderTimeout => "header_timeout",
+            CloseReason::SendTimeout => "send_timeout",
         }
     }
 

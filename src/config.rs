@@ -28,8 +28,14 @@ pub(crate) struct Config {
     /// The longest a request head may take (serve path only, `Serve::header_timeout`); `None` for a
     /// layer used on its own, which sees no reads.
     pub(crate) header_timeout: Option<Duration>,
+    /// How long output may wait with nothing of it going out before the connection is dropped
+    /// (`KeepAliveLayer::send_timeout`); `None`: no limit.
+    pub(crate) send_timeout: Option<Duration>,
     adverts: OnceLock<&'static [HeaderValue]>,
 }
+
+/// nginx's `send_timeout`.
+pub(crate) const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The fields a request's `Connection` may not get removed by default: an attacker who could strip them
 /// on the way to the app could get around its trust decisions (Apache CVE-2022-31813 dropped
@@ -52,7 +58,7 @@ pub(crate) const PROTECTED_REQUEST_FIELDS: [&str; 13] = [
 
 impl Default for Config {
     /// Idle timeout 5 s (as Apache and Node.js), 1000 requests per connection (as nginx), advertised,
-    /// HTTP/1.0 keep-alive honoured, no maximum age (±10 % jitter once one is set).
+    /// HTTP/1.0 keep-alive honoured, no maximum age (±10 % jitter once one is set), a 60 s send timeout.
     fn default() -> Self {
         Config {
             idle_timeout: Duration::from_secs(5),
@@ -69,6 +75,7 @@ impl Default for Config {
                 .collect(),
             stats: Arc::default(),
             header_timeout: None,
+            send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             adverts: OnceLock::new(),
         }
     }
@@ -86,6 +93,7 @@ impl fmt::Debug for Config {
             .field("max_age_grace", &self.max_age_grace)
             .field("strip_request", &self.strip_request)
             .field("header_timeout", &self.header_timeout)
+            .field("send_timeout", &self.send_timeout)
             .finish_non_exhaustive()
     }
 }

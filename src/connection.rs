@@ -90,13 +90,20 @@ pub(crate) struct Shared {
     /// request by the crate's serve paths), so the IO may hold back a client's end of stream: with a
     /// body, it may end a body the client cut short, which hyper must see to fail the request. Read with
     /// a plain load, changed with an atomic or/and only when a bit changes (HTTP/2 streams start on
-    /// several threads).
+    /// several threads). Two bits are the driver's and its timer's, in a byte that is free:
+    /// [`REQ_GRACE`] and [`REQ_STALLED`].
     request_flags: AtomicU8,
-    /// Writes that went through, counted (not timed: no clock read per write) so that whoever drives a
-    /// connection told to close can see whether it is still writing at the end of its grace period.
-    /// Only the connection's own IO writes it.
-    /// Compared for a change only, so it may wrap.
-    writes: AtomicU32,
+    /// Progress of the connection's output, counted (not timed: no clock read per write), for the send
+    /// timeout: writes that went through (HTTP/1: every one; HTTP/2: one that went through a socket
+    /// that had been full, as the PING and SETTINGS acknowledgements a client can make the server
+    /// write are no progress of a response), and response bodies polled again after they had handed a
+    /// frame over (HTTP/2: a stream whose flow-control window opened). Written by the IO with a load and
+    /// a store, by the bodies with an atomic addition: an addition lost to that race still changes the
+    /// value, and it is compared for a change only, so it may wrap.
+    progress: AtomicU32,
+    /// HTTP/2 response bodies with output waiting: made, or having handed over a frame, and not polled
+    /// since (hyper does not poll the body of a stream whose flow-control window is shut).
+    waiting: AtomicU32,
     /// The close decided, if any (its reason in the low bits, see [`REASON`]), whether the connection's
     /// driver was asked to carry it out ([`REQUESTED`]), and whether it must drop the connection now
     /// ([`DROP_NOW`]).
@@ -113,10 +120,12 @@ pub(crate) struct Shared {
     /// When the connection's timer next looks at it (a `clock` reading): a timer entry for another time
     /// is stale.
     pub(crate) scheduled_ns: AtomicU64,
-    /// Since when the driver has been closing the connection gracefully (`u64::MAX`: it has not begun),
-    /// pushed forward whenever the connection is seen writing; and the write count seen then.
-    grace_ns: AtomicU64,
-    writes_seen: AtomicU32,
+    /// When the timer last saw the output make progress while output was waiting ([`REQ_STALLED`]
+    /// set), or, in a graceful close ([`REQ_GRACE`] set) with none waiting since, when the close began:
+    /// milliseconds after `opened_ns`, wrapping (only spans far shorter than 49 days are read from it).
+    progress_ms: AtomicU32,
+    /// The `progress` count the timer saw last.
+    progress_seen: AtomicU32,
 }
 
 impl Shared {
@@ -155,13 +164,14 @@ impl ConnectionHandle {
                 head_since_ms: AtomicU32::new(0),
                 io: AtomicU8::new(0),
                 request_flags: AtomicU8::new(0),
-                writes: AtomicU32::new(0),
+                progress: AtomicU32::new(0),
+                waiting: AtomicU32::new(0),
                 close: AtomicU8::new(0),
                 advert_secs: AtomicU8::new(0),
                 waker: AtomicWaker::new(),
                 scheduled_ns: AtomicU64::new(0),
-                grace_ns: AtomicU64::new(u64::MAX),
-                writes_seen: AtomicU32::new(0),
+                progress_ms: AtomicU32::new(0),
+                progress_seen: AtomicU32::new(0),
             }),
         }
     }
@@ -206,9 +216,62 @@ impl ConnectionHandle {
         ))
     }
 
-    /// Writes that went through on the connection's socket so far (counted by `serve::WatchedIo`).
-    pub(crate) fn writes(&self) -> u32 {
-        self.shared.writes.load(Ordering::Relaxed)
+    /// Wrapping milliseconds after the accept, for `progress_ms`.
+    fn wrapping_ms(&self, now_ns: u64) -> u32 {
+        (now_ns.saturating_sub(self.shared.opened_ns) / 1_000_000) as u32
+    }
+
+    /// The time `progress_ms` stands for, seen from `now`.
+    fn progress_at(&self, now: Instant) -> Instant {
+        let now_ms = self.wrapping_ms(clock::ns_of(now));
+        let ago = now_ms.wrapping_sub(self.shared.progress_ms.load(Ordering::Relaxed));
+        now.checked_sub(Duration::from_millis(ago.into()))
+            .unwrap_or(now)
+    }
+
+    /// An HTTP/2 response body has output waiting: it was just made, or handed a frame over.
+    pub(crate) fn body_waiting(&self) {
+        self.shared.waiting.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A waiting HTTP/2 response body was polled (its output moved on: progress), or dropped
+    /// (`progressed` false).
+    pub(crate) fn body_done_waiting(&self, progressed: bool) {
+        let shared = &*self.shared;
+        if progressed {
+            shared.progress.fetch_add(1, Ordering::Relaxed);
+        }
+        shared.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Whether the connection has output waiting to be written: a response body whose frame was not
+    /// taken yet (HTTP/2), or a write the socket refused.
+    pub(crate) fn has_output_waiting(&self) -> bool {
+        self.shared.io.load(Ordering::Acquire) & IO_WRITE_BLOCKED != 0
+            || self.shared.waiting.load(Ordering::Relaxed) != 0
+    }
+
+    /// For the timer, at `now`: since when output has been waiting with none of it going out, or `None`
+    /// when none is waiting. Looks at the progress count, and restarts the time if it moved.
+    pub(crate) fn output_stalled_since(&self, now: Instant) -> Option<Instant> {
+        let shared = &*self.shared;
+        let progress = shared.progress.load(Ordering::Relaxed);
+        let moved = progress != shared.progress_seen.load(Ordering::Relaxed);
+        if moved {
+            shared.progress_seen.store(progress, Ordering::Relaxed);
+        }
+        if !self.has_output_waiting() {
+            self.set_request_flag(REQ_STALLED, false);
+            return None;
+        }
+        if moved || shared.request_flags.load(Ordering::Relaxed) & REQ_STALLED == 0 {
+            self.set_request_flag(REQ_STALLED, true);
+            shared
+                .progress_ms
+                .store(self.wrapping_ms(clock::ns_of(now)), Ordering::Relaxed);
+            return Some(now);
+        }
+        Some(self.progress_at(now))
     }
 
     /// Records that the connection speaks HTTP/2. A load, and an atomic or only the first time.
@@ -282,13 +345,16 @@ impl ConnectionHandle {
             self.set_io_flag(IO_WRITE_BLOCKED, true);
             return;
         }
-        // One writer (the connection's IO): a load and a store, no read-modify-write.
-        let writes = shared.writes.load(Ordering::Relaxed);
-        shared
-            .writes
-            .store(writes.wrapping_add(1), Ordering::Relaxed);
         let flags = shared.io.load(Ordering::Relaxed);
-        if flags & IO_WRITE_BLOCKED != 0 {
+        let unblocked = flags & IO_WRITE_BLOCKED != 0;
+        if unblocked || !self.is_http2() {
+            // The IO's own count: a load and a store, no read-modify-write (see `Shared::progress`).
+            let progress = shared.progress.load(Ordering::Relaxed);
+            shared
+                .progress
+                .store(progress.wrapping_add(1), Ordering::Relaxed);
+        }
+        if unblocked {
             // The time first, as with `idle_since_ns`: whoever sees the flag cleared sees it.
             // The first write after the socket was full: the earliest the buffered response could have
             // been fully sent. Idle time counts from here if that is later.
@@ -510,33 +576,29 @@ impl ConnectionHandle {
 
     /// The driver has begun a graceful close: the grace period counts from `now`.
     pub(crate) fn start_grace(&self, now_ns: u64) {
+        // Output waiting now is timed afresh, from the next look.
+        self.set_request_flag(REQ_STALLED, false);
         self.shared
-            .writes_seen
-            .store(self.writes(), Ordering::Relaxed);
-        self.shared.grace_ns.store(now_ns, Ordering::Relaxed);
+            .progress_ms
+            .store(self.wrapping_ms(now_ns), Ordering::Relaxed);
+        self.set_request_flag(REQ_GRACE, true);
     }
 
-    /// Since when the connection, closing gracefully, has been seen neither busy nor writing; `None`
-    /// while busy or when no graceful close has begun. Looks at the write count, and restarts the
-    /// period if it moved: a response still going out to a slow reader is not cut.
-    pub(crate) fn quiet_since(&self, now_ns: u64) -> Option<Instant> {
-        let shared = &*self.shared;
-        let mut since = shared.grace_ns.load(Ordering::Relaxed);
-        if since == u64::MAX {
+    /// Since when the connection, closing gracefully, has been idle: the latest of the close's start,
+    /// the end of its last response, and the last stall of its output (see `Shared::progress_ms`).
+    /// `None` while busy, or when no graceful close has begun. What the client makes the server
+    /// write meanwhile (PING and SETTINGS acknowledgements) does not push it on: only a response does,
+    /// while it is in flight, and the send timeout bounds that.
+    pub(crate) fn quiet_since(&self, now: Instant) -> Option<Instant> {
+        if !self.in_grace() {
             return None;
         }
-        let writes = self.writes();
-        if writes != shared.writes_seen.load(Ordering::Relaxed) {
-            shared.writes_seen.store(writes, Ordering::Relaxed);
-            shared.grace_ns.store(now_ns, Ordering::Relaxed);
-            since = now_ns;
-        }
-        Some(self.idle_since()?.max(clock::instant(since)))
+        Some(self.idle_since()?.max(self.progress_at(now)))
     }
 
     /// Whether the driver has begun a graceful close.
     pub(crate) fn in_grace(&self) -> bool {
-        self.shared.grace_ns.load(Ordering::Relaxed) != u64::MAX
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_GRACE != 0
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -681,6 +743,12 @@ impl ConnectionHandle {
                     Some(header) => every.min(header.max(MIN_RECHECK)),
                     None => every,
                 };
+                // Output that waits is looked at twice per send timeout: a stalled client is cut
+                // within one and a half of them.
+                let every = match self.config().send_timeout {
+                    Some(send) => every.min((send / 2).max(MIN_RECHECK)),
+                    None => every,
+                };
                 Instant::now() + every
             }
         };
@@ -763,6 +831,11 @@ const REPORTED: u8 = 0x80;
 const REQ_HTTP2: u8 = 0x01;
 /// `Shared::request_flags`: the request in flight has no body.
 const REQ_BODILESS: u8 = 0x02;
+/// `Shared::request_flags`: the driver has begun a graceful close (set once, by the driver).
+const REQ_GRACE: u8 = 0x04;
+/// `Shared::request_flags`: the timer is timing output that waits (`Shared::progress_ms` is when it
+/// last saw it move). Written by the timer alone.
+const REQ_STALLED: u8 = 0x08;
 
 const IO_WRITE_BLOCKED: u8 = 0x01;
 /// `Shared::io`: the connection's IO is in its lingering close.

@@ -29,8 +29,9 @@ pin_project! {
     /// # }
     /// ```
     pub struct ResponseFuture<F> {
+        // `None`: the request was refused without calling the inner service (see `Plan::Refuse`).
         #[pin]
-        inner: F,
+        inner: Option<F>,
         plan: Option<Plan>,
         guard: Option<InFlight>,
     }
@@ -39,9 +40,19 @@ pin_project! {
 impl<F> ResponseFuture<F> {
     pub(crate) fn new(inner: F, plan: Plan, guard: Option<InFlight>) -> Self {
         ResponseFuture {
-            inner,
+            inner: Some(inner),
             plan: Some(plan),
             guard,
+        }
+    }
+
+    /// A stream past the connection's maximum requests: `503 Service Unavailable`, the inner service
+    /// not called.
+    pub(crate) fn refused() -> Self {
+        ResponseFuture {
+            inner: None,
+            plan: None,
+            guard: None,
         }
     }
 }
@@ -64,7 +75,12 @@ where
     #[inline(always)]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        let result = ready!(this.inner.poll(cx));
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let mut res = Response::new(ResponseBody::empty());
+            *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            return Poll::Ready(Ok(res));
+        };
+        let result = ready!(inner.poll(cx));
         let guard = this.guard.take();
         let mut res = match result {
             Ok(res) => res,
@@ -77,6 +93,7 @@ where
                 return Poll::Ready(Err(err));
             }
         };
+        let http2 = matches!(this.plan, Some(Plan::Strip));
         if let Some(plan) = this.plan.take() {
             let status = res.status();
             let exact_len = res.body().size_hint().exact();
@@ -86,7 +103,13 @@ where
                 *res.version_mut() = Version::HTTP_10;
             }
         }
-        Poll::Ready(Ok(res.map(|body| ResponseBody::new(body, guard))))
+        Poll::Ready(Ok(res.map(|body| {
+            if http2 {
+                ResponseBody::new_http2(body, guard)
+            } else {
+                ResponseBody::new(body, guard)
+            }
+        })))
     }
 }
 
@@ -126,6 +149,6 @@ fn finish(
             policy::strip_connection_fields(headers);
             false
         }
-        Plan::Pass => false,
+        Plan::Pass | Plan::Refuse => false,
     }
 }

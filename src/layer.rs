@@ -157,6 +157,13 @@ impl KeepAliveLayer {
     /// The most requests one connection serves (at least 1). The response to the last one says
     /// `Connection: close` (HTTP/1) or the connection gets GOAWAY after it (HTTP/2).
     ///
+    /// On HTTP/2 the maximum holds whatever the client does: a stream opened past it (a client that
+    /// ignores the GOAWAY, or never acknowledges the PING of hyper's graceful close, which keeps new
+    /// streams coming until it does) is answered `503 Service Unavailable` without calling the inner
+    /// service. So is a stream a client opened before it saw the GOAWAY: a 503 means the request was
+    /// not processed (the layer cannot make hyper answer `REFUSED_STREAM`, RFC 9113 section 8.7, which
+    /// clients retry by themselves).
+    ///
     /// ```
     /// let layer = tower_keepalive::KeepAliveLayer::new().max_requests(100);
     /// assert_eq!(layer.get_max_requests(), Some(100));
@@ -285,6 +292,58 @@ impl KeepAliveLayer {
     /// ```
     pub fn max_age_grace(self, grace: Duration) -> Self {
         self.update(|c| c.max_age_grace = Some(grace))
+    }
+
+    /// The send timeout (default 60 s, as nginx's `send_timeout`): the longest a connection may have
+    /// output waiting to be written while none of it goes out. Past it the connection is dropped, with
+    /// [`CloseReason::SendTimeout`](crate::CloseReason::SendTimeout): a client that requested a response
+    /// and does not read it cannot hold its connection, and its slot in the server's budget, forever.
+    /// Each write that makes progress starts the time again, so a slow client that keeps reading is
+    /// never cut, however long the response.
+    ///
+    /// "Output waiting" is a response whose body has handed over a frame that was not yet taken, or the
+    /// socket refusing a write: for HTTP/1, a response written to a client that does not read; for
+    /// HTTP/2, streams stuck on a closed flow-control window (RFC 9113 section 5.2), whose bodies hyper
+    /// does not poll at all while the window is shut. On HTTP/2, progress is a stalled body being
+    /// polled again or a write that goes through a full socket: the PING and SETTINGS acknowledgements a
+    /// client can make the server write do not count. Not seen: data of a body that has ended and sits in
+    /// h2's buffers (a large body given as one frame); a connection closing with nothing else in flight
+    /// gets the send timeout as its grace period for it.
+    ///
+    /// Enforced by whoever drives the connection: both of the crate's serve paths, and
+    /// [`ConnectionHandle::drive`](crate::ConnectionHandle::drive) with the IO wrapped in
+    /// `serve::WatchedIo`. A setting of the policy rather than of the server for that reason: it travels
+    /// with each connection's handle, as the idle timeout does.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_keepalive::KeepAliveLayer::new().send_timeout(Duration::from_secs(30));
+    /// assert_eq!(layer.get_send_timeout(), Some(Duration::from_secs(30)));
+    /// ```
+    pub fn send_timeout(self, timeout: Duration) -> Self {
+        self.update(|c| c.send_timeout = Some(timeout))
+    }
+
+    /// No send timeout: a client that does not read its response keeps the connection until something
+    /// else closes it (not recommended on a public server).
+    ///
+    /// ```
+    /// let layer = tower_keepalive::KeepAliveLayer::new().no_send_timeout();
+    /// assert_eq!(layer.get_send_timeout(), None);
+    /// ```
+    pub fn no_send_timeout(self) -> Self {
+        self.update(|c| c.send_timeout = None)
+    }
+
+    /// The send timeout, `None` when off (see [`send_timeout`](Self::send_timeout)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let layer = tower_keepalive::KeepAliveLayer::new();
+    /// assert_eq!(layer.get_send_timeout(), Some(Duration::from_secs(60)));
+    /// ```
+    pub fn get_send_timeout(&self) -> Option<Duration> {
+        self.config.send_timeout
     }
 
     /// Whether to remove the hop-by-hop fields of each request before the inner service sees it (default

@@ -112,6 +112,7 @@
 //! | feature | `serve` (default) | `axum` | `serve` |
 //! | idle timeout, max requests, max age | yes | yes | yes, with [`ConnectionHandle::drive`] |
 //! | idle HTTP/2 closed with GOAWAY | yes | closed without GOAWAY | yes |
+//! | [send timeout](KeepAliveLayer::send_timeout) | yes | yes | yes, with [`serve::WatchedIo`] |
 //! | drain on shutdown | [`with_graceful_shutdown`](serve::Serve::with_graceful_shutdown) | [`on_shutdown`](crate::axum::KeepAliveListener::on_shutdown) + axum's | [`serve::Drain`] |
 //! | connection budget | [`connection_limits`](serve::Serve::connection_limits) | no | no |
 //! | `tracing` span per connection | yes | no | yours |

@@ -32,7 +32,7 @@
 //!
 //! - `reason`: the connection's [`CloseReason`], as [`CloseReason::as_str`] gives it (`idle`,
 //!   `max_requests`, `max_age`, `client_closed`, `service`, `drain`, `error`, `upgraded`, `pressure`,
-//!   `tls_handshake`).
+//!   `tls_handshake`, `lame_duck`, `header_timeout`, `send_timeout`).
 //! - `protocol`: `http2` for a connection that carried an HTTP/2 request, `http1` for one that carried
 //!   requests and none of them HTTP/2, `none` for one closed before its first request (a silent client,
 //!   a failed TLS handshake).

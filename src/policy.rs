@@ -80,6 +80,11 @@ pub(crate) enum Plan {
     },
     /// HTTP/2 and HTTP/3: connection-specific fields never leave (RFC 9113 section 8.2.2).
     Strip,
+    /// HTTP/2 and HTTP/3, a stream past the connection's maximum requests, which a client that ignores
+    /// the GOAWAY (or never acknowledges the PING of hyper's graceful close, which keeps new streams
+    /// coming) still opens: answered `503 Service Unavailable` without calling the inner service, so
+    /// that no more than the maximum is ever served on one connection.
+    Refuse,
     /// HTTP/0.9 and anything unknown: left alone.
     Pass,
 }

@@ -173,6 +173,12 @@ where
             }
         };
         let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
+        if matches!(plan, Plan::Refuse) {
+            tracing::debug!(
+                "HTTP/2 stream past the connection's maximum requests; refused with 503"
+            );
+            return ResponseFuture::refused();
+        }
         if config.strip_request {
             policy::strip_request_hop_by_hop(req.headers_mut(), &config.protected);
         }
@@ -191,6 +197,14 @@ fn plan(
     config: &Config,
 ) -> (Plan, Option<crate::connection::InFlight>) {
     let (count, guard) = match handle {
+        // HTTP/2 past the maximum: refused uncounted, so that the connection does not look busy (the
+        // count is the requests served).
+        Some(h)
+            if (version == Version::HTTP_2 || version == Version::HTTP_3)
+                && config.max_requests.is_some_and(|max| h.requests() >= max) =>
+        {
+            return (Plan::Refuse, None);
+        }
         Some(h) => {
             let (n, guard) = h.start_request();
             (Some(n), Some(guard))
@@ -201,6 +215,10 @@ fn plan(
     if version == Version::HTTP_2 || version == Version::HTTP_3 {
         if let (Some(h), Some(n)) = (handle, count) {
             h.mark_http2();
+            if config.max_requests.is_some_and(|max| n > max) {
+                // Streams that started together with the last allowed one: refused as well.
+                return (Plan::Refuse, None);
+            }
             if config.max_requests.is_some_and(|max| n >= max) {
                 h.close(CloseReason::MaxRequests);
             } else if h.is_past_max_age() {

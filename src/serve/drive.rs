@@ -28,14 +28,20 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// (hyper waits for a started head before it honours a graceful shutdown).
 const GRACE: Duration = Duration::from_secs(1);
 
-/// The same for HTTP/2, where a finished response may still sit in h2's buffers until the client's flow
-/// control lets it out, with no write to show for it: a stalled reader gets this long (nginx's default
-/// `send_timeout`) before it is cut. A drain deadline cuts sooner.
+/// The same for an HTTP/2 connection that has carried a request, without a send timeout: a finished
+/// response may still sit in h2's buffers until the client's flow control lets it out, with nothing to
+/// show for it (nginx's default `send_timeout`). A drain deadline cuts sooner.
 const GRACE_HTTP2: Duration = Duration::from_secs(60);
 
+/// The grace period of a connection closing gracefully with nothing in flight. It runs from the later
+/// of the close's start and the end of the last response, and nothing the client makes the server
+/// write pushes it on: a client that sends PINGs and never acknowledges the server's (which hyper's
+/// graceful HTTP/2 close waits for) is dropped at its end. HTTP/2 connections that carried a request
+/// get the send timeout, for the response data h2 may still hold (see [`GRACE_HTTP2`]); the others have
+/// nothing left to send, and get [`GRACE`].
 fn grace(handle: &ConnectionHandle) -> Duration {
     if handle.is_http2() {
-        GRACE_HTTP2
+        handle.config().send_timeout.unwrap_or(GRACE_HTTP2)
     } else {
         GRACE
     }
@@ -279,7 +285,13 @@ impl ConnectionHandle {
     ///   second left before the maximum age, or the next one if busy then), or, idle, once the timeout
     ///   its last response advertised has run out; HTTP/2 gets GOAWAY;
     /// - a close decided by the layer (HTTP/2 maximum requests) or with [`close`](Self::close) is
-    ///   carried out (HTTP/2: GOAWAY).
+    ///   carried out (HTTP/2: GOAWAY); one not done within its grace period (1 s with nothing in
+    ///   flight; for HTTP/2 after a request, the send timeout) is dropped, whatever PINGs the client
+    ///   sends;
+    /// - send timeout ([`KeepAliveLayer::send_timeout`](crate::KeepAliveLayer::send_timeout)): output
+    ///   waiting with none of it going out for that long (a client that does not read, HTTP/2 streams
+    ///   on a shut window) drops the connection ([`CloseReason::SendTimeout`]); needs the IO wrapped in
+    ///   [`WatchedIo`](crate::serve::WatchedIo) for HTTP/1.
     ///
     /// One timer per connection; nothing runs while the connection is idle but that timer, and waking
     /// the connection for its requests takes no lock. A request in flight is never cut. Wrap the
@@ -317,9 +329,10 @@ impl ConnectionHandle {
 /// How often the timer looks again at a connection that is closing but still busy.
 const CLOSING_RECHECK: Duration = Duration::from_millis(100);
 
-/// What the connection's timer does when its time comes: closes it if it is due (idle, too old), drops
-/// it if it was told to close and has neither finished nor written anything for the grace period, and
-/// says when to look again (`None`: never, it is being dropped).
+/// What the connection's timer does when its time comes: drops it if its output has waited for the send
+/// timeout with none of it going out; closes it if it is due (idle, too old); drops it if it was told to
+/// close and has stayed idle for its grace period; and says when to look again (`None`: never, it is
+/// being dropped).
 fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
     if !handle.wants_timer() {
         return None;
@@ -329,6 +342,27 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         handle.drop_now();
         return None;
     }
+    // The send timeout, busy or closing alike: output waiting, none of it going out.
+    let mut send_due = None;
+    if let Some(timeout) = handle.config().send_timeout {
+        if let Some(since) = handle.output_stalled_since(now) {
+            if since + timeout <= now {
+                tracing::debug!(
+                    "no progress writing the response within the send timeout; dropping"
+                );
+                handle.close(CloseReason::SendTimeout);
+                handle.drop_now();
+                return None;
+            }
+            send_due = Some(since + timeout);
+        }
+    }
+    let next = check_lifecycle(handle, now)?;
+    Some(send_due.map_or(next, |due| next.min(due)))
+}
+
+/// The rest of [`check`]: idle timeout, maximum age, header timeout, grace period.
+fn check_lifecycle(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
     if handle.in_grace() {
         if handle.is_lingering() {
             // Closed for writing and reading what the client still sends, so that the kernel does not
@@ -336,10 +370,11 @@ fn check(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
             // bounds (`serve::watched`). A drain's deadline still drops it.
             return Some(now + GRACE);
         }
-        // Told to close, nothing in flight and nothing written for the grace period, still open: a head
-        // that never completes. A response hyper is still writing out (to a full socket, or as HTTP/2
-        // flow control lets it) is not cut.
-        let quiet = handle.quiet_since(clock::ns_of(now));
+        // Told to close, nothing in flight for the grace period, still open: a head that never
+        // completes, a client that never acknowledges the PING of hyper's graceful HTTP/2 close. A
+        // response hyper is still writing out (to a full socket, or as HTTP/2 flow control lets it)
+        // is not cut here: the send timeout is for that.
+        let quiet = handle.quiet_since(now);
         if quiet.is_some_and(|since| since + grace(handle) <= now) {
             tracing::debug!("connection did not close within the grace period; dropping it");
             handle.drop_now();
@@ -946,6 +981,54 @@ mod tests {
         assert!(check(&handle, began + GRACE / 2).is_some());
         assert_eq!(handle.driver_flags(), (true, false));
         assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn writes_do_not_extend_the_grace_of_an_idle_connection() {
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
+        let (timers, handle) = one_watched(&layer);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        timers.tick();
+        let began = Instant::now();
+        handle.start_grace(clock::ns_of(began));
+        // PING acknowledgements, say: the server writes, the client sends nothing else.
+        for step in 1..4 {
+            handle.note_write(false);
+            assert!(check(&handle, began + GRACE * step / 4).is_some());
+        }
+        handle.note_write(false);
+        assert_eq!(check(&handle, began + GRACE), None);
+        assert_eq!(handle.driver_flags(), (true, true));
+    }
+
+    #[tokio::test]
+    async fn output_that_waits_past_the_send_timeout_is_dropped_and_progress_restarts_it() {
+        let send = Duration::from_secs(2);
+        let layer = KeepAliveLayer::new().send_timeout(send);
+        let handle = layer.connection();
+        handle.mark_http2();
+        let (_, _in_flight) = handle.start_request();
+        let at = Instant::now();
+        // In flight, nothing waiting (a handler at work): never a send timeout.
+        assert!(check(&handle, at).is_some());
+        assert!(check(&handle, at + 10 * send).is_some());
+        assert_eq!(handle.close_reason(), None);
+        // A body whose stream window is shut: hyper does not poll it.
+        handle.body_waiting();
+        let at = at + 10 * send;
+        assert!(check(&handle, at).is_some());
+        // Polled again before the send timeout (the window opened), then stuck again.
+        handle.body_done_waiting(true);
+        handle.body_waiting();
+        assert!(check(&handle, at + send * 3 / 4).is_some());
+        // A write through a socket that was not full is no progress on HTTP/2 (a PING ack).
+        handle.note_write(false);
+        assert!(check(&handle, at + send * 3 / 2).is_some());
+        assert_eq!(handle.close_reason(), None);
+        // Stuck since the poll at 3/4: cut one send timeout later.
+        assert_eq!(check(&handle, at + send * 7 / 4), None);
+        assert_eq!(handle.close_reason(), Some(CloseReason::SendTimeout));
         assert_eq!(handle.driver_flags(), (true, true));
     }
 
