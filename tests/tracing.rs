@@ -1,12 +1,14 @@
 //! The serve path's `connection` span, as a `tracing` subscriber sees it: OpenTelemetry's attribute
 //! names for the peer and the protocol.
 
-mod lifecycle_support;
+mod support;
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use lifecycle_support::*;
+use support::http1::*;
+use support::server::*;
+use support::*;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 #[derive(Clone, Default)]
@@ -78,8 +80,10 @@ async fn a_unix_connection_span_names_its_peer_as_it_can() {
     let path = dir.join("sock");
     let _ = std::fs::remove_file(&path);
     let listener = tokio::net::UnixListener::bind(&path).unwrap();
-    let mut server = start_on(listener, KeepAliveLayer::new(), None);
-    let stream = within("connect", WAIT, tokio::net::UnixStream::connect(&path))
+    let mut server = TestServer::builder(KeepAliveLayer::new())
+        .listener(listener)
+        .start();
+    let stream = within("connect", tokio::net::UnixStream::connect(&path))
         .await
         .unwrap();
     let mut client = RawClient::new(stream);

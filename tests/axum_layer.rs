@@ -1,7 +1,7 @@
 //! An axum `Router` with the layer on it, served by a hyper-util accept loop that hands each connection's
 //! handle to the layer as a request extension.
 
-mod common;
+mod support;
 
 use axum::extract::ws::{Message as AxumMessage, WebSocketUpgrade};
 use axum::response::Response;
@@ -10,11 +10,10 @@ use axum::Router;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use common::{
-    assert_head, http_get, start_server_with_extensions, start_server_without_handles, within,
-    RawResponse, Server,
-};
 use futures_util::{SinkExt, StreamExt};
+use support::http1::{assert_head, http_get, RawResponse};
+use support::hyper_loop::{start_server_with_extensions, start_server_without_handles, Server};
+use support::within;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
