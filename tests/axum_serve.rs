@@ -15,8 +15,8 @@ use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use support::axum_serve::{serve_axum, AxumServer};
 use support::http1::{
-    assert_adverts_honest, assert_pipelined_past_the_limit, get_request, http_get,
-    send_junk_until_cut, RawClient,
+    answered_and_closed, assert_adverts_honest, assert_pipelined_past_the_limit, get_request,
+    half_close_after, http_get, send_junk_until_cut, RawClient,
 };
 use support::{within, WAIT};
 use tokio::io::AsyncWriteExt;
@@ -163,7 +163,9 @@ async fn a_slow_request_is_never_cut() {
 #[tokio::test]
 async fn a_websocket_outlives_the_idle_timeout() {
     let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
-    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let url = format!("ws://{}/ws", server.addr);
     let (mut socket, res) = within("handshake", tokio_tungstenite::client_async(url, stream))
         .await
@@ -359,15 +361,7 @@ async fn pipelined_past_max_requests_get_every_response_then_a_clean_close() {
 #[tokio::test]
 async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
     let server = start(KeepAliveLayer::new().max_requests(1)).await;
-    let stream = within("connect", TcpStream::connect(server.addr))
-        .await
-        .unwrap();
-    let (read, mut write) = stream.into_split();
-    write.write_all(get_request("/").as_bytes()).await.unwrap();
-    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
-    let res = client.read_response().await;
-    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
-    client.expect_eof().await;
+    let (_client, mut write) = answered_and_closed(server.addr).await;
     send_junk_until_cut(&mut write, Duration::from_secs(10)).await;
 }
 
@@ -379,22 +373,7 @@ async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
 async fn a_request_then_half_close_is_answered() {
     let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
     for (path, body) in [("/", "hello"), ("/pause", "paused")] {
-        let clients = (0..10).map(|_| async move {
-            let mut client = RawClient::connect(server.addr).await;
-            client.send(get_request(path)).await;
-            client.stream_mut().shutdown().await.unwrap();
-            let res = client.read_response().await;
-            assert_eq!(
-                (res.status, res.body_str()),
-                (200, body),
-                "{path}: {res:#?}"
-            );
-            if path != "/" {
-                // Still busy when the end of the request stream came: the response says so.
-                assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
-            }
-            client.expect_eof().await;
-        });
+        let clients = (0..10).map(|_| half_close_after(server.addr, path, body));
         futures_util::future::join_all(clients).await;
     }
 }

@@ -16,11 +16,7 @@ use support::http2::*;
 use support::server::*;
 use support::*;
 use tokio::io::AsyncWriteExt;
-use tower_keepalive::{CloseReason, KeepAliveLayer};
-
-fn idle(timeout: Duration) -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(timeout)
-}
+use tower_keepalive::CloseReason;
 
 #[tokio::test]
 async fn client_shutting_down_write_side_is_client_closed() {
@@ -81,24 +77,6 @@ async fn http1_request_then_half_close_is_answered() {
             assert_eq!(closed.handle.requests(), 1, "{path}");
         }
     }
-}
-
-/// Sends a GET for `path` and half-closes: the response (`body`) comes, then the end of the stream.
-async fn half_close_after(addr: std::net::SocketAddr, path: &str, body: &str) {
-    let mut client = RawClient::connect(addr).await;
-    client.send(get_request(path)).await;
-    client.stream_mut().shutdown().await.unwrap();
-    let res = client.read_response().await;
-    assert_eq!(
-        (res.status, res.body_str()),
-        (200, body),
-        "{path}: {res:#?}"
-    );
-    if path != "/" {
-        // Still busy when the end of the request stream came: the response says so.
-        assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
-    }
-    client.expect_eof().await;
 }
 
 // One that half-closes without a request is closed at once, not after the idle timeout.

@@ -17,15 +17,7 @@ use support::server::*;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tower_keepalive::{CloseReason, KeepAliveLayer};
-
-fn idle(timeout: Duration) -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(timeout)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
+use tower_keepalive::CloseReason;
 
 #[tokio::test]
 async fn drain_http1_finishes_in_flight_closes_idle_refuses_new() {

@@ -262,7 +262,9 @@ async fn client_vanishes_mid_request_body() {
     let (app, mut events) = FaultApp::new();
     let mut server = serve(policy(), app.service()).await;
 
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     stream
         .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n0123456789")
         .await
@@ -280,7 +282,9 @@ async fn client_vanishes_mid_request_body() {
     assert_gone_at_once(&closed, left, 1);
 
     // The same with a client that half-closes: it stops sending but would still read an answer.
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     stream
         .write_all(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\n0123456789")
         .await
@@ -321,7 +325,9 @@ async fn client_vanishes_mid_response_body() {
     let (app, mut events) = FaultApp::new();
     let mut server = serve(policy(), app.service()).await;
 
-    let mut stream = TcpStream::connect(server.addr).await.unwrap();
+    let mut stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     stream
         .write_all(http_get("/slow-stream", "HTTP/1.1", &[]).as_bytes())
         .await
@@ -668,7 +674,9 @@ async fn a_response_body_failing_midway_closes_the_connection() {
     let mut server = serve(policy(), app.service()).await;
 
     for path in ["/fail-body", "/fail-body-len"] {
-        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        let mut stream = within("connect", TcpStream::connect(server.addr))
+            .await
+            .unwrap();
         stream
             .write_all(http_get(path, "HTTP/1.1", &[]).as_bytes())
             .await

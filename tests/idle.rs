@@ -20,17 +20,7 @@ use support::server::*;
 use support::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tower_keepalive::{CloseReason, KeepAliveLayer};
-
-const SEC: Duration = Duration::from_secs(1);
-
-fn idle(timeout: Duration) -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(timeout)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
+use tower_keepalive::CloseReason;
 
 /// The idle close seen from both ends. The server closed no sooner than `timeout` after the connection
 /// went idle by its own clock (strict). The client saw EOF no sooner than `client_floor` after the last
@@ -417,7 +407,9 @@ async fn websocket_outlives_idle_timeout_and_drain() {
 
     let timeout = SEC;
     let mut server = start(idle(timeout)).await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let tcp = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let url = format!("ws://{}/ws", server.addr);
     let (mut ws, res) = within(
         "the WebSocket handshake",

@@ -19,16 +19,6 @@ use support::server::*;
 use support::*;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
-const SEC: Duration = Duration::from_secs(1);
-
-fn idle(timeout: Duration) -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(timeout)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
 /// A maximum age of 2 s ±10 %: a response right after the connection opens still has more than a
 /// second left, so it keeps the connection alive (advertising the whole seconds left, not the 10 s).
 fn max_age_layer() -> KeepAliveLayer {

@@ -15,15 +15,7 @@ use support::http1::*;
 use support::http2::*;
 use support::server::*;
 use support::*;
-use tower_keepalive::{CloseReason, KeepAliveLayer};
-
-fn idle(timeout: Duration) -> KeepAliveLayer {
-    KeepAliveLayer::new().idle_timeout(timeout)
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
+use tower_keepalive::CloseReason;
 
 #[tokio::test]
 async fn http2_max_requests_goaway_then_close() {

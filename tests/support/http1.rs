@@ -551,3 +551,21 @@ pub async fn answered_and_closed(addr: SocketAddr) -> (PipeliningClient, OwnedWr
     client.expect_eof().await;
     (client, write)
 }
+
+/// Sends a GET for `path` and half-closes: the response (`body`) comes, then the end of the stream.
+pub async fn half_close_after(addr: SocketAddr, path: &str, body: &str) {
+    let mut client = RawClient::connect(addr).await;
+    client.send(get_request(path)).await;
+    client.stream_mut().shutdown().await.unwrap();
+    let res = client.read_response().await;
+    assert_eq!(
+        (res.status, res.body_str()),
+        (200, body),
+        "{path}: {res:#?}"
+    );
+    if path != "/" {
+        // Still busy when the end of the request stream came: the response says so.
+        assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+    }
+    client.expect_eof().await;
+}

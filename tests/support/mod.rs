@@ -10,6 +10,7 @@
 //! - `axum_serve` (feature `axum`): `axum::serve` over the crate's `KeepAliveListener`, the other
 //!   serve path.
 //! - [`hyper_loop`]: a hand-written hyper-util accept loop, for the layer on its own (no serve path).
+//! - [`logs`]: what `tracing` logs during a test.
 //! - [`apps`]: the apps those servers serve.
 //!
 //! Every wait is bounded: by [`WAIT`] unless a test names a tighter bound.
@@ -23,10 +24,13 @@ pub mod axum_serve;
 pub mod http1;
 pub mod http2;
 pub mod hyper_loop;
+pub mod logs;
 pub mod server;
 
 use std::future::Future;
 use std::time::Duration;
+
+use tower_keepalive::KeepAliveLayer;
 
 /// The bound on any single wait that has no tighter bound of its own: generous, the test machine is
 /// shared (two cores, other builds running).
@@ -34,6 +38,19 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// How late "soon after" may be on a loaded 2-core machine.
 pub const SLACK: Duration = Duration::from_secs(3);
+
+/// One second, the unit of most timeouts in the tests.
+pub const SEC: Duration = Duration::from_secs(1);
+
+/// `n` milliseconds.
+pub fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// A policy with nothing but an idle timeout.
+pub fn idle(timeout: Duration) -> KeepAliveLayer {
+    KeepAliveLayer::new().idle_timeout(timeout)
+}
 
 /// Awaits `fut` for at most [`WAIT`], panicking with `what` if it takes longer.
 pub async fn within<F: Future>(what: &str, fut: F) -> F::Output {

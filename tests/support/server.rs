@@ -4,7 +4,7 @@
 //! panicked and nothing leaked.
 
 use std::collections::VecDeque;
-use std::future::{Future, IntoFuture};
+use std::future::IntoFuture;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -179,13 +179,11 @@ impl<L: Listener> Listener for CountingListener<L> {
     type Io = L::Io;
     type Addr = L::Addr;
 
-    fn accept(&mut self) -> impl Future<Output = io::Result<(L::Io, L::Addr)>> + Send {
-        async move {
-            let accepted = self.inner.accept().await?;
-            let n = self.accepted.fetch_add(1, Ordering::SeqCst) + 1;
-            self.accepted_tx.send_replace(n);
-            Ok(accepted)
-        }
+    async fn accept(&mut self) -> io::Result<(L::Io, L::Addr)> {
+        let accepted = self.inner.accept().await?;
+        let n = self.accepted.fetch_add(1, Ordering::SeqCst) + 1;
+        self.accepted_tx.send_replace(n);
+        Ok(accepted)
     }
 
     fn local_addr(&self) -> io::Result<L::Addr> {
