@@ -454,24 +454,12 @@ async fn websocket_outlives_idle_timeout_and_drain() {
 #[cfg(unix)]
 #[tokio::test]
 async fn unix_socket_request_then_idle_close() {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let path = std::env::temp_dir().join(format!(
-        "tower-keepalive-lifecycle-{}-{nanos}.sock",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (path, listener) = UnixPath::bind("idle");
     let timeout = ms(1500);
     let mut server = TestServer::builder(idle(timeout))
         .listener(listener)
         .start();
-    let stream = within("connect", tokio::net::UnixStream::connect(&path))
-        .await
-        .unwrap();
-    let mut client = RawClient::new(stream);
+    let mut client = path.connect().await;
     let res = client.get("/").await;
     assert_eq!((res.status, res.body_str()), (200, "hello"));
     assert_eq!(res.header("connection"), Some("keep-alive"));
@@ -479,5 +467,4 @@ async fn unix_socket_request_then_idle_close() {
     let eof = client.eof().await;
     let closed = server.next_close().await;
     assert_idle_close(&closed, timeout, ADVERTISED_1, last_byte, eof);
-    let _ = std::fs::remove_file(&path);
 }

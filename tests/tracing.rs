@@ -6,7 +6,6 @@ mod support;
 use support::http1::*;
 use support::logs::Logs;
 use support::server::*;
-use support::*;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 /// The line of the `connection closed` event.
@@ -45,22 +44,15 @@ async fn a_tcp_connection_span_names_its_peer_address_port_and_protocol() {
 async fn a_unix_connection_span_names_its_peer_as_it_can() {
     let logs = Logs::default();
     let _guard = logs.subscribe(tracing::Level::DEBUG);
-    let dir = std::env::temp_dir().join(format!("tower-keepalive-tracing-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("sock");
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path).unwrap();
+    let (path, listener) = UnixPath::bind("tracing");
     let mut server = TestServer::builder(KeepAliveLayer::new())
         .listener(listener)
         .start();
-    let stream = within("connect", tokio::net::UnixStream::connect(&path))
-        .await
-        .unwrap();
-    let mut client = RawClient::new(stream);
+    let mut client = path.connect().await;
     assert_eq!(client.get("/").await.status, 200);
     drop(client);
     assert_eq!(server.next_close().await.reason, CloseReason::ClientClosed);
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(path);
     let line = closed_line(&logs);
     // A client socket without a name: its `Debug` form, and no port.
     assert!(

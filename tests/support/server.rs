@@ -378,3 +378,40 @@ pub async fn assert_serves_others(server: &mut TestServer) {
     assert_eq!(closed.handle.requests(), 1);
     assert_eq!(closed.handle.in_flight(), 0);
 }
+
+/// A Unix socket path of one test's own in the temporary directory, removed when dropped.
+#[cfg(unix)]
+pub struct UnixPath(pub std::path::PathBuf);
+
+#[cfg(unix)]
+impl UnixPath {
+    /// A fresh path for `test`, and a listener bound to it.
+    pub fn bind(test: &str) -> (Self, tokio::net::UnixListener) {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "tower-keepalive-{test}-{}-{nanos}.sock",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        (UnixPath(path), listener)
+    }
+
+    /// A raw HTTP/1 client connected to the socket.
+    pub async fn connect(&self) -> RawClient<tokio::net::UnixStream> {
+        let stream = within("connect", tokio::net::UnixStream::connect(&self.0))
+            .await
+            .unwrap();
+        RawClient::new(stream)
+    }
+}
+
+#[cfg(unix)]
+impl Drop for UnixPath {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
