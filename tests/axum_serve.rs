@@ -2,7 +2,7 @@
 
 #![cfg(feature = "axum")]
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,17 +11,17 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
-use axum::serve::Listener;
 use axum::Router;
-use common::{
-    assert_adverts_honest, assert_pipelined_past_the_limit, get_request, http_get,
-    send_junk_until_cut, within, RawClient,
-};
 use futures_util::{SinkExt, StreamExt};
+use support::axum_serve::{serve_axum, AxumServer};
+use support::http1::{
+    answered_and_closed, assert_adverts_honest, assert_pipelined_past_the_limit, get_request,
+    half_close_after, http_get, send_junk_until_cut, RawClient,
+};
+use support::{within, WAIT};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Notify};
-use tower_keepalive::axum::{into_make_service, KeepAliveIo, KeepAliveListener};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
 use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 /// The size of `/big`'s body.
@@ -89,61 +89,27 @@ async fn ws(upgrade: WebSocketUpgrade) -> Response {
 struct Server {
     addr: SocketAddr,
     slow_started: Arc<Notify>,
-    shutdown: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    inner: AxumServer,
 }
 
-/// A [`KeepAliveListener`] that hands the test the handle of each connection it accepts.
-struct Tapped {
-    inner: KeepAliveListener<TcpListener>,
-    handles: mpsc::UnboundedSender<ConnectionHandle>,
-}
-
-impl Listener for Tapped {
-    type Io = KeepAliveIo<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (io, addr) = self.inner.accept().await;
-        let _ = self.handles.send(io.handle().clone());
-        (io, addr)
-    }
-
-    fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-}
-
+/// Serves [`app`] on `axum::serve` with `layer`.
 async fn start(layer: KeepAliveLayer) -> Server {
-    start_tapped(layer).await.0
+    let slow_started = Arc::new(Notify::new());
+    let inner = serve_axum(layer, app(slow_started.clone())).await;
+    Server {
+        addr: inner.addr,
+        slow_started,
+        inner,
+    }
 }
 
 /// [`start`], with the handles of the connections accepted, in accept order.
 async fn start_tapped(
     layer: KeepAliveLayer,
 ) -> (Server, mpsc::UnboundedReceiver<ConnectionHandle>) {
-    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = tcp.local_addr().unwrap();
-    let inner = KeepAliveListener::new(tcp, layer);
-    let (tx, rx) = oneshot::channel::<()>();
-    let shutdown = inner.on_shutdown(async {
-        let _ = rx.await;
-    });
-    let (handles, accepted) = mpsc::unbounded_channel();
-    let listener = Tapped { inner, handles };
-    let slow_started = Arc::new(Notify::new());
-    let app = app(slow_started.clone());
-    let task = tokio::spawn(async move {
-        axum::serve(listener, into_make_service(app))
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
-    let server = Server {
-        addr,
-        slow_started,
-        shutdown: Some(tx),
-        task,
-    };
+    let mut server = start(layer).await;
+    let (_, none) = mpsc::unbounded_channel();
+    let accepted = std::mem::replace(&mut server.inner.accepted, none);
     (server, accepted)
 }
 
@@ -197,7 +163,9 @@ async fn a_slow_request_is_never_cut() {
 #[tokio::test]
 async fn a_websocket_outlives_the_idle_timeout() {
     let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(1))).await;
-    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let stream = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let url = format!("ws://{}/ws", server.addr);
     let (mut socket, res) = within("handshake", tokio_tungstenite::client_async(url, stream))
         .await
@@ -222,16 +190,13 @@ async fn shutdown_makes_responses_say_close() {
     client.send(http_get("/slow", "HTTP/1.1", &[])).await;
     // The request is in flight (the handler sleeps); signal shutdown now.
     within("the handler to start", server.slow_started.notified()).await;
-    server.shutdown.take().unwrap().send(()).unwrap();
+    server.inner.shutdown();
     let res = client.read_response().await;
     assert_eq!(res.body_str(), "slow");
     assert_eq!(res.values("connection"), ["close"]);
     assert_eq!(res.header("keep-alive"), None);
     client.expect_eof().await;
-    within("axum::serve to return", server.task)
-        .await
-        .unwrap()
-        .unwrap();
+    server.inner.finished(WAIT).await;
 }
 
 #[tokio::test]
@@ -396,15 +361,7 @@ async fn pipelined_past_max_requests_get_every_response_then_a_clean_close() {
 #[tokio::test]
 async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
     let server = start(KeepAliveLayer::new().max_requests(1)).await;
-    let stream = within("connect", TcpStream::connect(server.addr))
-        .await
-        .unwrap();
-    let (read, mut write) = stream.into_split();
-    write.write_all(get_request("/").as_bytes()).await.unwrap();
-    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
-    let res = client.read_response().await;
-    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
-    client.expect_eof().await;
+    let (_client, mut write) = answered_and_closed(server.addr).await;
     send_junk_until_cut(&mut write, Duration::from_secs(10)).await;
 }
 
@@ -416,22 +373,7 @@ async fn a_lingering_close_is_cut_when_the_client_never_stops_sending() {
 async fn a_request_then_half_close_is_answered() {
     let server = start(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30))).await;
     for (path, body) in [("/", "hello"), ("/pause", "paused")] {
-        let clients = (0..10).map(|_| async move {
-            let mut client = RawClient::connect(server.addr).await;
-            client.send(get_request(path)).await;
-            client.stream_mut().shutdown().await.unwrap();
-            let res = client.read_response().await;
-            assert_eq!(
-                (res.status, res.body_str()),
-                (200, body),
-                "{path}: {res:#?}"
-            );
-            if path != "/" {
-                // Still busy when the end of the request stream came: the response says so.
-                assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
-            }
-            client.expect_eof().await;
-        });
+        let clients = (0..10).map(|_| half_close_after(server.addr, path, body));
         futures_util::future::join_all(clients).await;
     }
 }

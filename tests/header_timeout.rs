@@ -3,36 +3,24 @@
 
 #![cfg(feature = "axum")]
 
-use std::future::IntoFuture;
-use std::net::SocketAddr;
+mod support;
+
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
+use support::server::TestServer;
+use support::within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 const IDLE: Duration = Duration::from_secs(30);
 const HEADER: Duration = Duration::from_secs(1);
 
-struct Server {
-    addr: SocketAddr,
-    closes: mpsc::UnboundedReceiver<CloseReason>,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start() -> Server {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, closes) = mpsc::unbounded_channel();
+/// The serve path with a 1 s header timeout and a 30 s idle timeout; `/slow` answers after twice the
+/// header timeout.
+fn start() -> TestServer {
     let app = Router::new().route("/", get(|| async { "hello" })).route(
         "/slow",
         get(|| async {
@@ -40,17 +28,9 @@ async fn start() -> Server {
             "hello"
         }),
     );
-    let serve = tower_keepalive::serve(listener, app)
-        .keep_alive(KeepAliveLayer::new().idle_timeout(IDLE))
+    TestServer::builder(KeepAliveLayer::new().idle_timeout(IDLE))
         .header_timeout(HEADER)
-        .on_close(move |_, reason| {
-            let _ = tx.send(reason);
-        });
-    Server {
-        addr,
-        closes,
-        task: tokio::spawn(serve.into_future()),
-    }
+        .serve(app)
 }
 
 /// Reads until the server closes the connection (end-of-file or reset); at most `limit`.
@@ -111,8 +91,10 @@ fn slowloris(tcp: TcpStream) -> (tokio::net::tcp::OwnedReadHalf, tokio::task::Jo
 
 #[tokio::test]
 async fn a_dribbled_head_is_cut_at_the_header_timeout_not_the_idle_timeout() {
-    let mut server = start().await;
-    let tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut server = start();
+    let tcp = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let began = Instant::now();
     let (mut read, writer) = slowloris(tcp);
     let mut buf = [0u8; 64];
@@ -129,13 +111,34 @@ async fn a_dribbled_head_is_cut_at_the_header_timeout_not_the_idle_timeout() {
         "cut after {elapsed:?}"
     );
     writer.abort();
-    assert_eq!(server.closes.recv().await, Some(CloseReason::HeaderTimeout));
+    assert_eq!(server.next_close().await.reason, CloseReason::HeaderTimeout);
+}
+
+/// Dribbles a head on `tcp` ([`slowloris`]): the server cuts it at the header timeout counted from its
+/// first byte, with no response, and reports `HeaderTimeout`.
+async fn assert_dribbled_head_cut(server: &mut TestServer, tcp: TcpStream) {
+    let began = Instant::now();
+    let (mut read, writer) = slowloris(tcp);
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), read.read(&mut buf))
+        .await
+        .expect("cut within 5 s");
+    assert!(matches!(closed, Ok(0) | Err(_)));
+    let elapsed = began.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_millis(2500),
+        "cut {elapsed:?} after the head's first byte"
+    );
+    writer.abort();
+    assert_eq!(server.next_close().await.reason, CloseReason::HeaderTimeout);
 }
 
 #[tokio::test]
 async fn an_idle_connection_outlives_the_header_timeout_and_its_next_head_gets_its_own() {
-    let mut server = start().await;
-    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut server = start();
+    let mut tcp = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     assert!(request(&mut tcp).await.starts_with("HTTP/1.1 200"));
     // Idle for twice the header timeout: still open, and answers.
     tokio::time::sleep(2 * HEADER).await;
@@ -144,56 +147,34 @@ async fn an_idle_connection_outlives_the_header_timeout_and_its_next_head_gets_i
     assert!(res.contains("timeout=30"), "{res}");
     // Idle past the header timeout again, then a dribbled head: its time counts from its first byte.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let began = Instant::now();
-    let (mut read, writer) = slowloris(tcp);
-    let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(Duration::from_secs(5), read.read(&mut buf))
-        .await
-        .expect("cut within 5 s");
-    assert!(matches!(closed, Ok(0) | Err(_)));
-    let elapsed = began.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_millis(2500),
-        "cut {elapsed:?} after the head's first byte"
-    );
-    writer.abort();
-    assert_eq!(server.closes.recv().await, Some(CloseReason::HeaderTimeout));
+    assert_dribbled_head_cut(&mut server, tcp).await;
 }
 
 #[tokio::test]
 async fn a_connection_that_never_sends_a_byte_is_cut_at_the_header_timeout() {
-    let mut server = start().await;
+    let mut server = start();
     let began = Instant::now();
-    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut tcp = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let closed = wait_closed(&mut tcp, Duration::from_secs(5)).await;
     let elapsed = closed - began;
     assert!(
         elapsed >= Duration::from_millis(800) && elapsed < Duration::from_millis(2500),
         "cut after {elapsed:?}"
     );
-    assert_eq!(server.closes.recv().await, Some(CloseReason::HeaderTimeout));
+    assert_eq!(server.next_close().await.reason, CloseReason::HeaderTimeout);
 }
 
 #[tokio::test]
 async fn a_head_after_a_request_longer_than_the_header_timeout_is_cut_in_time() {
     // The connection's timer looks at a busy connection no less often than the header timeout, so
     // the head that follows a slow request is found and cut in time too.
-    let mut server = start().await;
-    let mut tcp = TcpStream::connect(server.addr).await.unwrap();
+    let mut server = start();
+    let mut tcp = within("connect", TcpStream::connect(server.addr))
+        .await
+        .unwrap();
     let res = request_path(&mut tcp, "/slow").await;
     assert!(res.starts_with("HTTP/1.1 200"), "{res}");
-    let began = Instant::now();
-    let (mut read, writer) = slowloris(tcp);
-    let mut buf = [0u8; 64];
-    let closed = tokio::time::timeout(Duration::from_secs(5), read.read(&mut buf))
-        .await
-        .expect("cut within 5 s");
-    assert!(matches!(closed, Ok(0) | Err(_)));
-    let elapsed = began.elapsed();
-    assert!(
-        elapsed >= Duration::from_millis(800) && elapsed < Duration::from_millis(2500),
-        "cut {elapsed:?} after the head's first byte"
-    );
-    writer.abort();
-    assert_eq!(server.closes.recv().await, Some(CloseReason::HeaderTimeout));
+    assert_dribbled_head_cut(&mut server, tcp).await;
 }

@@ -4,21 +4,19 @@
 //! on serving other clients. Property tests then check the `Connection` token logic of the public
 //! `KeepAlive` service against a reference model.
 
-mod common;
-mod hardening_support;
+mod support;
 
 use std::convert::Infallible;
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{http_get, RawClient, RawResponse};
-use hardening_support::{
-    assert_serves_others, echo_app, echoed_names, send_until_closed, start, TestServer,
-};
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST};
 use http::{Request, Response, Version};
 use http_body_util::Full;
 use proptest::prelude::*;
+use support::apps::{echo, echoed_names};
+use support::http1::{http_get, RawClient, RawResponse};
+use support::server::{assert_serves_others, send_until_closed, serve, TestServer};
 use tower::{Layer, ServiceExt};
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
@@ -115,7 +113,7 @@ async fn assert_refused(
 
 #[tokio::test]
 async fn thousands_of_connection_tokens_keep_a_connection_alive_and_strip_only_what_they_may() {
-    let mut server = start(policy().strip_request_hop_by_hop(true), echo_app()).await;
+    let mut server = serve(policy().strip_request_hop_by_hop(true), echo()).await;
 
     // 4000 tokens in one field line, about 55 KB: within the serve path's 64 KiB head. One of them names
     // a field the request carries; it is removed, and nothing else is.
@@ -149,7 +147,7 @@ async fn thousands_of_connection_tokens_keep_a_connection_alive_and_strip_only_w
 
 #[tokio::test]
 async fn connection_over_hyper_limits_is_refused_and_others_are_served() {
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
 
     // One field line longer than the whole head buffer (64 KiB on the serve path, 400 KB in hyper).
     let huge = format!("Connection: {}", "keep-alive, ".repeat(50_000));
@@ -178,7 +176,7 @@ async fn connection_over_hyper_limits_is_refused_and_others_are_served() {
 
 #[tokio::test]
 async fn non_ascii_and_invalid_bytes_in_connection_and_keep_alive() {
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
 
     // obs-text (bytes 0x80 to 0xFF) is allowed in field values: none of these tokens is `close`, so an
     // HTTP/1.1 connection stays persistent, and a `Keep-Alive` full of them is ignored.
@@ -241,7 +239,7 @@ async fn non_ascii_and_invalid_bytes_in_connection_and_keep_alive() {
 
 #[tokio::test]
 async fn many_connection_field_lines_with_empty_ones() {
-    let mut server = start(policy().strip_request_hop_by_hop(true), echo_app()).await;
+    let mut server = serve(policy().strip_request_hop_by_hop(true), echo()).await;
 
     // 90 `Connection` lines (hyper takes 100 fields): empty values, lone commas, whitespace, and one
     // `keep-alive` in the middle. HTTP/1.1 stays persistent.
@@ -301,7 +299,7 @@ async fn absurd_request_keep_alive_values_are_ignored() {
         b"Keep-Alive: 300",
         b"Keep-Alive: timeout=18446744073709551616",
     ];
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
     for line in absurd {
         // The server's own advert, whatever the client said; HTTP/1.0 with keep-alive as well.
         assert_persistent_twice(&mut server, &raw_get("/", "HTTP/1.1", &[line])).await;
@@ -323,7 +321,7 @@ async fn absurd_request_keep_alive_values_are_ignored() {
     server.finish().await;
 
     // With request stripping on, the app never sees the client's `Keep-Alive`.
-    let mut server = start(policy().strip_request_hop_by_hop(true), echo_app()).await;
+    let mut server = serve(policy().strip_request_hop_by_hop(true), echo()).await;
     for line in absurd {
         let res = assert_persistent_twice(&mut server, &raw_get("/", "HTTP/1.1", &[line])).await;
         assert_eq!(echoed_names(&res.body), ["host"], "{res:#?}");
@@ -333,7 +331,7 @@ async fn absurd_request_keep_alive_values_are_ignored() {
 
 #[tokio::test]
 async fn keep_alive_and_close_together_close_in_either_order() {
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
     let cases: [&[&[u8]]; 6] = [
         &[b"Connection: keep-alive, close"],
         &[b"Connection: close, keep-alive"],
@@ -359,7 +357,7 @@ async fn keep_alive_and_close_together_close_in_either_order() {
 
 #[tokio::test]
 async fn http10_with_transfer_encoding_is_never_kept_alive() {
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
     // RFC 9112 section 6.1: an HTTP/1.0 message with Transfer-Encoding has faulty framing; the server must
     // close the connection. hyper refuses it with 400 before the app sees it.
     for extra in [
@@ -413,7 +411,7 @@ fn naming_request() -> Vec<u8> {
 
 #[tokio::test]
 async fn naming_protected_fields_in_connection_does_not_strip_them() {
-    let mut server = start(policy().strip_request_hop_by_hop(true), echo_app()).await;
+    let mut server = serve(policy().strip_request_hop_by_hop(true), echo()).await;
     let res = assert_persistent_twice(&mut server, &naming_request()).await;
     let mut seen = echoed_names(&res.body);
     seen.sort_unstable();
@@ -462,7 +460,7 @@ async fn naming_protected_fields_in_connection_does_not_strip_them() {
     server.finish().await;
 
     // Without stripping, nothing is removed at all.
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
     let res = assert_persistent_twice(&mut server, &naming_request()).await;
     let seen = echoed_names(&res.body);
     for name in [
@@ -483,7 +481,7 @@ async fn a_custom_protected_list_is_followed() {
     let layer = policy()
         .strip_request_hop_by_hop(true)
         .protect_request_fields([HOST, tenant]);
-    let mut server = start(layer, echo_app()).await;
+    let mut server = serve(layer, echo()).await;
     let res = assert_persistent_twice(&mut server, &naming_request()).await;
     let mut seen = echoed_names(&res.body);
     seen.sort_unstable();
@@ -496,7 +494,7 @@ async fn a_custom_protected_list_is_followed() {
     let layer = policy()
         .strip_request_hop_by_hop(true)
         .protect_request_fields([]);
-    let mut server = start(layer, echo_app()).await;
+    let mut server = serve(layer, echo()).await;
     let res = assert_persistent_twice(&mut server, &naming_request()).await;
     assert_eq!(echoed_names(&res.body), ["accept"], "{res:#?}");
     assert_serves_others(&mut server).await;
@@ -690,7 +688,7 @@ proptest! {
 /// would ever end, instead of being buffered to hyper's ~400 KB; the server keeps serving.
 #[tokio::test]
 async fn a_request_head_over_64_kib_is_refused_with_431() {
-    let mut server = start(policy(), echo_app()).await;
+    let mut server = serve(policy(), echo()).await;
     // Within the limit: served.
     let fine = format!("X-Big: {}", "a".repeat(60 * 1024));
     let mut client = RawClient::connect(server.addr).await;

@@ -2,13 +2,15 @@
 //! needs a timer, which the serve path gives the builder (without one, hyper panics inside each
 //! connection: "You must supply a timer").
 
-mod lifecycle_support;
+mod support;
 
 use std::future::IntoFuture;
 use std::time::Duration;
 
 use http::StatusCode;
-use lifecycle_support::*;
+use support::http1::*;
+use support::http2::*;
+use support::*;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
@@ -20,7 +22,7 @@ async fn http2_ping_keep_alive_serves_requests() {
     let addr = listener.local_addr().unwrap();
     let (started, _) = mpsc::unbounded_channel();
     let server = tokio::spawn(
-        tower_keepalive::serve(listener, app(started))
+        tower_keepalive::serve(listener, apps::timed(started))
             .http_builder(|builder| {
                 builder
                     .http2()
@@ -47,7 +49,7 @@ async fn http1_header_read_timeout_serves_requests_and_cuts_a_stalled_head() {
     let addr = listener.local_addr().unwrap();
     let (started, _) = mpsc::unbounded_channel();
     let server = tokio::spawn(
-        tower_keepalive::serve(listener, app(started))
+        tower_keepalive::serve(listener, apps::timed(started))
             .keep_alive(
                 tower_keepalive::KeepAliveLayer::new().idle_timeout(Duration::from_secs(60)),
             )
@@ -66,6 +68,6 @@ async fn http1_header_read_timeout_serves_requests_and_cuts_a_stalled_head() {
     let mut stalled = RawClient::connect(addr).await;
     stalled.send("GET / HTTP/1.1\r\nHost: x\r\n").await;
     // Far sooner than the 60 s idle timeout.
-    within("the stalled head to be cut", WAIT, stalled.eof()).await;
+    within("the stalled head to be cut", stalled.eof()).await;
     server.abort();
 }

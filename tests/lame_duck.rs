@@ -4,13 +4,16 @@
 //! Timing: "not before" bounds are strict; "soon after" ones allow [`SLACK`] for a loaded machine. Every
 //! wait is bounded.
 
-mod lifecycle_support;
+mod support;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
-use lifecycle_support::*;
+use support::http1::*;
+use support::http2::*;
+use support::server::*;
+use support::*;
 use tokio::net::TcpStream;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
@@ -29,7 +32,7 @@ async fn reasons<A>(server: &mut TestServer<A>, n: usize) -> HashMap<CloseReason
 }
 
 async fn assert_refused(addr: std::net::SocketAddr) {
-    let refused = within("connect", WAIT, TcpStream::connect(addr)).await;
+    let refused = within("connect", TcpStream::connect(addr)).await;
     assert!(
         refused.is_err(),
         "a new connection was accepted after the lame-duck period"
@@ -41,7 +44,7 @@ async fn http1_lame_duck_serves_new_connections_with_close_then_drains() {
     let period = Duration::from_secs(3);
     let layer = layer();
     let stats = layer.stats();
-    let mut server = start_lame_duck(layer, period, None).await;
+    let mut server = TestServer::builder(layer).lame_duck(period).start();
     let mut idle = RawClient::connect(server.addr).await;
     let res = idle.get("/").await;
     assert_eq!(res.header("connection"), Some("keep-alive"));
@@ -98,7 +101,7 @@ async fn http1_lame_duck_serves_new_connections_with_close_then_drains() {
 #[tokio::test]
 async fn http2_lame_duck_sends_goaway_to_every_connection() {
     let period = Duration::from_secs(4);
-    let mut server = start_lame_duck(layer(), period, None).await;
+    let mut server = TestServer::builder(layer()).lame_duck(period).start();
     let mut idle = H2::connect(server.addr).await;
     assert_eq!(idle.get("/").await.0, StatusCode::OK);
     let mut busy = H2::connect(server.addr).await;
@@ -117,14 +120,13 @@ async fn http2_lame_duck_sends_goaway_to_every_connection() {
     assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
     fresh.closed(SLACK).await;
     // The stream in flight at the signal finishes; then its connection ends.
-    let res = within("the in-flight response", WAIT, response)
+    let res = within("the in-flight response", response)
         .await
         .unwrap()
         .expect("in-flight request failed");
     assert_eq!(res.status(), StatusCode::OK);
     let body = within(
         "the in-flight body",
-        WAIT,
         http_body_util::BodyExt::collect(res.into_body()),
     )
     .await
@@ -145,12 +147,7 @@ async fn http2_lame_duck_sends_goaway_to_every_connection() {
 
 #[tokio::test]
 async fn without_lame_duck_the_drain_starts_at_the_signal() {
-    let mut server = start_lame_duck_on(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        layer(),
-        None,
-        None,
-    );
+    let mut server = start(layer()).await;
     let mut idle = RawClient::connect(server.addr).await;
     assert_eq!(idle.get("/").await.status, 200);
     server.shutdown();
@@ -163,7 +160,10 @@ async fn without_lame_duck_the_drain_starts_at_the_signal() {
 #[tokio::test]
 async fn a_request_outlasting_lame_duck_and_drain_deadline_is_cut() {
     let period = Duration::from_millis(500);
-    let mut server = start_lame_duck(layer(), period, Some(Duration::from_millis(500))).await;
+    let mut server = TestServer::builder(layer())
+        .lame_duck(period)
+        .drain_timeout(Duration::from_millis(500))
+        .start();
     let mut busy = RawClient::connect(server.addr).await;
     busy.send(get_request("/slow?ms=10000")).await;
     assert_eq!(server.handler_started().await, "slow");
@@ -181,35 +181,20 @@ mod axum_path {
     use super::*;
     use axum::routing::get;
     use axum::Router;
-    use std::future::IntoFuture;
-    use tokio::sync::oneshot;
-    use tower_keepalive::axum::{into_make_service, KeepAliveListener};
+    use support::axum_serve::serve_axum_lame_duck;
 
     #[tokio::test]
     async fn axum_lame_duck_serves_with_close_then_stops_accepting() {
         let period = Duration::from_secs(3);
         let layer = layer();
         let stats = layer.stats();
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = tcp.local_addr().unwrap();
-        let listener = KeepAliveListener::new(tcp, layer);
-        let (tx, rx) = oneshot::channel::<()>();
-        let shutdown = listener.lame_duck(
-            async move {
-                let _ = rx.await;
-            },
-            period,
-        );
         let app = Router::new().route("/", get(|| async { "hello" }));
-        let task = tokio::spawn(
-            axum::serve(listener, into_make_service(app))
-                .with_graceful_shutdown(shutdown)
-                .into_future(),
-        );
+        let mut server = serve_axum_lame_duck(layer, app, period).await;
+        let addr = server.addr;
 
         let mut idle = RawClient::connect(addr).await;
         assert_eq!(idle.get("/").await.header("connection"), Some("keep-alive"));
-        let _ = tx.send(());
+        server.shutdown();
         let signalled = Instant::now();
         let eof = idle.eof().await;
         assert!(
@@ -221,15 +206,12 @@ mod axum_path {
         assert_eq!((res.status, res.body_str()), (200, "hello"));
         assert_eq!(res.values("connection"), ["close"], "{res:#?}");
         fresh.expect_eof().await;
-        within("axum::serve to return", period + WAIT, task)
-            .await
-            .expect("serve task panicked")
-            .expect("serve failed");
+        server.finished(period + WAIT).await;
         assert!(
             signalled.elapsed() >= period,
             "returned before the lame-duck period was over"
         );
-        let refused = within("connect", WAIT, TcpStream::connect(addr)).await;
+        let refused = within("connect", TcpStream::connect(addr)).await;
         assert!(refused.is_err(), "accepted after the lame-duck period");
         assert_eq!(stats.snapshot().closed(CloseReason::LameDuck), 2);
     }

@@ -6,17 +6,18 @@
 //! would add to the same counters.
 #![cfg(feature = "metrics")]
 
-mod lifecycle_support;
+mod support;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::IntoFuture;
 use std::time::Duration;
 
-use lifecycle_support::*;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use support::http1::*;
+use support::http2::*;
+use support::server::*;
+use support::*;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 const IDLE: Duration = Duration::from_secs(1);
@@ -110,7 +111,7 @@ async fn connections_are_recorded_at_their_events() {
     for _ in 0..2 {
         assert_eq!(d.get("/").await.0, 200);
     }
-    let e = within("connect", WAIT, TcpStream::connect(server.addr))
+    let e = within("connect", TcpStream::connect(server.addr))
         .await
         .unwrap();
     let mut idle = Vec::new();
@@ -230,29 +231,21 @@ async fn connections_are_recorded_at_their_events() {
     assert_eq!(s.get("tower_keepalive_queued_connections_total", ""), 0.0);
 
     // The budget at its hard limit: one connection allowed; F idles, G arrives, waits, and F is shed.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (close_tx, mut closes) = mpsc::unbounded_channel();
     let app = tower::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
         Ok::<_, Infallible>(http::Response::new(String::from("hello")))
     });
     let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(60));
     let stats = layer.stats();
-    let budget_server = tokio::spawn(
-        tower_keepalive::serve(listener, app)
-            .keep_alive(layer)
-            .connection_limits(0, 1)
-            .on_close(move |_, reason| {
-                let _ = close_tx.send(reason);
-            })
-            .into_future(),
-    );
+    let mut budget_server = TestServer::builder(layer)
+        .connection_limits(0, 1)
+        .serve(app);
+    let addr = budget_server.addr;
     let mut f = RawClient::connect(addr).await;
     assert_eq!(f.get("/").await.status, 200);
     let mut g = RawClient::connect(addr).await;
     assert_eq!(g.get("/").await.status, 200);
-    let reason = within("the shed connection to close", WAIT, closes.recv()).await;
-    assert_eq!(reason, Some(CloseReason::Pressure));
+    let reason = budget_server.next_close().await.reason;
+    assert_eq!(reason, CloseReason::Pressure);
     f.expect_eof().await;
 
     tower_keepalive::metrics::record_snapshot(&stats.snapshot());
@@ -286,5 +279,5 @@ async fn connections_are_recorded_at_their_events() {
         1.0,
         "{text}"
     );
-    budget_server.abort();
+    drop(budget_server);
 }

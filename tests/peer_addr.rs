@@ -3,10 +3,11 @@
 
 #![cfg(feature = "axum")]
 
+mod support;
+
 use std::convert::Infallible;
 use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use axum::extract::ConnectInfo;
 use axum::routing::get;
@@ -15,10 +16,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::WAIT;
 use tokio::net::{TcpListener, TcpStream};
 use tower_keepalive::serve::PeerAddr;
-
-const WAIT: Duration = Duration::from_secs(5);
 
 fn app() -> Router {
     Router::new().route(

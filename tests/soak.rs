@@ -13,8 +13,7 @@
 //! Each connection takes two file descriptors here (client and server side); the number of connections is
 //! scaled down to fit the process's open-file limit, with a note on stderr.
 
-mod common;
-mod hardening_support;
+mod support;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -24,12 +23,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{http_get, within, RawClient};
-use hardening_support::{full, start, BoxError, TestServer};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::apps::{full, BoxError};
+use support::http1::{http_get, RawClient};
+use support::server::{serve, TestServer};
+use support::within;
 use tokio::sync::Barrier;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
@@ -139,7 +140,7 @@ fn app(
     calls: Arc<AtomicU64>,
 ) -> impl tower::Service<
     Request<Incoming>,
-    Response = Response<hardening_support::Body>,
+    Response = Response<support::apps::FallibleBody>,
     Error = Infallible,
     Future = impl Send,
 > + Clone
@@ -303,7 +304,7 @@ async fn round(server: &mut TestServer, calls: &AtomicU64, n: usize) -> HashMap<
 
     let mut failures = Vec::new();
     for (kind, client) in clients {
-        match tokio::time::timeout(common::WAIT * 2, client).await {
+        match tokio::time::timeout(support::WAIT * 2, client).await {
             Ok(Ok(())) => {}
             Ok(Err(err)) => failures.push(format!("{kind:?}: {err}")),
             Err(_) => failures.push(format!("{kind:?}: still running")),
@@ -412,7 +413,7 @@ async fn soak() {
     let layer = KeepAliveLayer::new()
         .idle_timeout(IDLE)
         .max_requests(MAX_REQUESTS);
-    let mut server = start(layer, app(calls.clone())).await;
+    let mut server = serve(layer, app(calls.clone())).await;
 
     // Warm-up: the allocator's pools, the runtime's worker state and hyper's buffers reach their working
     // size; memory is measured against this level. A long run warms up for its first quarter: glibc's

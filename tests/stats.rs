@@ -1,9 +1,10 @@
 //! The counters, seen from a real server: a connection counts as closed when it ends, whoever keeps a
 //! clone of its handle.
 
-mod lifecycle_support;
+mod support;
 
-use lifecycle_support::*;
+use support::http1::*;
+use support::server::*;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 /// `on_close` hands out the handle, which the test keeps (in the `Closed` it receives): the connection

@@ -4,8 +4,7 @@
 
 #![cfg(feature = "tls")]
 
-#[path = "raw/mod.rs"]
-mod raw;
+mod support;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;
@@ -16,8 +15,9 @@ use axum::routing::get;
 use axum::Router;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use raw::{get_request, within, RawClient};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use support::http1::{get_request, RawClient};
+use support::{assert_between, within, within_for, SLACK};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -25,11 +25,6 @@ use tokio::task::JoinHandle;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 use tower_keepalive::{CloseReason, KeepAliveLayer, Stats};
-
-/// The bound on a wait with no tighter bound of its own: generous, the machine is shared.
-const WAIT: Duration = Duration::from_secs(10);
-/// How late "soon after" may be on a loaded 2-core machine.
-const SLACK: Duration = Duration::from_secs(3);
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -102,17 +97,17 @@ impl Server {
             .with_no_client_auth();
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         let connector = TlsConnector::from(Arc::new(config));
-        let tcp = within("connect", WAIT, TcpStream::connect(self.addr))
+        let tcp = within("connect", TcpStream::connect(self.addr))
             .await
             .unwrap();
         let name = ServerName::try_from("localhost").unwrap();
-        within("the TLS handshake", WAIT, connector.connect(name, tcp))
+        within("the TLS handshake", connector.connect(name, tcp))
             .await
             .unwrap()
     }
 
     async fn next_close(&mut self) -> CloseReason {
-        within("a connection to close", WAIT, self.closes.recv())
+        within("a connection to close", self.closes.recv())
             .await
             .expect("server gone")
     }
@@ -121,19 +116,12 @@ impl Server {
 /// Waits until the server has accepted `n` connections (nothing signals an accept: the counter is
 /// looked at every 10 ms).
 async fn opened(stats: &Stats, n: u64) {
-    within("the server to accept the connections", WAIT, async {
+    within("the server to accept the connections", async {
         while stats.snapshot().connections_opened() < n {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-}
-
-/// Asserts `lo <= elapsed < hi`.
-#[track_caller]
-fn assert_between(what: &str, elapsed: Duration, lo: Duration, hi: Duration) {
-    assert!(elapsed >= lo, "{what}: after {elapsed:?}, before {lo:?}");
-    assert!(elapsed < hi, "{what}: after {elapsed:?}, not within {hi:?}");
 }
 
 #[tokio::test]
@@ -183,7 +171,7 @@ async fn a_client_that_negotiated_http11_cannot_switch_to_h2() {
         .unwrap();
     stream.flush().await.unwrap();
     let mut buf = [0u8; 64];
-    let read = within("the server to close", WAIT, stream.read(&mut buf)).await;
+    let read = within("the server to close", stream.read(&mut buf)).await;
     assert!(
         matches!(read, Ok(0) | Err(_)),
         "the server answered: {read:?}"
@@ -205,7 +193,7 @@ async fn h2_over_tls_has_no_connection_fields() {
         .uri("https://localhost/")
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();
-    let res = within("the h2 response", WAIT, sender.send_request(req))
+    let res = within("the h2 response", sender.send_request(req))
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
@@ -213,13 +201,13 @@ async fn h2_over_tls_has_no_connection_fields() {
     for name in ["connection", "keep-alive"] {
         assert!(!res.headers().contains_key(name), "{name} in h2 response");
     }
-    let body = within("the h2 body", WAIT, res.into_body().collect())
+    let body = within("the h2 body", res.into_body().collect())
         .await
         .unwrap()
         .to_bytes();
     assert_eq!(&body[..], b"hello");
     drop(sender);
-    let _ = within("the h2 client to end", WAIT, conn).await;
+    let _ = within("the h2 client to end", conn).await;
     assert_eq!(server.next_close().await, CloseReason::ClientClosed);
 }
 
@@ -231,7 +219,7 @@ async fn stalled_handshakes_do_not_hold_up_a_fresh_client() {
     let server = start(KeepAliveLayer::new(), None).await;
     let mut stalled = Vec::new();
     for i in 0..55 {
-        let mut tcp = within("connect", WAIT, TcpStream::connect(server.addr))
+        let mut tcp = within("connect", TcpStream::connect(server.addr))
             .await
             .unwrap();
         if i % 10 == 0 {
@@ -269,7 +257,7 @@ async fn a_stalled_handshake_times_out_and_the_server_keeps_serving() {
     let mut plain = RawClient::connect(server.addr).await;
     plain.send(get_request("/")).await;
     let mut buf = [0u8; 256];
-    let _ = within("the server to close", WAIT, async {
+    let _ = within("the server to close", async {
         while !matches!(plain.stream_mut().read(&mut buf).await, Ok(0) | Err(_)) {}
     })
     .await;
@@ -322,12 +310,12 @@ async fn a_drain_drops_connections_still_in_their_handshake() {
     opened(&stats, 1).await;
     let started = Instant::now();
     let _ = shutdown.send(());
-    within("the serve future to return", SLACK, server)
+    within_for("the serve future to return", SLACK, server)
         .await
         .unwrap()
         .unwrap();
     assert!(started.elapsed() < SLACK);
     stalled.eof().await;
-    let reason = within("the close", WAIT, closes.recv()).await;
+    let reason = within("the close", closes.recv()).await;
     assert_eq!(reason, Some(CloseReason::Drain));
 }

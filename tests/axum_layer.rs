@@ -1,20 +1,18 @@
 //! An axum `Router` with the layer on it, served by a hyper-util accept loop that hands each connection's
 //! handle to the layer as a request extension.
 
-mod common;
+mod support;
 
 use axum::extract::ws::{Message as AxumMessage, WebSocketUpgrade};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 
-use common::{
-    assert_head, http_get, start_server_with_extensions, start_server_without_handles, within,
-    RawResponse, Server,
-};
 use futures_util::{SinkExt, StreamExt};
+use support::http1::{assert_head, http_get, RawResponse};
+use support::hyper_loop::{start_server_with_extensions, start_server_without_handles, Server};
+use support::logs::Logs;
+use support::within;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
@@ -200,21 +198,6 @@ async fn websocket_upgrade_at_the_request_limit_is_untouched() {
     within("the WebSocket close", ws.close(None)).await.unwrap();
 }
 
-/// Log lines written by `tracing`, kept for the test to read.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A router whose layer never gets a handle (the accept loop inserts none) still rewrites the fields, but
 /// cannot count, so it advertises no `max` and enforces no limit; it says so once through `tracing`.
 ///
@@ -222,13 +205,7 @@ impl Write for Logs {
 #[tokio::test]
 async fn without_a_handle_fields_are_rewritten_and_a_warning_logged_once() {
     let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    // The test runtime has one thread: the server's tasks log through this subscriber too.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = logs.subscribe(tracing::Level::INFO);
 
     let mut server =
         start_server_without_handles(router(KeepAliveLayer::new().max_requests(2))).await;
@@ -246,7 +223,7 @@ async fn without_a_handle_fields_are_rewritten_and_a_warning_logged_once() {
             ],
         );
     }
-    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let logs = logs.text();
     assert_eq!(
         logs.matches("without a ConnectionHandle").count(),
         1,

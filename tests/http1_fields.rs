@@ -1,10 +1,12 @@
 //! HTTP/1.x on the wire: what the layer makes hyper send, byte for byte, and when the connection closes.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
-use common::{app, assert_head, http_get, start_server, RawResponse};
+use support::apps::fields;
+use support::http1::{assert_head, http_get, RawResponse};
+use support::hyper_loop::start_server;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
 const OK_11: &str = "HTTP/1.1 200 OK";
@@ -16,7 +18,7 @@ fn advert(res: &RawResponse) -> Option<&str> {
 
 #[tokio::test]
 async fn http11_counts_down_then_closes_at_max_requests() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(3), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(3), fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
@@ -82,7 +84,7 @@ async fn advertised_timeout_is_whole_seconds_rounded_down() {
         (KeepAliveLayer::new().unlimited_requests(), "timeout=5"),
     ];
     for (layer, advert) in cases {
-        let mut server = start_server(layer, app()).await;
+        let mut server = start_server(layer, fields()).await;
         let (mut client, handle) = server.connect().await;
         let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
         assert_head(
@@ -103,7 +105,7 @@ async fn advertised_timeout_is_whole_seconds_rounded_down() {
 
 #[tokio::test]
 async fn unlimited_requests_never_count_down() {
-    let mut server = start_server(KeepAliveLayer::new().unlimited_requests(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().unlimited_requests(), fields()).await;
     let (mut client, handle) = server.connect().await;
     for _ in 0..20 {
         let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
@@ -116,7 +118,7 @@ async fn unlimited_requests_never_count_down() {
 #[tokio::test]
 async fn advertise_false_sends_connection_keep_alive_only() {
     let layer = KeepAliveLayer::new().advertise(false).max_requests(3);
-    let mut server = start_server(layer, app()).await;
+    let mut server = start_server(layer, fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
@@ -146,7 +148,7 @@ async fn advertise_false_sends_connection_keep_alive_only() {
 #[tokio::test]
 async fn zero_idle_timeout_turns_keep_alive_off() {
     let layer = KeepAliveLayer::new().idle_timeout(Duration::ZERO);
-    let mut server = start_server(layer, app()).await;
+    let mut server = start_server(layer, fields()).await;
     let (mut client, handle) = server.connect().await;
     let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
     assert_head(
@@ -161,7 +163,7 @@ async fn zero_idle_timeout_turns_keep_alive_off() {
 
 #[tokio::test]
 async fn pipelined_requests_past_the_limit_are_never_processed() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(2), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(2), fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let pipelined = [
@@ -201,7 +203,7 @@ async fn pipelined_requests_past_the_limit_are_never_processed() {
 
 #[tokio::test]
 async fn pipelined_requests_behind_a_client_close_are_never_processed() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let pipelined = [
@@ -227,7 +229,7 @@ async fn pipelined_requests_behind_a_client_close_are_never_processed() {
 
 #[tokio::test]
 async fn client_close_wins_in_every_spelling() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let spellings: [&[&str]; 7] = [
         &["Connection: close"],
         &["Connection: keep-alive, close"],
@@ -261,7 +263,7 @@ async fn client_close_wins_in_every_spelling() {
 
 #[tokio::test]
 async fn http10_without_keep_alive_closes() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let (mut client, handle) = server.connect().await;
     let res = client.request(http_get("/", "HTTP/1.0", &[])).await;
     assert_head(
@@ -286,7 +288,7 @@ async fn http10_without_keep_alive_closes() {
 
 #[tokio::test]
 async fn http10_keep_alive_is_honoured_then_closed_at_the_limit() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(2), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(2), fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let res = client
@@ -320,7 +322,7 @@ async fn http10_keep_alive_is_honoured_then_closed_at_the_limit() {
 #[tokio::test]
 async fn http10_keep_alive_can_be_refused() {
     let layer = KeepAliveLayer::new().http10_keep_alive(false);
-    let mut server = start_server(layer, app()).await;
+    let mut server = start_server(layer, fields()).await;
     let (mut client, handle) = server.connect().await;
     let res = client
         .request(http_get("/", "HTTP/1.0", &["Connection: keep-alive"]))
@@ -336,7 +338,7 @@ async fn http10_keep_alive_can_be_refused() {
 
 #[tokio::test]
 async fn http10_body_of_unknown_length_ends_at_eof() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let (mut client, handle) = server.connect().await;
     let res = client
         .request(http_get("/stream", "HTTP/1.0", &["Connection: keep-alive"]))
@@ -373,7 +375,7 @@ async fn http10_body_of_unknown_length_ends_at_eof() {
 
 #[tokio::test]
 async fn inner_service_close_is_sent_once_and_closes() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
 
     let (mut client, handle) = server.connect().await;
     let res = client.request(http_get("/close", "HTTP/1.1", &[])).await;
@@ -402,7 +404,7 @@ async fn inner_service_close_is_sent_once_and_closes() {
 
 #[tokio::test]
 async fn a_close_decided_elsewhere_is_final() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let (mut client, handle) = server.connect().await;
     let res = client.request(http_get("/", "HTTP/1.1", &[])).await;
     assert_eq!(res.header("connection"), Some("keep-alive"));
@@ -423,7 +425,7 @@ async fn a_close_decided_elsewhere_is_final() {
 
 #[tokio::test]
 async fn connections_count_down_separately() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(3), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(3), fields()).await;
     let (mut a, handle_a) = server.connect().await;
     let (mut b, handle_b) = server.connect().await;
 
@@ -459,7 +461,7 @@ async fn connections_count_down_separately() {
 
 #[tokio::test]
 async fn inner_keep_alive_fields_are_replaced_by_ours() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(3), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(3), fields()).await;
     let (mut client, handle) = server.connect().await;
 
     let res = client.request(http_get("/ka99", "HTTP/1.1", &[])).await;

@@ -1,19 +1,21 @@
 //! HTTP/2 (h2c, prior knowledge, on the same port as HTTP/1) and HTTP/3 requests: no connection-specific
 //! field leaves, and every stream is counted on its connection's handle.
 
-mod common;
+mod support;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use common::{app, route, start_server, start_server_without_handles, within, App, Server};
 use futures_util::StreamExt;
 use http::{HeaderMap, Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::apps::{fields, route, App};
+use support::hyper_loop::{start_server, start_server_without_handles, Server};
+use support::within;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tower::util::BoxCloneService;
@@ -84,7 +86,7 @@ fn assert_stripped(headers: &HeaderMap) {
 
 #[tokio::test]
 async fn connection_specific_fields_never_reach_an_h2_client() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let (mut sender, handle) = connect_h2(&mut server).await;
     let (status, headers, body) = h2_get(&mut sender, server.addr, "/hop").await;
     assert_eq!(status, StatusCode::OK);
@@ -100,7 +102,7 @@ async fn connection_specific_fields_never_reach_an_h2_client() {
 /// If a hyper release starts removing it too, this control has served its purpose and can go.
 #[tokio::test]
 async fn without_the_layer_a_field_named_on_a_second_connection_line_leaks() {
-    let mut server = start_server_without_handles(app()).await;
+    let mut server = start_server_without_handles(fields()).await;
     let (mut sender, _handle) = connect_h2(&mut server).await;
     let (_, headers, _) = h2_get(&mut sender, server.addr, "/hop").await;
     assert_eq!(
@@ -151,7 +153,7 @@ async fn the_layer_strips_h2_and_h3_responses_itself() {
 
 #[tokio::test]
 async fn streams_are_counted_per_connection() {
-    let mut server = start_server(KeepAliveLayer::new(), app()).await;
+    let mut server = start_server(KeepAliveLayer::new(), fields()).await;
     let addr = server.addr;
     let (mut first, first_handle) = connect_h2(&mut server).await;
     let (mut second, second_handle) = connect_h2(&mut server).await;
@@ -188,7 +190,7 @@ async fn streams_are_counted_per_connection() {
 
 #[tokio::test]
 async fn h2_connection_is_told_to_close_at_max_requests() {
-    let mut server = start_server(KeepAliveLayer::new().max_requests(3), app()).await;
+    let mut server = start_server(KeepAliveLayer::new().max_requests(3), fields()).await;
     let addr = server.addr;
     let (mut sender, handle) = connect_h2(&mut server).await;
     for n in 1..=3u64 {

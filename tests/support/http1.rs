@@ -1,11 +1,6 @@
-//! A raw HTTP/1 client for the integration tests: writes exact bytes, parses the responses itself, and
-//! notes when the last byte and the end of the stream arrived. Included by `tests/common` and
-//! `tests/lifecycle_support`.
+//! HTTP/1 on the wire: a raw client that writes exact bytes, parses the responses itself, and notes when
+//! the last byte and the end of the stream arrived; request builders and assertions on what it reads.
 
-// Each test file uses its own part of this module.
-#![allow(dead_code)]
-
-use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -15,16 +10,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-/// The bound on every read and write: generous, the test machine is shared.
-const WAIT: Duration = Duration::from_secs(10);
-
-/// Awaits `fut` for at most `limit`, panicking with `what` if it takes longer.
-pub async fn within<F: Future>(what: &str, limit: Duration, fut: F) -> F::Output {
-    match tokio::time::timeout(limit, fut).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {limit:?} waiting for {what}"),
-    }
-}
+use super::{within, within_for};
 
 /// A GET for `path` over HTTP/1.1, with nothing but `Host`.
 pub fn get_request(path: &str) -> String {
@@ -55,9 +41,7 @@ pub async fn pipeline(
     request: &[u8],
     count: usize,
 ) -> (PipeliningClient, JoinHandle<OwnedWriteHalf>) {
-    let stream = within("connect", WAIT, TcpStream::connect(addr))
-        .await
-        .unwrap();
+    let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
     let (read, mut write) = stream.into_split();
     // A hundred requests per write: fewer system calls, and the server still sees them arrive while it
     // answers.
@@ -82,7 +66,7 @@ pub async fn pipeline(
         write
     });
     // Dropped unsent if the writer stopped early: that is a start too.
-    let _ = within("the first requests to go out", WAIT, started).await;
+    let _ = within("the first requests to go out", started).await;
     (
         RawClient::new(tokio::io::join(read, tokio::io::sink())),
         writer,
@@ -124,7 +108,7 @@ pub async fn assert_pipelined_past_the_limit(
 pub async fn send_junk_until_cut(stream: &mut OwnedWriteHalf, limit: Duration) -> usize {
     let junk = vec![b'x'; 64 * 1024];
     let mut sent = 0;
-    within(
+    within_for(
         "the server to cut a client that never stops sending",
         limit,
         async {
@@ -272,11 +256,7 @@ pub struct RawClient<S = TcpStream> {
 
 impl RawClient<TcpStream> {
     pub async fn connect(addr: SocketAddr) -> Self {
-        RawClient::new(
-            within("connect", WAIT, TcpStream::connect(addr))
-                .await
-                .unwrap(),
-        )
+        RawClient::new(within("connect", TcpStream::connect(addr)).await.unwrap())
     }
 }
 
@@ -302,14 +282,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     }
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
-        within("write", WAIT, self.stream.write_all(bytes.as_ref()))
+        within("write", self.stream.write_all(bytes.as_ref()))
             .await
             .unwrap();
     }
 
     /// Sends `bytes`; `false` if the server had reset or closed the connection.
     async fn try_send(&mut self, bytes: impl AsRef<[u8]>) -> bool {
-        match within("write", WAIT, self.stream.write_all(bytes.as_ref())).await {
+        match within("write", self.stream.write_all(bytes.as_ref())).await {
             Ok(()) => true,
             Err(err) if is_reset(&err) => {
                 self.reset = true;
@@ -393,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Reads more bytes into the buffer; returns how many (0: the server closed its side, or reset it).
     async fn fill(&mut self) -> usize {
         let mut chunk = [0u8; 16 * 1024];
-        let n = match within("bytes from the server", WAIT, self.stream.read(&mut chunk)).await {
+        let n = match within("bytes from the server", self.stream.read(&mut chunk)).await {
             Ok(n) => n,
             Err(err) if is_reset(&err) => {
                 self.reset = true;
@@ -537,4 +517,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub fn saw_eof(&self) -> bool {
         self.eof_at.is_some()
     }
+}
+
+/// A GET request's bytes: `GET {path} {version}`, a Host line, then `lines`, each one field line.
+pub fn http_get(path: &str, version: &str, lines: &[&str]) -> String {
+    let mut req = format!("GET {path} {version}\r\nHost: 127.0.0.1\r\n");
+    for line in lines {
+        req.push_str(line);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Asserts a response's status line and its field lines (other than `date`, sent once) exactly and in order.
+#[track_caller]
+pub fn assert_head(res: &RawResponse, status_line: &str, headers: &[(&str, &str)]) {
+    assert_eq!(res.status_line, status_line, "{res:#?}");
+    assert_eq!(res.headers_without_date(), headers, "{res:#?}");
+    assert_eq!(res.values("date").len(), 1, "{res:#?}");
+}
+
+/// A client that has sent one request to a server answering one request per connection: it has read the
+/// response (`Connection: close`) and the end of the stream, and can still write (the server is in its
+/// lingering close, RFC 9112 section 9.6).
+pub async fn answered_and_closed(addr: SocketAddr) -> (PipeliningClient, OwnedWriteHalf) {
+    let stream = within("connect", TcpStream::connect(addr)).await.unwrap();
+    let (read, mut write) = stream.into_split();
+    write.write_all(get_request("/").as_bytes()).await.unwrap();
+    let mut client = RawClient::new(tokio::io::join(read, tokio::io::sink()));
+    let res = client.read_response().await;
+    assert_eq!(res.values("connection"), ["close"], "{res:#?}");
+    client.expect_eof().await;
+    (client, write)
+}
+
+/// Sends a GET for `path` and half-closes: the response (`body`) comes, then the end of the stream.
+pub async fn half_close_after(addr: SocketAddr, path: &str, body: &str) {
+    let mut client = RawClient::connect(addr).await;
+    client.send(get_request(path)).await;
+    client.stream_mut().shutdown().await.unwrap();
+    let res = client.read_response().await;
+    assert_eq!(
+        (res.status, res.body_str()),
+        (200, body),
+        "{path}: {res:#?}"
+    );
+    if path != "/" {
+        // Still busy when the end of the request stream came: the response says so.
+        assert_eq!(res.values("connection"), ["close"], "{path}: {res:#?}");
+    }
+    client.expect_eof().await;
 }

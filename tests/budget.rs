@@ -1,6 +1,6 @@
 //! The connection budget: idle keep-alive connections yield to new clients, requests in flight never do.
 
-mod common;
+mod support;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
-use common::{http_get, within, RawClient};
+use support::http1::{http_get, RawClient};
+use support::within;
 use tokio::net::TcpListener;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
