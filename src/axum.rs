@@ -292,11 +292,10 @@ impl<I> KeepAliveIo<I> {
         }
         let handle = this.inner.handle();
         if handle.close_reason() == Some(CloseReason::Upgraded) {
-            // The upgraded protocol owns the IO now, and the timers let it go; HTTP is over on it, as
-            // the serve path counts it.
+            // The upgraded protocol owns the IO now, and the timers let it go; it counts as open until
+            // the IO is dropped, as on the serve path.
             if handle.wants_timer() {
                 handle.mark_undriven();
-                handle.report_closed(CloseReason::Upgraded);
             }
             return false;
         }

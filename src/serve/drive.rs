@@ -513,7 +513,11 @@ where
             if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
                 let reason = finished(handle, result);
                 handle.mark_undriven();
-                handle.report_closed(reason);
+                // An upgraded connection is still open: it is counted closed when the last clone of its
+                // handle goes, with the upgraded IO that keeps one.
+                if reason != CloseReason::Upgraded {
+                    handle.report_closed(reason);
+                }
                 return Poll::Ready(reason);
             }
             // Registered before the flags are read: a flag set after this read wakes the task.

@@ -46,7 +46,9 @@
 //! - **TLS** (feature `tls`, [`Serve::tls`]): the same lifecycle over rustls, the protocol chosen by
 //!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
-//!   above applies to it.
+//!   above applies to it, but it keeps its room in the budget until the WebSocket ends, and at most
+//!   [`Serve::max_upgraded`] connections (half the budget by default) may be upgraded at once: an
+//!   upgrade request beyond that is answered `503`, so WebSockets cannot starve HTTP clients.
 //!
 //! The connection's IO does the last three, in [`WatchedIo`]; the `axum::serve` path
 //! (`tower_keepalive::axum`) wraps its connections in it too, so both paths behave the same on the wire.
@@ -86,6 +88,7 @@ mod peer;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
+mod upgrade;
 mod watched;
 
 use std::fmt;
@@ -113,9 +116,10 @@ pub use listener::Listener;
 pub use peer::PeerAddr;
 pub use watched::WatchedIo;
 
-use budget::{Admission, Budget, Limits};
+use budget::{Admission, Budget, Held, Limits};
 use listener::Accepting;
 pub(crate) use peer::WithPeer;
+use upgrade::{Gate, UpgradeOf};
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -146,6 +150,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
+        max_upgraded: None,
         builder: default_builder(),
         accepting: Accepting::default(),
         #[cfg(feature = "tls")]
@@ -201,6 +206,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     drain_timeout: Option<Duration>,
     on_close: Option<OnClose>,
     limits: Option<Limits>,
+    max_upgraded: Option<usize>,
     builder: auto::Builder<TokioExecutor>,
     accepting: Accepting,
     #[cfg(feature = "tls")]
@@ -293,6 +299,7 @@ impl<L, S, F> Serve<L, S, F> {
             drain_timeout: self.drain_timeout,
             on_close: self.on_close,
             limits: self.limits,
+            max_upgraded: self.max_upgraded,
             builder: self.builder,
             accepting: self.accepting,
             #[cfg(feature = "tls")]
@@ -363,6 +370,39 @@ impl<L, S, F> Serve<L, S, F> {
     /// ```
     pub fn unlimited_connections(mut self) -> Self {
         self.limits = None;
+        self
+    }
+
+    /// How many connections of the budget may be upgraded at once (`101 Switching Protocols`, a
+    /// WebSocket), so that the rest is kept for HTTP (default: half the hard limit of
+    /// [`connection_limits`](Self::connection_limits); no effect without a budget).
+    ///
+    /// An upgraded connection keeps its room in the budget until the upgraded protocol drops its IO
+    /// (the WebSocket ends), and counts as open in the stats until then: the server never accepts
+    /// past its budget, whatever the WebSockets do. A connection takes an upgrade slot when it sends a
+    /// request asking to upgrade (HTTP/1.1 `Upgrade`, RFC 9110 section 7.8; other than `h2c`, which is
+    /// never switched to), before the service sees it, and keeps it until it closes, upgraded or not.
+    /// When every slot is taken, such a request is answered `503 Service Unavailable` with
+    /// `Retry-After: 1` at once, without reaching the service: the client learns that no upgrade is
+    /// to be had now, rather than waiting, and plain HTTP clients are still served. A WebSocket over
+    /// HTTP/2 (extended CONNECT, RFC 8441, when turned on with `http_builder`) is a stream of an HTTP/2
+    /// connection that keeps its own room, and takes no upgrade slot.
+    ///
+    /// The `axum::serve` path has no budget: there, bound the descriptors with the process's limit.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .max_connections(10_000)
+    ///     .max_upgraded(8_000)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_upgraded(mut self, max: usize) -> Self {
+        self.max_upgraded = Some(max);
         self
     }
 
@@ -621,6 +661,7 @@ where
             drain_timeout,
             on_close,
             limits,
+            max_upgraded,
             builder,
             accepting,
             #[cfg(feature = "tls")]
@@ -639,6 +680,7 @@ where
         let budget = limits.map(|limits| {
             Arc::new(Budget::new(
                 limits,
+                max_upgraded.unwrap_or(limits.hard / 2),
                 layer.config.stats.clone(),
                 drain.pressure_sender(),
             ))
@@ -685,9 +727,15 @@ where
             }
             let handle = layer.connection();
             let svc = KeepAlive::bound(
-                WithPeer::new(service.clone(), accepting.peer(&addr)),
+                Gate::new(
+                    WithPeer::new(service.clone(), accepting.peer(&addr)),
+                    budget.clone(),
+                ),
                 handle.clone(),
             );
+            // The connection's room in the budget goes with its IO: an upgraded connection keeps it
+            // until the upgraded protocol drops the IO.
+            let io = Held::new(io, permit.map(|permit| permit.bind(&handle)));
             let watcher = drain.watcher();
             let span = tracing::debug_span!(
                 "connection",
@@ -704,7 +752,7 @@ where
                     acceptor: acceptor.clone(),
                     handle,
                     watcher,
-                    permit,
+                    permit: None,
                     shared: shared.clone(),
                 };
                 spawn_connection(accepted.serve(io, svc), span);
@@ -717,7 +765,7 @@ where
                     TokioIo::new(WatchedIo::new(io, handle.clone())),
                     TowerToHyperService::new(ConnectionService { inner: svc }),
                 ));
-                handle_connection(conn, &handle, watcher, permit, &shared).await;
+                handle_connection(conn, &handle, watcher, None, &shared).await;
             };
             spawn_connection(task, span);
         }
@@ -757,9 +805,13 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(handle) = self.inner.bound_handle() {
             handle.note_request_body(!http_body::Body::is_end_stream(req.body()));
+            // The budget's upgrade share charges the connection, which only this service knows.
+            if upgrade::asks_to_upgrade(&req) {
+                req.extensions_mut().insert(UpgradeOf(handle.clone()));
+            }
         }
         self.inner.call(req)
     }
