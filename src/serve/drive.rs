@@ -588,7 +588,18 @@ struct Heap {
     state: DrainState,
     /// Connection pressure rose: every deadline must be computed again.
     recompute: bool,
+    /// Until when (a `clock` reading; 0: not at all) a drain that follows a lame-duck period leaves
+    /// a connection that has not sent its first request to send it (see [`FIRST_REQUEST_GRACE`]).
+    first_request_until: u64,
 }
+
+/// How long a drain that follows a lame-duck period leaves a connection accepted but silent, that has
+/// not sent its first request yet, to send it. Behind a balancer such a connection was opened to send
+/// a request at once, and the request may be on its way, or in the socket and not read yet: closing
+/// the connection now would lose it (a balancer does not retry a non-idempotent request it has sent).
+/// It is served, and its response says `Connection: close`; a connection still silent after this is
+/// closed. A second covers a round trip on any network a balancer sits on, with room for a loaded host.
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Entry {
@@ -626,6 +637,18 @@ impl Entry {
     }
 }
 
+/// Whether the drain spares `handle` for [`FIRST_REQUEST_GRACE`]: it follows a lame-duck period, the
+/// grace has not run out, and the connection has not served a request nor been told to close. Its
+/// close is decided then (its first response says `close`), and carried out when its grace ends.
+fn spare_first_request(heap: &Heap, handle: &ConnectionHandle) -> bool {
+    if heap.first_request_until <= clock::now_ns() || handle.requests() != 0 || handle.is_closing()
+    {
+        return false;
+    }
+    handle.mark_closing(CloseReason::Drain);
+    true
+}
+
 /// Heap entries beyond this many, and beyond twice the live connections, are compacted.
 const COMPACT_ABOVE: usize = 1024;
 
@@ -637,6 +660,7 @@ impl Timers {
                 wakes_at: u64::MAX,
                 state: DrainState::Serving,
                 recompute: false,
+                first_request_until: 0,
             }),
             wake: Arc::new(Notify::new()),
             running: AtomicBool::new(false),
@@ -658,6 +682,11 @@ impl Timers {
         let mut heap = self.lock();
         match heap.state {
             DrainState::Serving | DrainState::LameDuck => {}
+            DrainState::Draining if spare_first_request(&heap, handle) => {
+                let at = heap.first_request_until;
+                self.push(&mut heap, handle, at);
+                return;
+            }
             DrainState::Draining => {
                 handle.close(CloseReason::Drain);
             }
@@ -689,7 +718,14 @@ impl Timers {
 
     fn set_state(&self, state: DrainState) {
         let mut heap = self.lock();
+        if matches!(
+            (heap.state, state),
+            (DrainState::LameDuck, DrainState::Draining)
+        ) {
+            heap.first_request_until = clock::ns_of(Instant::now() + FIRST_REQUEST_GRACE);
+        }
         heap.state = state;
+        let mut spared = Vec::new();
         for entry in heap.entries.iter() {
             let Some(shared) = entry.conn.upgrade() else {
                 continue;
@@ -703,6 +739,9 @@ impl Timers {
                 DrainState::LameDuck => {
                     handle.close(CloseReason::LameDuck);
                 }
+                DrainState::Draining if spare_first_request(&heap, &handle) => {
+                    spared.push(handle);
+                }
                 DrainState::Draining => {
                     handle.close(CloseReason::Drain);
                 }
@@ -711,6 +750,11 @@ impl Timers {
                     handle.drop_now();
                 }
             }
+        }
+        // Looked at again when their grace ends: closed then if still idle (`check`).
+        let at = heap.first_request_until;
+        for handle in spared {
+            self.push(&mut heap, &handle, at);
         }
     }
 
@@ -742,7 +786,9 @@ impl Timers {
                 let Some(handle) = entry.current() else {
                     return false;
                 };
-                if !handle.in_grace() {
+                // A closing connection is looked at often enough; one spared by the drain must not be
+                // looked at before its grace ends.
+                if !handle.in_grace() && !handle.is_closing() {
                     let at = clock::ns_of(handle.next_check());
                     if at < entry.at {
                         entry.at = at;

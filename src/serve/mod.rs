@@ -693,6 +693,63 @@ where
         ));
         let mut backoff = listener::Backoff::default();
 
+        // Serves one accepted connection in a task of its own. Owns the service (which need not be
+        // `Sync`), borrows the rest.
+        let start = {
+            let (layer, accepting, budget, drain, shared) =
+                (&layer, &accepting, &budget, &drain, &shared);
+            move |io: L::Io, addr: L::Addr, permit: Option<Admission>| {
+                if let Some(budget) = &budget {
+                    budget.update();
+                }
+                let handle = layer.connection();
+                let svc = KeepAlive::bound(
+                    Gate::new(
+                        WithPeer::new(service.clone(), accepting.peer(&addr)),
+                        budget.clone(),
+                    ),
+                    handle.clone(),
+                );
+                // The connection's room in the budget goes with its IO: an upgraded connection keeps it
+                // until the upgraded protocol drops the IO.
+                let io = Held::new(io, permit.map(|permit| permit.bind(&handle)));
+                let watcher = drain.watcher();
+                let span = tracing::debug_span!(
+                    "connection",
+                    network.peer.address = tracing::field::Empty,
+                    network.peer.port = tracing::field::Empty,
+                    network.protocol.name = "http",
+                );
+                if !span.is_disabled() {
+                    record_peer(&span, &addr);
+                }
+                #[cfg(feature = "tls")]
+                if let Some(acceptor) = &shared.tls {
+                    let accepted = tls::Accepted {
+                        acceptor: acceptor.clone(),
+                        handle,
+                        watcher,
+                        permit: None,
+                        shared: shared.clone(),
+                    };
+                    spawn_connection(accepted.serve(io, svc), span);
+                    return;
+                }
+                let shared = shared.clone();
+                let task = async move {
+                    // Pinned here, once: the connection is the largest part of the task.
+                    let conn = pin!(shared.builder.serve_connection_with_upgrades(
+                        TokioIo::new(WatchedIo::new(io, handle.clone())),
+                        TowerToHyperService::new(ConnectionService { inner: svc }),
+                    ));
+                    handle_connection(conn, &handle, watcher, None, &shared).await;
+                };
+                spawn_connection(task, span);
+            }
+        };
+
+        // A client accepted, still waiting for room in the budget when the signal came.
+        let mut waiting = None;
         loop {
             let (io, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -718,58 +775,55 @@ where
             let permit = match &budget {
                 Some(budget) => tokio::select! {
                     permit = budget.admit_shedding(&drain) => permit,
-                    () = &mut signal => break,
+                    () = &mut signal => {
+                        waiting = Some((io, addr));
+                        break;
+                    }
                 },
                 None => None,
             };
-            if let Some(budget) = &budget {
-                budget.update();
-            }
-            let handle = layer.connection();
-            let svc = KeepAlive::bound(
-                Gate::new(
-                    WithPeer::new(service.clone(), accepting.peer(&addr)),
-                    budget.clone(),
-                ),
-                handle.clone(),
-            );
-            // The connection's room in the budget goes with its IO: an upgraded connection keeps it
-            // until the upgraded protocol drops the IO.
-            let io = Held::new(io, permit.map(|permit| permit.bind(&handle)));
-            let watcher = drain.watcher();
-            let span = tracing::debug_span!(
-                "connection",
-                network.peer.address = tracing::field::Empty,
-                network.peer.port = tracing::field::Empty,
-                network.protocol.name = "http",
-            );
-            if !span.is_disabled() {
-                record_peer(&span, &addr);
-            }
-            #[cfg(feature = "tls")]
-            if let Some(acceptor) = &shared.tls {
-                let accepted = tls::Accepted {
-                    acceptor: acceptor.clone(),
-                    handle,
-                    watcher,
-                    permit: None,
-                    shared: shared.clone(),
-                };
-                spawn_connection(accepted.serve(io, svc), span);
-                continue;
-            }
-            let shared = shared.clone();
-            let task = async move {
-                // Pinned here, once: the connection is the largest part of the task.
-                let conn = pin!(shared.builder.serve_connection_with_upgrades(
-                    TokioIo::new(WatchedIo::new(io, handle.clone())),
-                    TowerToHyperService::new(ConnectionService { inner: svc }),
-                ));
-                handle_connection(conn, &handle, watcher, None, &shared).await;
-            };
-            spawn_connection(task, span);
+            start(io, addr, permit);
         }
 
+        if lame_duck.is_some() {
+            // The clients the balancer sent here until the end of the lame-duck period are served:
+            // those already in the listener's accept queue would be reset when it closes, and with
+            // them the requests they have sent. Taken without waiting, as lame-duck connections (their
+            // first response says `close`); the drain leaves each its first request. At the hard
+            // limit they wait for room as any client does, for no longer than the drain may take.
+            let room_until = drain_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+            let mut backlog = 0usize;
+            let mut next = waiting.take();
+            loop {
+                let Some((io, addr)) =
+                    next.take()
+                        .or_else(|| match listener.accept().now_or_never() {
+                            Some(Ok(accepted)) => Some(accepted),
+                            // Empty, or failing (out of descriptors): what is left is refused.
+                            _ => None,
+                        })
+                else {
+                    break;
+                };
+                let permit = match (&budget, room_until) {
+                    (Some(budget), Some(until)) => {
+                        match tokio::time::timeout_at(until, budget.admit_shedding(&drain)).await {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        }
+                    }
+                    (Some(budget), None) => budget.admit_shedding(&drain).await,
+                    (None, _) => None,
+                };
+                start(io, addr, permit);
+                backlog += 1;
+            }
+            tracing::debug!(
+                connections = backlog,
+                "lame duck over; accepted the listener's queue"
+            );
+        }
+        drop(waiting);
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
         // Responses decided from now on say `close`, even before their connection hears of the drain.
