@@ -20,11 +20,14 @@
 //!   that from the signal on, responses say `Connection: close` instead of advertising keep-alive.
 //!
 //! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
-//! alone.
+//! alone; it counts as open in the stats until that IO is dropped.
 //!
 //! Compared with the crate's own [`serve`](crate::serve()), an idle HTTP/2 connection is closed without
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
-//! request. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//! request. There is no connection budget here (axum's accept loop takes what the listener gives), so
+//! no share of it kept from WebSockets (`Serve::max_upgraded`) either: bound descriptors with the
+//! process's limit. Nor is the listener's accept queue taken in at the end of a lame-duck period, as
+//! the serve path does: axum drops the listener. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
 //! # Example
 //!

@@ -459,7 +459,15 @@ impl<L, S, F> Serve<L, S, F> {
     ///   closed by its idle timeout or by the drain.
     ///
     /// Only then does the listener close and the drain begin, with its
-    /// [`drain_timeout`](Self::drain_timeout). Connections closed during the period have close reason
+    /// [`drain_timeout`](Self::drain_timeout). At that moment nothing the balancer sent is dropped:
+    ///
+    /// - the clients still in the listener's accept queue (and one waiting for room in the
+    ///   [budget](Self::connection_limits)) are accepted and served as in the period, rather than reset
+    ///   when the listener closes; at the budget's hard limit they wait for room for no longer than the
+    ///   drain timeout, before the drain begins;
+    /// - a connection that has not sent its first request yet is given 1 s to send it (it may be on its
+    ///   way, or in the socket and not read yet) and served with `Connection: close`, instead of being
+    ///   closed at once as the drain closes idle connections; one still silent then is closed. Connections closed during the period have close reason
     /// [`CloseReason::LameDuck`], those closed by the drain [`CloseReason::Drain`]; both are counted
     /// apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
     /// endpoint propagation, a few seconds), and the pod's `terminationGracePeriodSeconds` at least the
