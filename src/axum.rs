@@ -26,8 +26,9 @@
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. There is no connection budget here (axum's accept loop takes what the listener gives), so
 //! no share of it kept from WebSockets (`Serve::max_upgraded`) either: bound descriptors with the
-//! process's limit. Nor is the listener's accept queue taken in at the end of a lame-duck period, as
-//! the serve path does: axum drops the listener. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//! process's limit. Nor, at the end of a lame-duck period, is the listener's accept queue taken in
+//! (axum drops the listener, resetting the clients queued in it) or a connection that has not sent its
+//! first request yet given time to send it, as the serve path does. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
 //! # Example
 //!
