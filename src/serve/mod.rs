@@ -380,8 +380,8 @@ impl<L, S, F> Serve<L, S, F> {
     /// An upgraded connection keeps its room in the budget until the upgraded protocol drops its IO
     /// (the WebSocket ends), and counts as open in the stats until then: the server never accepts
     /// past its budget, whatever the WebSockets do. A connection takes an upgrade slot when it sends a
-    /// request asking to upgrade (HTTP/1.1 `Upgrade`, RFC 9110 section 7.8; other than `h2c`, which is
-    /// never switched to), before the service sees it, and keeps it until it closes, upgraded or not.
+    /// request asking to upgrade (HTTP/1.1 `Upgrade`, RFC 9110 section 7.8, other than `h2c`, which is
+    /// never switched to; or `CONNECT`, a tunnel), before the service sees it, and keeps it until it closes, upgraded or not.
     /// When every slot is taken, such a request is answered `503 Service Unavailable` with
     /// `Retry-After: 1` at once, without reaching the service: the client learns that no upgrade is
     /// to be had now, rather than waiting, and plain HTTP clients are still served. A WebSocket over

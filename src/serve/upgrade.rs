@@ -8,7 +8,7 @@ use std::task::{Context, Poll};
 
 use bytes::Buf;
 use http::header::UPGRADE;
-use http::{HeaderValue, Request, Response, StatusCode, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -16,16 +16,18 @@ use tower_service::Service;
 use super::budget::Budget;
 use crate::ConnectionHandle;
 
-/// Whether `req` asks to switch protocols on its connection (RFC 9110 section 7.8): an HTTP/1.1
-/// request with `Upgrade`, other than to `h2c`, which hyper never switches to (curl asks for it by
-/// default). One header lookup for an ordinary request. HTTP/2's extended CONNECT (RFC 8441) is not
-/// one: its WebSocket is a stream of a connection that stays HTTP/2 and keeps its own room.
+/// Whether `req` may hand its connection over to another protocol, as hyper lets an HTTP/1.1 request
+/// do: one with `Upgrade` (RFC 9110 section 7.8), other than to `h2c`, which hyper never switches to
+/// (curl asks for it by default), or a `CONNECT` (a tunnel, RFC 9110 section 9.3.6). A method compare
+/// and one header lookup for an ordinary request. HTTP/2's extended CONNECT (RFC 8441) is not one: its
+/// WebSocket is a stream of a connection that stays HTTP/2 and keeps its own room.
 pub(crate) fn asks_to_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req
-            .headers()
-            .get(UPGRADE)
-            .is_some_and(|to| !to.as_bytes().eq_ignore_ascii_case(b"h2c"))
+        && (req.method() == Method::CONNECT
+            || req
+                .headers()
+                .get(UPGRADE)
+                .is_some_and(|to| !to.as_bytes().eq_ignore_ascii_case(b"h2c")))
 }
 
 /// The connection of an upgrade request, put into its extensions by the serve path's connection
