@@ -159,3 +159,47 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(version: Version, method: Method, upgrade: Option<&'static str>) -> Request<()> {
+        let mut req = Request::new(());
+        *req.version_mut() = version;
+        *req.method_mut() = method;
+        if let Some(to) = upgrade {
+            req.headers_mut()
+                .insert(UPGRADE, HeaderValue::from_static(to));
+        }
+        req
+    }
+
+    #[test]
+    fn only_requests_that_can_take_over_the_connection_ask_to_upgrade() {
+        use Version::{HTTP_10, HTTP_11, HTTP_2};
+        assert!(asks_to_upgrade(&request(
+            HTTP_11,
+            Method::GET,
+            Some("websocket")
+        )));
+        assert!(asks_to_upgrade(&request(HTTP_11, Method::CONNECT, None)));
+        assert!(!asks_to_upgrade(&request(HTTP_11, Method::GET, None)));
+        assert!(!asks_to_upgrade(&request(
+            HTTP_11,
+            Method::GET,
+            Some("h2c")
+        )));
+        assert!(!asks_to_upgrade(&request(
+            HTTP_11,
+            Method::GET,
+            Some("H2C")
+        )));
+        assert!(!asks_to_upgrade(&request(
+            HTTP_10,
+            Method::GET,
+            Some("websocket")
+        )));
+        assert!(!asks_to_upgrade(&request(HTTP_2, Method::CONNECT, None)));
+    }
+}
