@@ -174,7 +174,7 @@ impl<L> KeepAliveListener<L> {
         let timers = self.timers.clone();
         async move {
             signal.await;
-            crate::serve::lame_duck_begin(&state, &timers);
+            crate::serve::lame_duck_begin(&state, &timers, false);
             tokio::time::sleep(period).await;
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.

@@ -93,6 +93,31 @@ async fn listener_closed(addr: SocketAddr) {
 }
 
 #[tokio::test]
+async fn a_request_sent_on_an_idle_connection_just_after_the_signal_is_served() {
+    let mut server = start(Duration::from_secs(3), None, Arc::new(Notify::new())).await;
+    let mut pooled = RawClient::connect(server.addr).await;
+    let res = pooled.get("/").await;
+    assert_eq!(res.header("connection"), Some("keep-alive"));
+    server.shutdown();
+    // A balancer reuses its idle connection just after the signal, its request already on its way.
+    // (The delay is the point: no signal.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pooled.send(raw::get_request("/")).await;
+    let res = within(
+        "the reused connection's response",
+        WAIT,
+        pooled.try_read_response(),
+    )
+    .await
+    .expect("the idle connection was closed under the request");
+    assert_eq!((res.status, res.body_str()), (200, "hello"));
+    assert_eq!(res.header("connection"), Some("close"));
+    pooled.expect_eof().await;
+    drop(pooled);
+    server.finished().await;
+}
+
+#[tokio::test]
 async fn a_first_request_sent_just_after_the_drain_began_is_served() {
     let mut server = start(Duration::from_millis(300), None, Arc::new(Notify::new())).await;
     server.shutdown();

@@ -591,6 +591,10 @@ struct Heap {
     /// Until when (a `clock` reading; 0: not at all) a drain that follows a lame-duck period leaves
     /// a connection that has not sent its first request to send it (see [`FIRST_REQUEST_GRACE`]).
     first_request_until: u64,
+    /// Whether the lame-duck period leaves idle HTTP/1 connections [`LAME_DUCK_IDLE_GRACE`] before it
+    /// closes them: only where the connection is driven (the serve path); the `axum::serve` path ends
+    /// a connection told to close on its next read, which would lose the request it reads.
+    idle_grace: bool,
 }
 
 /// How long a drain that follows a lame-duck period leaves a connection accepted but silent, that has
@@ -600,6 +604,14 @@ struct Heap {
 /// It is served, and its response says `Connection: close`; a connection still silent after this is
 /// closed. A second covers a round trip on any network a balancer sits on, with room for a loaded host.
 pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// How long after the lame-duck period begins an HTTP/1 connection idle then is closed, if it is still
+/// idle. Not at once: a balancer picks its most recently used connection for its next request, which
+/// may be on its way at that moment, and closing the connection under it loses it (a balancer does
+/// not retry a non-idempotent request it has sent). Within this second such a request arrives, and is
+/// answered with `Connection: close`; a balancer sending steadily uses up its idle connections so, each
+/// closing cleanly after its response. Those it has not needed for this long are closed.
+pub(crate) const LAME_DUCK_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Entry {
@@ -661,6 +673,7 @@ impl Timers {
                 state: DrainState::Serving,
                 recompute: false,
                 first_request_until: 0,
+                idle_grace: false,
             }),
             wake: Arc::new(Notify::new()),
             running: AtomicBool::new(false),
@@ -726,6 +739,7 @@ impl Timers {
         }
         heap.state = state;
         let mut spared = Vec::new();
+        let mut idle = Vec::new();
         for entry in heap.entries.iter() {
             let Some(shared) = entry.conn.upgrade() else {
                 continue;
@@ -736,6 +750,16 @@ impl Timers {
                 // One that has not served a request may be a balancer's with its first request on the
                 // way: closing it now could lose that request. It is served, then closed.
                 DrainState::LameDuck if handle.requests() == 0 => {}
+                // Its next response says `close`; closed if still idle once the grace is over.
+                DrainState::LameDuck
+                    if heap.idle_grace
+                        && !handle.is_http2()
+                        && !handle.is_closing()
+                        && handle.idle_since().is_some() =>
+                {
+                    handle.mark_closing(CloseReason::LameDuck);
+                    idle.push(handle);
+                }
                 DrainState::LameDuck => {
                     handle.close(CloseReason::LameDuck);
                 }
@@ -743,7 +767,10 @@ impl Timers {
                     spared.push(handle);
                 }
                 DrainState::Draining => {
-                    handle.close(CloseReason::Drain);
+                    // One the lame-duck period left to its next response is closed now too.
+                    if !handle.close(CloseReason::Drain) && handle.requests() != 0 {
+                        handle.request_driver();
+                    }
                 }
                 DrainState::Abort => {
                     handle.close(CloseReason::Drain);
@@ -756,11 +783,17 @@ impl Timers {
         for handle in spared {
             self.push(&mut heap, &handle, at);
         }
+        let at = clock::ns_of(Instant::now() + LAME_DUCK_IDLE_GRACE);
+        for handle in idle {
+            self.push(&mut heap, &handle, at);
+        }
     }
 
     /// The lame-duck period begins: no connection that has served a request is kept alive (see
-    /// `DrainState::LameDuck`).
-    pub(crate) fn begin_lame_duck(&self) {
+    /// `DrainState::LameDuck`). With `idle_grace` (the serve path), an idle HTTP/1 connection is left
+    /// [`LAME_DUCK_IDLE_GRACE`] for a request on its way, instead of being closed at once.
+    pub(crate) fn begin_lame_duck(&self, idle_grace: bool) {
+        self.lock().idle_grace = idle_grace;
         self.set_state(DrainState::LameDuck);
     }
 

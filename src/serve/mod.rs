@@ -450,7 +450,10 @@ impl<L, S, F> Serve<L, S, F> {
     /// the server keeps accepting and serving, but keeps no connection alive:
     ///
     /// - HTTP/1: every response says `Connection: close` (RFC 9112 section 9.6) and the connection
-    ///   closes after it; idle connections are closed at once;
+    ///   closes after it; a connection idle at the signal is closed a second later if still idle, not
+    ///   at once: a balancer reuses its most recent connection first, and a request it has already sent
+    ///   on that connection would be lost with it (it does not retry a non-idempotent request); within
+    ///   the second, such a request arrives and is answered with `close`;
     /// - HTTP/2: every connection gets GOAWAY at once (RFC 9113 section 6.8), and its streams in flight
     ///   finish; a connection opened during the period serves the streams it opens first and then gets
     ///   its GOAWAY;
