@@ -470,9 +470,10 @@ impl<L, S, F> Serve<L, S, F> {
     ///   drain timeout, before the drain begins;
     /// - a connection that has not sent its first request yet is given 1 s to send it (it may be on its
     ///   way, or in the socket and not read yet) and served with `Connection: close`, instead of being
-    ///   closed at once as the drain closes idle connections; one still silent then is closed. Connections closed during the period have close reason
-    /// [`CloseReason::LameDuck`], those closed by the drain [`CloseReason::Drain`]; both are counted
-    /// apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
+    ///   closed at once as the drain closes idle connections; one still silent then is closed.
+    ///
+    /// Connections closed during the period have close reason [`CloseReason::LameDuck`], those closed
+    /// by the drain [`CloseReason::Drain`]; both are counted apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
     /// endpoint propagation, a few seconds), and the pod's `terminationGracePeriodSeconds` at least the
     /// period plus the drain timeout.
     ///

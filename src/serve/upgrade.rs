@@ -177,7 +177,9 @@ mod tests {
 
     #[test]
     fn only_requests_that_can_take_over_the_connection_ask_to_upgrade() {
-        use Version::{HTTP_10, HTTP_11, HTTP_2};
+        const HTTP_10: Version = Version::HTTP_10;
+        const HTTP_11: Version = Version::HTTP_11;
+        const HTTP_2: Version = Version::HTTP_2;
         assert!(asks_to_upgrade(&request(
             HTTP_11,
             Method::GET,
