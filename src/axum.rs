@@ -24,11 +24,15 @@
 //! the IO fails, and hyper drops the connection.
 //!
 //! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
-//! alone.
+//! alone; it counts as open in the stats until that IO is dropped.
 //!
 //! Compared with the crate's own [`serve`](crate::serve()), an idle HTTP/2 connection is closed without
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
-//! request. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//! request. There is no connection budget here (axum's accept loop takes what the listener gives), so
+//! no share of it kept from WebSockets (`Serve::max_upgraded`) either: bound descriptors with the
+//! process's limit. Nor, at the end of a lame-duck period, is the listener's accept queue taken in
+//! (axum drops the listener, resetting the clients queued in it) or a connection that has not sent its
+//! first request yet given time to send it, as the serve path does. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
 //! # axum versions
 //!
@@ -218,7 +222,7 @@ impl<L> KeepAliveListener<L> {
         let timers = self.timers.clone();
         async move {
             signal.await;
-            crate::serve::lame_duck_begin(&state, &timers);
+            crate::serve::lame_duck_begin(&state, &timers, false);
             tokio::time::sleep(period).await;
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.
@@ -343,11 +347,10 @@ impl<I> KeepAliveIo<I> {
         }
         let handle = this.inner.handle();
         if handle.close_reason() == Some(CloseReason::Upgraded) {
-            // The upgraded protocol owns the IO now, and the timers let it go; HTTP is over on it, as
-            // the serve path counts it.
+            // The upgraded protocol owns the IO now, and the timers let it go; it counts as open until
+            // the IO is dropped, as on the serve path.
             if handle.wants_timer() {
                 handle.mark_undriven();
-                handle.report_closed(CloseReason::Upgraded);
             }
             return false;
         }

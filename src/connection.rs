@@ -338,6 +338,23 @@ impl ConnectionHandle {
         self.shared.request_flags.load(Ordering::Relaxed) & REQ_BODILESS != 0
     }
 
+    /// Marks the connection as holding one of the server's upgrade slots (the serve path's budget):
+    /// returns whether it did not hold one already. Only on a request asking to upgrade.
+    pub(crate) fn take_upgrade_slot(&self) -> bool {
+        self.shared
+            .request_flags
+            .fetch_or(REQ_UPGRADE, Ordering::Relaxed)
+            & REQ_UPGRADE
+            == 0
+    }
+
+    /// Whether the connection holds one of the server's upgrade slots (see [`take_upgrade_slot`]).
+    ///
+    /// [`take_upgrade_slot`]: Self::take_upgrade_slot
+    pub(crate) fn holds_upgrade_slot(&self) -> bool {
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_UPGRADE != 0
+    }
+
     /// Records a write on the connection's socket: `blocked` when the socket was full.
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
@@ -836,6 +853,8 @@ const REQ_GRACE: u8 = 0x04;
 /// `Shared::request_flags`: the timer is timing output that waits (`Shared::progress_ms` is when it
 /// last saw it move). Written by the timer alone.
 const REQ_STALLED: u8 = 0x08;
+/// `Shared::request_flags`: the connection holds an upgrade slot of the serve path's budget.
+const REQ_UPGRADE: u8 = 0x10;
 
 const IO_WRITE_BLOCKED: u8 = 0x01;
 /// `Shared::io`: the connection's IO is in its lingering close.

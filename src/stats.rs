@@ -216,8 +216,10 @@ fn bucket(requests: u64) -> usize {
 /// or a metrics endpoint.
 ///
 /// A connection counts as closed when it ends: when the serve path's driver (or
-/// [`ConnectionHandle::drive`]) finishes with it, when the `axum::serve` path drops its IO, or when it is
-/// upgraded (HTTP is over on it). A handle kept after that does not keep it counted open. Without a
+/// [`ConnectionHandle::drive`]) finishes with it, or when the `axum::serve` path drops its IO. An
+/// upgraded connection (a WebSocket) counts as open until the upgraded protocol drops its IO (on the
+/// serve paths; in general, until the last clone of its handle goes, which that IO keeps). A handle kept
+/// after that does not keep it counted open. Without a
 /// driver (the layer alone in an accept loop of your own, no `drive`), the end is known only when the
 /// last clone of the handle is dropped, as in the example below.
 ///

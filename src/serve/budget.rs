@@ -1,13 +1,19 @@
 //! The server-wide connection budget: admission at the hard limit, shrinking idle timeouts above the soft
 //! one.
 
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
 use super::drive::{Drain, PressureSender};
 use crate::stats::{Counters, PRESSURE_STEPS};
+use crate::ConnectionHandle;
 
 /// Connection limits: below `soft` nothing changes; between `soft` and `hard` the idle timeout (advertised
 /// and enforced) shrinks in proportion, so the longest-idle connections close first, even before the
@@ -74,16 +80,48 @@ pub(crate) struct Budget {
     permits: Arc<Semaphore>,
     counters: Arc<Counters>,
     signal: PressureSender,
+    /// The most connections that may hold an upgrade slot at once; the rest of `hard` is kept for HTTP.
+    max_upgraded: usize,
+    /// Connections holding an upgrade slot: asked to upgrade and not closed yet (upgraded or not).
+    upgraded: AtomicUsize,
 }
 
 impl Budget {
-    pub(crate) fn new(limits: Limits, counters: Arc<Counters>, signal: PressureSender) -> Self {
+    pub(crate) fn new(
+        limits: Limits,
+        max_upgraded: usize,
+        counters: Arc<Counters>,
+        signal: PressureSender,
+    ) -> Self {
         Budget {
             limits,
             permits: Arc::new(Semaphore::new(limits.hard)),
             counters,
             signal,
+            max_upgraded: max_upgraded.min(limits.hard),
+            upgraded: AtomicUsize::new(0),
         }
+    }
+
+    /// Lets the connection of `handle`, which asks to switch protocols, hold an upgrade slot until it
+    /// closes: whether it may (it holds one already, or there was one free). Counted before the
+    /// request reaches the service, so that no `101` goes out beyond the share, however many upgrade
+    /// requests race.
+    pub(crate) fn allow_upgrade(&self, handle: &ConnectionHandle) -> bool {
+        if handle.holds_upgrade_slot() {
+            return true;
+        }
+        let taken = self
+            .upgraded
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max_upgraded).then_some(n + 1)
+            })
+            .is_ok();
+        // Only the connection's own requests take its slot, one at a time on HTTP/1.
+        if taken && !handle.take_upgrade_slot() {
+            self.upgraded.fetch_sub(1, Ordering::AcqRel);
+        }
+        taken
     }
 
     /// Waits for room for one more connection; the connection holds the returned admission while it
@@ -95,6 +133,7 @@ impl Budget {
         permit.forget();
         Some(Admission {
             budget: self.clone(),
+            handle: None,
         })
     }
 
@@ -111,6 +150,7 @@ impl Budget {
                 permit.forget();
                 return Some(Admission {
                     budget: self.clone(),
+                    handle: None,
                 });
             }
             let _shed = drain.shed_one();
@@ -133,16 +173,94 @@ impl Budget {
     }
 }
 
-/// One admitted connection's room in the budget; dropping it gives the room back and updates the
-/// pressure.
+/// One admitted connection's room in the budget; dropping it gives the room back (and the
+/// connection's upgrade slot, if it holds one) and updates the pressure. Held by the connection's IO
+/// ([`Held`]), so an upgraded connection keeps its room until the upgraded protocol drops
+/// the IO.
 pub(crate) struct Admission {
     budget: Arc<Budget>,
+    handle: Option<ConnectionHandle>,
+}
+
+impl Admission {
+    /// The admission of the connection of `handle`, whose upgrade slot it gives back too.
+    pub(crate) fn bind(mut self, handle: &ConnectionHandle) -> Self {
+        self.handle = Some(handle.clone());
+        self
+    }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        if self.handle.as_ref().is_some_and(|h| h.holds_upgrade_slot()) {
+            self.budget.upgraded.fetch_sub(1, Ordering::AcqRel);
+        }
         self.budget.permits.add_permits(1);
         self.budget.update();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's IO holding the connection's room in the budget: the room is given back when the
+    /// IO is dropped, at the connection's end or, once upgraded (a WebSocket), when the upgraded
+    /// protocol is done with it. An upgraded connection thus keeps its descriptor counted, and the
+    /// server never accepts past its budget into `EMFILE`.
+    pub(crate) struct Held<I> {
+        #[pin]
+        inner: I,
+        admission: Option<Admission>,
+    }
+}
+
+impl<I> Held<I> {
+    pub(crate) fn new(inner: I, admission: Option<Admission>) -> Self {
+        Held { inner, admission }
+    }
+}
+
+impl<I: AsyncRead> AsyncRead for Held<I> {
+    #[inline]
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        self.project().inner.poll_read(cx, buf)
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for Held<I> {
+    #[inline]
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    #[inline]
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    #[inline]
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    #[inline]
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    #[inline]
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
     }
 }
 

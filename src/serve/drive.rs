@@ -548,7 +548,11 @@ where
             if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
                 let reason = finished(handle, result);
                 handle.mark_undriven();
-                handle.report_closed(reason);
+                // An upgraded connection is still open: it is counted closed when the last clone of its
+                // handle goes, with the upgraded IO that keeps one.
+                if reason != CloseReason::Upgraded {
+                    handle.report_closed(reason);
+                }
                 return Poll::Ready(reason);
             }
             // Registered before the flags are read: a flag set after this read wakes the task.
@@ -619,7 +623,30 @@ struct Heap {
     state: DrainState,
     /// Connection pressure rose: every deadline must be computed again.
     recompute: bool,
+    /// Until when (a `clock` reading; 0: not at all) a drain that follows a lame-duck period leaves
+    /// a connection that has not sent its first request to send it (see [`FIRST_REQUEST_GRACE`]).
+    first_request_until: u64,
+    /// Whether the lame-duck period leaves idle HTTP/1 connections [`LAME_DUCK_IDLE_GRACE`] before it
+    /// closes them: only where the connection is driven (the serve path); the `axum::serve` path ends
+    /// a connection told to close on its next read, which would lose the request it reads.
+    idle_grace: bool,
 }
+
+/// How long a drain that follows a lame-duck period leaves a connection accepted but silent, that has
+/// not sent its first request yet, to send it. Behind a balancer such a connection was opened to send
+/// a request at once, and the request may be on its way, or in the socket and not read yet: closing
+/// the connection now would lose it (a balancer does not retry a non-idempotent request it has sent).
+/// It is served, and its response says `Connection: close`; a connection still silent after this is
+/// closed. A second covers a round trip on any network a balancer sits on, with room for a loaded host.
+pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
+
+/// How long after the lame-duck period begins an HTTP/1 connection idle then is closed, if it is still
+/// idle. Not at once: a balancer picks its most recently used connection for its next request, which
+/// may be on its way at that moment, and closing the connection under it loses it (a balancer does
+/// not retry a non-idempotent request it has sent). Within this second such a request arrives, and is
+/// answered with `Connection: close`; a balancer sending steadily uses up its idle connections so, each
+/// closing cleanly after its response. Those it has not needed for this long are closed.
+pub(crate) const LAME_DUCK_IDLE_GRACE: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Entry {
@@ -657,6 +684,18 @@ impl Entry {
     }
 }
 
+/// Whether the drain spares `handle` for [`FIRST_REQUEST_GRACE`]: it follows a lame-duck period, the
+/// grace has not run out, and the connection has not served a request nor been told to close. Its
+/// close is decided then (its first response says `close`), and carried out when its grace ends.
+fn spare_first_request(heap: &Heap, handle: &ConnectionHandle) -> bool {
+    if heap.first_request_until <= clock::now_ns() || handle.requests() != 0 || handle.is_closing()
+    {
+        return false;
+    }
+    handle.mark_closing(CloseReason::Drain);
+    true
+}
+
 /// Heap entries beyond this many, and beyond twice the live connections, are compacted.
 const COMPACT_ABOVE: usize = 1024;
 
@@ -668,6 +707,8 @@ impl Timers {
                 wakes_at: u64::MAX,
                 state: DrainState::Serving,
                 recompute: false,
+                first_request_until: 0,
+                idle_grace: false,
             }),
             wake: Arc::new(Notify::new()),
             running: AtomicBool::new(false),
@@ -689,6 +730,11 @@ impl Timers {
         let mut heap = self.lock();
         match heap.state {
             DrainState::Serving | DrainState::LameDuck => {}
+            DrainState::Draining if spare_first_request(&heap, handle) => {
+                let at = heap.first_request_until;
+                self.push(&mut heap, handle, at);
+                return;
+            }
             DrainState::Draining => {
                 handle.close(CloseReason::Drain);
             }
@@ -720,7 +766,15 @@ impl Timers {
 
     fn set_state(&self, state: DrainState) {
         let mut heap = self.lock();
+        if matches!(
+            (heap.state, state),
+            (DrainState::LameDuck, DrainState::Draining)
+        ) {
+            heap.first_request_until = clock::ns_of(Instant::now() + FIRST_REQUEST_GRACE);
+        }
         heap.state = state;
+        let mut spared = Vec::new();
+        let mut idle = Vec::new();
         for entry in heap.entries.iter() {
             let Some(shared) = entry.conn.upgrade() else {
                 continue;
@@ -731,11 +785,27 @@ impl Timers {
                 // One that has not served a request may be a balancer's with its first request on the
                 // way: closing it now could lose that request. It is served, then closed.
                 DrainState::LameDuck if handle.requests() == 0 => {}
+                // Its next response says `close`; closed if still idle once the grace is over.
+                DrainState::LameDuck
+                    if heap.idle_grace
+                        && !handle.is_http2()
+                        && !handle.is_closing()
+                        && handle.idle_since().is_some() =>
+                {
+                    handle.mark_closing(CloseReason::LameDuck);
+                    idle.push(handle);
+                }
                 DrainState::LameDuck => {
                     handle.close(CloseReason::LameDuck);
                 }
+                DrainState::Draining if spare_first_request(&heap, &handle) => {
+                    spared.push(handle);
+                }
                 DrainState::Draining => {
-                    handle.close(CloseReason::Drain);
+                    // One the lame-duck period left to its next response is closed now too.
+                    if !handle.close(CloseReason::Drain) && handle.requests() != 0 {
+                        handle.request_driver();
+                    }
                 }
                 DrainState::Abort => {
                     handle.close(CloseReason::Drain);
@@ -743,11 +813,22 @@ impl Timers {
                 }
             }
         }
+        // Looked at again when their grace ends: closed then if still idle (`check`).
+        let at = heap.first_request_until;
+        for handle in spared {
+            self.push(&mut heap, &handle, at);
+        }
+        let at = clock::ns_of(Instant::now() + LAME_DUCK_IDLE_GRACE);
+        for handle in idle {
+            self.push(&mut heap, &handle, at);
+        }
     }
 
     /// The lame-duck period begins: no connection that has served a request is kept alive (see
-    /// `DrainState::LameDuck`).
-    pub(crate) fn begin_lame_duck(&self) {
+    /// `DrainState::LameDuck`). With `idle_grace` (the serve path), an idle HTTP/1 connection is left
+    /// [`LAME_DUCK_IDLE_GRACE`] for a request on its way, instead of being closed at once.
+    pub(crate) fn begin_lame_duck(&self, idle_grace: bool) {
+        self.lock().idle_grace = idle_grace;
         self.set_state(DrainState::LameDuck);
     }
 
@@ -773,7 +854,9 @@ impl Timers {
                 let Some(handle) = entry.current() else {
                     return false;
                 };
-                if !handle.in_grace() {
+                // A closing connection is looked at often enough; one spared by the drain must not be
+                // looked at before its grace ends.
+                if !handle.in_grace() && !handle.is_closing() {
                     let at = clock::ns_of(handle.next_check());
                     if at < entry.at {
                         entry.at = at;

@@ -46,7 +46,9 @@
 //! - **TLS** (feature `tls`, [`Serve::tls`]): the same lifecycle over rustls, the protocol chosen by
 //!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
-//!   above applies to it.
+//!   above applies to it, but it keeps its room in the budget until the WebSocket ends, and at most
+//!   [`Serve::max_upgraded`] connections (half the budget by default) may be upgraded at once: an
+//!   upgrade request beyond that is answered `503`, so WebSockets cannot starve HTTP clients.
 //!
 //! The connection's IO does the last three, in [`WatchedIo`]; the `axum::serve` path
 //! (`tower_keepalive::axum`) wraps its connections in it too, so both paths behave the same on the wire.
@@ -87,6 +89,7 @@ mod tcp;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
+mod upgrade;
 mod watched;
 
 use std::fmt;
@@ -115,11 +118,12 @@ pub use peer::PeerAddr;
 pub use tcp::TcpKeepalive;
 pub use watched::WatchedIo;
 
-use budget::{Admission, Budget, Limits};
+use budget::{Admission, Budget, Held, Limits};
 use listener::Accepting;
 #[cfg(feature = "tonic")]
 pub(crate) use peer::LocalAddr;
 pub(crate) use peer::WithPeer;
+use upgrade::{Gate, UpgradeOf};
 
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
@@ -150,6 +154,7 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
+        max_upgraded: None,
         builder: default_builder(),
         accepting: Accepting::default(),
         #[cfg(feature = "tls")]
@@ -205,6 +210,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     drain_timeout: Option<Duration>,
     on_close: Option<OnClose>,
     limits: Option<Limits>,
+    max_upgraded: Option<usize>,
     builder: auto::Builder<TokioExecutor>,
     accepting: Accepting,
     #[cfg(feature = "tls")]
@@ -297,6 +303,7 @@ impl<L, S, F> Serve<L, S, F> {
             drain_timeout: self.drain_timeout,
             on_close: self.on_close,
             limits: self.limits,
+            max_upgraded: self.max_upgraded,
             builder: self.builder,
             accepting: self.accepting,
             #[cfg(feature = "tls")]
@@ -370,6 +377,39 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
+    /// How many connections of the budget may be upgraded at once (`101 Switching Protocols`, a
+    /// WebSocket), so that the rest is kept for HTTP (default: half the hard limit of
+    /// [`connection_limits`](Self::connection_limits); no effect without a budget).
+    ///
+    /// An upgraded connection keeps its room in the budget until the upgraded protocol drops its IO
+    /// (the WebSocket ends), and counts as open in the stats until then: the server never accepts
+    /// past its budget, whatever the WebSockets do. A connection takes an upgrade slot when it sends a
+    /// request asking to upgrade (HTTP/1.1 `Upgrade`, RFC 9110 section 7.8, other than `h2c`, which is
+    /// never switched to; or `CONNECT`, a tunnel), before the service sees it, and keeps it until it closes, upgraded or not.
+    /// When every slot is taken, such a request is answered `503 Service Unavailable` with
+    /// `Retry-After: 1` at once, without reaching the service: the client learns that no upgrade is
+    /// to be had now, rather than waiting, and plain HTTP clients are still served. A WebSocket over
+    /// HTTP/2 (extended CONNECT, RFC 8441, when turned on with `http_builder`) is a stream of an HTTP/2
+    /// connection that keeps its own room, and takes no upgrade slot.
+    ///
+    /// The `axum::serve` path has no budget: there, bound the descriptors with the process's limit.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .max_connections(10_000)
+    ///     .max_upgraded(8_000)
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn max_upgraded(mut self, max: usize) -> Self {
+        self.max_upgraded = Some(max);
+        self
+    }
+
     /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
     /// and frame sizes, PING keep-alive, and so on. The serve path starts from
     /// `auto::Builder::new(TokioExecutor::new())` with a [`TokioTimer`] for both protocols, so every
@@ -421,7 +461,10 @@ impl<L, S, F> Serve<L, S, F> {
     /// the server keeps accepting and serving, but keeps no connection alive:
     ///
     /// - HTTP/1: every response says `Connection: close` (RFC 9112 section 9.6) and the connection
-    ///   closes after it; idle connections are closed at once;
+    ///   closes after it; a connection idle at the signal is closed a second later if still idle, not
+    ///   at once: a balancer reuses its most recent connection first, and a request it has already sent
+    ///   on that connection would be lost with it (it does not retry a non-idempotent request); within
+    ///   the second, such a request arrives and is answered with `close`;
     /// - HTTP/2: every connection gets GOAWAY at once (RFC 9113 section 6.8), and its streams in flight
     ///   finish; a connection opened during the period serves the streams it opens first and then gets
     ///   its GOAWAY;
@@ -430,9 +473,18 @@ impl<L, S, F> Serve<L, S, F> {
     ///   closed by its idle timeout or by the drain.
     ///
     /// Only then does the listener close and the drain begin, with its
-    /// [`drain_timeout`](Self::drain_timeout). Connections closed during the period have close reason
-    /// [`CloseReason::LameDuck`], those closed by the drain [`CloseReason::Drain`]; both are counted
-    /// apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
+    /// [`drain_timeout`](Self::drain_timeout). At that moment nothing the balancer sent is dropped:
+    ///
+    /// - the clients still in the listener's accept queue (and one waiting for room in the
+    ///   [budget](Self::connection_limits)) are accepted and served as in the period, rather than reset
+    ///   when the listener closes; at the budget's hard limit they wait for room for no longer than the
+    ///   drain timeout, before the drain begins;
+    /// - a connection that has not sent its first request yet is given 1 s to send it (it may be on its
+    ///   way, or in the socket and not read yet) and served with `Connection: close`, instead of being
+    ///   closed at once as the drain closes idle connections; one still silent then is closed.
+    ///
+    /// Connections closed during the period have close reason [`CloseReason::LameDuck`], those closed
+    /// by the drain [`CloseReason::Drain`]; both are counted apart in the stats. Make the period longer than the balancer takes to stop sending (Kubernetes:
     /// endpoint propagation, a few seconds), and the pod's `terminationGracePeriodSeconds` at least the
     /// period plus the drain timeout.
     ///
@@ -665,6 +717,7 @@ where
             drain_timeout,
             on_close,
             limits,
+            max_upgraded,
             builder,
             accepting,
             #[cfg(feature = "tls")]
@@ -683,6 +736,7 @@ where
         let budget = limits.map(|limits| {
             Arc::new(Budget::new(
                 limits,
+                max_upgraded.unwrap_or(limits.hard / 2),
                 layer.config.stats.clone(),
                 drain.pressure_sender(),
             ))
@@ -697,6 +751,63 @@ where
         #[cfg(feature = "tonic")]
         let local = LocalAddr::of(&listener);
 
+        // Serves one accepted connection in a task of its own. Owns the service (which need not be
+        // `Sync`), borrows the rest.
+        let start = {
+            let (layer, accepting, budget, drain, shared) =
+                (&layer, &accepting, &budget, &drain, &shared);
+            #[cfg(feature = "tonic")]
+            let local = &local;
+            move |io: L::Io, addr: L::Addr, permit: Option<Admission>| {
+                if let Some(budget) = &budget {
+                    budget.update();
+                }
+                let handle = layer.connection();
+                let peer = WithPeer::new(service.clone(), accepting.peer(&addr));
+                #[cfg(feature = "tonic")]
+                let peer = peer.with_local_addr(local.of_connection(&io));
+                let svc = KeepAlive::bound(Gate::new(peer, budget.clone()), handle.clone());
+                // The connection's room in the budget goes with its IO: an upgraded connection keeps it
+                // until the upgraded protocol drops the IO.
+                let io = Held::new(io, permit.map(|permit| permit.bind(&handle)));
+                let watcher = drain.watcher();
+                let span = tracing::debug_span!(
+                    "connection",
+                    network.peer.address = tracing::field::Empty,
+                    network.peer.port = tracing::field::Empty,
+                    network.protocol.name = "http",
+                );
+                if !span.is_disabled() {
+                    record_peer(&span, &addr);
+                }
+                #[cfg(feature = "tls")]
+                if let Some(acceptor) = &shared.tls {
+                    let accepted = tls::Accepted {
+                        acceptor: acceptor.clone(),
+                        handle,
+                        watcher,
+                        permit: None,
+                        shared: shared.clone(),
+                        info: accepting.peer_addr,
+                    };
+                    spawn_connection(accepted.serve(io, svc), span);
+                    return;
+                }
+                let shared = shared.clone();
+                let task = async move {
+                    // Pinned here, once: the connection is the largest part of the task.
+                    let conn = pin!(shared.builder.serve_connection_with_upgrades(
+                        TokioIo::new(WatchedIo::new(io, handle.clone())),
+                        TowerToHyperService::new(ConnectionService { inner: svc }),
+                    ));
+                    handle_connection(conn, &handle, watcher, None, &shared).await;
+                };
+                spawn_connection(task, span);
+            }
+        };
+
+        // A client accepted, still waiting for room in the budget when the signal came.
+        let mut waiting = None;
         loop {
             let (io, addr) = tokio::select! {
                 accepted = listener.accept() => match accepted {
@@ -723,53 +834,55 @@ where
             let permit = match &budget {
                 Some(budget) => tokio::select! {
                     permit = budget.admit_shedding(&drain) => permit,
-                    () = &mut signal => break,
+                    () = &mut signal => {
+                        waiting = Some((io, addr));
+                        break;
+                    }
                 },
                 None => None,
             };
-            if let Some(budget) = &budget {
-                budget.update();
-            }
-            let handle = layer.connection();
-            let peer = WithPeer::new(service.clone(), accepting.peer(&addr));
-            #[cfg(feature = "tonic")]
-            let peer = peer.with_local_addr(local.of_connection(&io));
-            let svc = KeepAlive::bound(peer, handle.clone());
-            let watcher = drain.watcher();
-            let span = tracing::debug_span!(
-                "connection",
-                network.peer.address = tracing::field::Empty,
-                network.peer.port = tracing::field::Empty,
-                network.protocol.name = "http",
-            );
-            if !span.is_disabled() {
-                record_peer(&span, &addr);
-            }
-            #[cfg(feature = "tls")]
-            if let Some(acceptor) = &shared.tls {
-                let accepted = tls::Accepted {
-                    acceptor: acceptor.clone(),
-                    handle,
-                    watcher,
-                    permit,
-                    shared: shared.clone(),
-                    info: accepting.peer_addr,
-                };
-                spawn_connection(accepted.serve(io, svc), span);
-                continue;
-            }
-            let shared = shared.clone();
-            let task = async move {
-                // Pinned here, once: the connection is the largest part of the task.
-                let conn = pin!(shared.builder.serve_connection_with_upgrades(
-                    TokioIo::new(WatchedIo::new(io, handle.clone())),
-                    TowerToHyperService::new(ConnectionService { inner: svc }),
-                ));
-                handle_connection(conn, &handle, watcher, permit, &shared).await;
-            };
-            spawn_connection(task, span);
+            start(io, addr, permit);
         }
 
+        if lame_duck.is_some() {
+            // The clients the balancer sent here until the end of the lame-duck period are served:
+            // those already in the listener's accept queue would be reset when it closes, and with
+            // them the requests they have sent. Taken without waiting, as lame-duck connections (their
+            // first response says `close`); the drain leaves each its first request. At the hard
+            // limit they wait for room as any client does, for no longer than the drain may take.
+            let room_until = drain_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
+            let mut backlog = 0usize;
+            let mut next = waiting.take();
+            loop {
+                let Some((io, addr)) =
+                    next.take()
+                        .or_else(|| match listener.accept().now_or_never() {
+                            Some(Ok(accepted)) => Some(accepted),
+                            // Empty, or failing (out of descriptors): what is left is refused.
+                            _ => None,
+                        })
+                else {
+                    break;
+                };
+                let permit = match (&budget, room_until) {
+                    (Some(budget), Some(until)) => {
+                        match tokio::time::timeout_at(until, budget.admit_shedding(&drain)).await {
+                            Ok(permit) => permit,
+                            Err(_) => break,
+                        }
+                    }
+                    (Some(budget), None) => budget.admit_shedding(&drain).await,
+                    (None, _) => None,
+                };
+                start(io, addr, permit);
+                backlog += 1;
+            }
+            tracing::debug!(
+                connections = backlog,
+                "lame duck over; accepted the listener's queue"
+            );
+        }
+        drop(waiting);
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
         // Responses decided from now on say `close`, even before their connection hears of the drain.
@@ -805,9 +918,13 @@ where
     }
 
     #[inline]
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, mut req: Request<Incoming>) -> Self::Future {
         if let Some(handle) = self.inner.bound_handle() {
             handle.note_request_body(!http_body::Body::is_end_stream(req.body()));
+            // The budget's upgrade share charges the connection, which only this service knows.
+            if upgrade::asks_to_upgrade(&req) {
+                req.extensions_mut().insert(UpgradeOf(handle.clone()));
+            }
         }
         self.inner.call(req)
     }

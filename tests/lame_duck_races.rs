@@ -1,0 +1,201 @@
+//! The end of a lame-duck period (`Serve::lame_duck`), where a balancer's last requests used to be lost,
+//! over real sockets on loopback:
+//!
+//! - a connection accepted shortly before the drain, whose first request arrives a little after the
+//!   drain began, is served (with `Connection: close`), not closed under the request;
+//! - clients still in the listener's accept queue when the lame-duck period ends are accepted and
+//!   served, not reset when the listener closes.
+//!
+//! Every wait is bounded.
+
+mod support;
+
+use std::future::IntoFuture;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use support::http1::RawClient;
+use support::within_for as within;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, Notify};
+use tower_keepalive::KeepAliveLayer;
+
+/// The bound on every wait: generous, the test machine is shared.
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A request that asks to close after its response: the server closes at once, with no linger.
+const GET_CLOSE: &str = "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+struct Server {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn finished(self) {
+        within("the server to finish", WAIT, self.done)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// "hello" at `/`; `/hold` answers once `release` is notified. A lame-duck period of `lame_duck`, an
+/// idle timeout long enough that nothing here closes for being idle; `hard` connections at most.
+async fn start(lame_duck: Duration, hard: Option<usize>, release: Arc<Notify>) -> Server {
+    let app = Router::new().route("/", get(|| async { "hello" })).route(
+        "/hold",
+        get(move || async move {
+            release.notified().await;
+            "released"
+        }),
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let mut server = tower_keepalive::serve(listener, app)
+        .keep_alive(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30)))
+        .with_graceful_shutdown(async {
+            let _ = rx.await;
+        })
+        .lame_duck(lame_duck)
+        .drain_timeout(WAIT);
+    if let Some(hard) = hard {
+        server = server.connection_limits(hard, hard);
+    }
+    let done = tokio::spawn(server.into_future());
+    Server {
+        addr,
+        shutdown: Some(tx),
+        done,
+    }
+}
+
+/// Waits until the server refuses new connections: its listener is closed, the drain has begun. Tries
+/// to connect every 10 ms, for at most [`WAIT`]; there is no signal to await from outside.
+async fn listener_closed(addr: SocketAddr) {
+    within("the listener to close", WAIT, async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_request_sent_on_an_idle_connection_just_after_the_signal_is_served() {
+    let mut server = start(Duration::from_secs(3), None, Arc::new(Notify::new())).await;
+    let mut pooled = RawClient::connect(server.addr).await;
+    let res = pooled.get("/").await;
+    assert_eq!(res.header("connection"), Some("keep-alive"));
+    server.shutdown();
+    // A balancer reuses its idle connection just after the signal, its request already on its way.
+    // (The delay is the point: no signal.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    pooled.send(support::http1::get_request("/")).await;
+    let res = within(
+        "the reused connection's response",
+        WAIT,
+        pooled.try_read_response(),
+    )
+    .await
+    .expect("the idle connection was closed under the request");
+    assert_eq!((res.status, res.body_str()), (200, "hello"));
+    assert_eq!(res.header("connection"), Some("close"));
+    pooled.expect_eof().await;
+    drop(pooled);
+    server.finished().await;
+}
+
+#[tokio::test]
+async fn a_first_request_sent_just_after_the_drain_began_is_served() {
+    let mut server = start(Duration::from_millis(300), None, Arc::new(Notify::new())).await;
+    server.shutdown();
+    // Connected during the lame-duck period, as a balancer does; its request is on its way.
+    let mut late = RawClient::connect(server.addr).await;
+    listener_closed(server.addr).await;
+    // The request arrives a little after the drain began. (The delay is the point: no signal.)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    late.send(support::http1::get_request("/")).await;
+    let res = within(
+        "the late request's response",
+        WAIT,
+        late.try_read_response(),
+    )
+    .await
+    .expect("the connection was closed under its first request");
+    assert_eq!((res.status, res.body_str()), (200, "hello"));
+    assert_eq!(res.header("connection"), Some("close"));
+    late.expect_eof().await;
+    server.finished().await;
+}
+
+#[tokio::test]
+async fn a_connection_that_stays_silent_is_closed_soon_after_the_drain_began() {
+    let mut server = start(Duration::from_millis(300), None, Arc::new(Notify::new())).await;
+    server.shutdown();
+    let mut silent = RawClient::connect(server.addr).await;
+    listener_closed(server.addr).await;
+    // Closed within the first request's grace (1 s), well before its header timeout (10 s).
+    within(
+        "the silent connection's close",
+        Duration::from_secs(5),
+        silent.eof(),
+    )
+    .await;
+    server.finished().await;
+}
+
+#[tokio::test]
+async fn clients_queued_when_the_lame_duck_period_ends_are_served_not_reset() {
+    let period = Duration::from_millis(300);
+    let release = Arc::new(Notify::new());
+    // Room for one connection: the others wait, the first in the accept loop, the rest in the
+    // listener's accept queue.
+    let mut server = start(period, Some(1), release.clone()).await;
+    let mut busy = RawClient::connect(server.addr).await;
+    busy.send("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    // Sent, and held by the handler (it is not idle: nothing sheds it).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = Vec::new();
+    for _ in 0..4 {
+        let mut client = RawClient::connect(server.addr).await;
+        client.send(GET_CLOSE).await;
+        queued.push(client);
+    }
+
+    server.shutdown();
+    // The lame-duck period ends with every queued client still waiting for room; then room comes.
+    // (No signal from outside tells the period's end: waited for, with a margin.)
+    tokio::time::sleep(period + Duration::from_millis(400)).await;
+    release.notify_one();
+    let res = within("the held response", WAIT, busy.read_response()).await;
+    assert_eq!(res.body_str(), "released");
+    // Each client closes once answered, as a balancer does after `Connection: close`: that ends the
+    // server's lingering close, and its room goes to the next.
+    drop(busy);
+
+    for (i, mut client) in queued.into_iter().enumerate() {
+        let res = within(
+            "a queued client's response",
+            WAIT,
+            client.try_read_response(),
+        )
+        .await
+        .unwrap_or_else(|| panic!("queued client {i} was closed or reset unserved"));
+        assert_eq!((res.status, res.body_str()), (200, "hello"), "client {i}");
+        assert_eq!(res.header("connection"), Some("close"));
+    }
+    server.finished().await;
+}
