@@ -69,14 +69,14 @@ pub(crate) struct Shared {
     idle_since_ns: AtomicU64,
     /// When the request head being read started: the first byte read in the current idle period, or
     /// the accept for a connection's first request. Stale (a head that has since become a request)
-    /// when earlier than `idle_since_ns`. Set by the serve path's IO wrapper (`serve::watched`), for
+    /// when earlier than `idle_since_ns`. Set by the serve path's IO wrapper (`serve::io`), for
     /// the header timeout.
     /// In milliseconds after `opened_ns`, rounded down, so that the mark of a head that became a request
     /// is always earlier than the idle period after it; a head whose first byte came in the
     /// millisecond its idle period began is marked at its next read. Saturated at `u32::MAX` (a
     /// connection over 49 days old, whose heads are then no longer timed).
     head_since_ms: AtomicU32,
-    /// What the connection's IO (`serve::watched`) tells the others, written by it alone, so with plain
+    /// What the connection's IO (`serve::io`) tells the others, written by it alone, so with plain
     /// loads and stores: [`IO_WRITE_BLOCKED`], whether its last write found the socket full (the
     /// response bodies are done, but hyper is still sending what they gave it, a large body to a slow
     /// client: the connection is not idle); [`IO_LINGERING`], whether it is in its lingering close

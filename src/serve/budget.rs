@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
-use super::drive::{Drain, PressureSender};
+use super::drain::{Drain, PressureSender};
 use crate::stats::{Counters, PRESSURE_STEPS};
 use crate::ConnectionHandle;
 

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::drive::Timers;
+use super::timers::Timers;
 use crate::stats::Counters;
 use crate::CloseReason;
 

@@ -81,20 +81,21 @@
 //! ```
 
 mod budget;
-mod drive;
+mod drain;
+mod io;
 mod lame_duck;
+mod lifecycle;
 mod listener;
 mod peer;
 mod tcp;
+mod timers;
 #[cfg(feature = "tls")]
 #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
 pub mod tls;
 mod upgrade;
-mod watched;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
-use std::io;
 use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
@@ -108,15 +109,16 @@ use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower_service::Service;
 
-#[cfg(feature = "axum")]
-pub(crate) use drive::Timers;
-pub use drive::{Drain, DrainWatcher, GracefulConnection};
+pub use drain::{Drain, DrainWatcher};
+pub use io::WatchedIo;
 #[cfg(feature = "axum")]
 pub(crate) use lame_duck::begin as lame_duck_begin;
+pub use lifecycle::GracefulConnection;
 pub use listener::Listener;
 pub use peer::PeerAddr;
 pub use tcp::TcpKeepalive;
-pub use watched::WatchedIo;
+#[cfg(feature = "axum")]
+pub(crate) use timers::Timers;
 
 use budget::{Admission, Budget, Held, Limits};
 use listener::Accepting;
@@ -688,8 +690,8 @@ where
     B::Error: Into<BoxError>,
     F: Future<Output = ()> + Send + 'static,
 {
-    type Output = io::Result<()>;
-    type IntoFuture = Pin<Box<dyn Future<Output = io::Result<()>> + Send>>;
+    type Output = std::io::Result<()>;
+    type IntoFuture = Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>;
 
     fn into_future(self) -> Self::IntoFuture {
         Box::pin(self.run())
@@ -707,7 +709,7 @@ where
     B::Error: Into<BoxError>,
     F: Future<Output = ()> + Send + 'static,
 {
-    async fn run(self) -> io::Result<()> {
+    async fn run(self) -> std::io::Result<()> {
         let Serve {
             mut listener,
             service,
