@@ -178,7 +178,7 @@ impl<L> KeepAliveListener<L> {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let state = self.layer.config.stats.clone();
+        let state = self.layer.config.control.clone();
         async move {
             signal.await;
             state.set_shutdown(Some(CloseReason::Drain));
@@ -218,7 +218,7 @@ impl<L> KeepAliveListener<L> {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let state = self.layer.config.stats.clone();
+        let state = self.layer.config.control.clone();
         let timers = self.timers.clone();
         async move {
             signal.await;

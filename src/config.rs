@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue};
 
-use crate::stats::{Counters, PRESSURE_STEPS};
+use crate::control::{Control, PRESSURE_STEPS};
+use crate::stats::Counters;
 use crate::KeepAliveHeader;
 
 /// The policy, shared by a layer, its clones and the connection handles made from it.
@@ -25,6 +26,8 @@ pub(crate) struct Config {
     pub(crate) strip_request: bool,
     pub(crate) protected: Arc<[HeaderName]>,
     pub(crate) stats: Arc<Counters>,
+    /// The server's pressure and shutdown phase, set by the serve paths.
+    pub(crate) control: Arc<Control>,
     /// The longest a request head may take (serve path only, `Serve::header_timeout`); `None` for a
     /// layer used on its own, which sees no reads.
     pub(crate) header_timeout: Option<Duration>,
@@ -74,6 +77,7 @@ impl Default for Config {
                 .map(|name| HeaderName::from_static(name))
                 .collect(),
             stats: Arc::default(),
+            control: Arc::default(),
             header_timeout: None,
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),
             adverts: OnceLock::new(),
@@ -155,20 +159,20 @@ impl Config {
 
     /// The idle timeout in force now: shortened in proportion to the server's connection pressure.
     pub(crate) fn effective_idle_timeout(&self) -> Duration {
-        scaled_timeout(self.idle_timeout, self.stats.pressure())
+        scaled_timeout(self.idle_timeout, self.control.pressure())
     }
 
     /// The header timeout in force now, if there is one: shortened under connection pressure as the
     /// idle timeout is.
     pub(crate) fn effective_header_timeout(&self) -> Option<Duration> {
         let timeout = self.header_timeout?;
-        Some(scaled_timeout(timeout, self.stats.pressure()))
+        Some(scaled_timeout(timeout, self.control.pressure()))
     }
 
     /// The `Keep-Alive` value for a response after which the connection accepts `remaining` more
     /// requests (`None`: unlimited).
     pub(crate) fn advert(&self, remaining: Option<u64>) -> Option<Advert> {
-        let pressure = self.stats.pressure();
+        let pressure = self.control.pressure();
         if pressure > 0 {
             // Under pressure the advertised timeout shrinks with the enforced one; rare, so formatted.
             let timeout = scaled_timeout(self.idle_timeout, pressure);
@@ -187,7 +191,7 @@ impl Config {
         remaining: Option<u64>,
         left: Duration,
     ) -> Option<(u64, Option<Advert>)> {
-        let pressure = self.stats.pressure();
+        let pressure = self.control.pressure();
         let timeout = scaled_timeout(self.idle_timeout, pressure);
         let secs = timeout_within(timeout, left)?;
         let advert = if !self.advertise {
@@ -356,7 +360,7 @@ mod tests {
             .idle_timeout(Duration::from_secs(16))
             .unlimited_requests();
         let c = &layer.config;
-        c.stats.set_pressure(8);
+        c.control.set_pressure(8);
         let (secs, advert) = c.advert_within(None, Duration::from_secs(60)).unwrap();
         assert_eq!(secs, 8);
         assert_eq!(advert.unwrap().value(), "timeout=8");

@@ -506,7 +506,7 @@ impl ConnectionHandle {
     pub(crate) fn pending_close(&self) -> Option<CloseReason> {
         self.close_reason().or_else(|| {
             self.config()
-                .stats
+                .control
                 .shutdown_reason()
                 .filter(|_| self.requests() != 0)
         })

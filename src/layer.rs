@@ -444,6 +444,7 @@ impl KeepAliveLayer {
     pub fn stats(&self) -> Stats {
         Stats {
             counters: self.config.stats.clone(),
+            control: self.config.control.clone(),
         }
     }
 

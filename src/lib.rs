@@ -196,7 +196,7 @@
 #![forbid(unsafe_code)]
 // The connection lifecycle's bookkeeping (idle limits, write tracking, pressure) is read by the serve
 // path; a layer-only build keeps it but does not use all of it.
-#![cfg_attr(not(feature = "serve"), allow(dead_code))]
+
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
@@ -207,6 +207,7 @@ mod clock;
 mod close;
 mod config;
 mod connection;
+mod control;
 mod future;
 mod header;
 mod layer;

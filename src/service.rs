@@ -223,7 +223,7 @@ fn plan(
                 h.close(CloseReason::MaxRequests);
             } else if h.is_past_max_age() {
                 h.close(CloseReason::MaxAge);
-            } else if let Some(reason) = h.config().stats.shutdown_reason() {
+            } else if let Some(reason) = h.config().control.shutdown_reason() {
                 // A connection opened during the lame-duck period: its first streams are served, and
                 // GOAWAY follows them (RFC 9113 section 6.8); those it opened before are already closing.
                 if !h.close(reason) {

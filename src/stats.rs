@@ -2,11 +2,12 @@
 
 use std::fmt;
 use std::sync::atomic::{
-    AtomicU32, AtomicU64, AtomicU8, AtomicUsize,
+    AtomicU32, AtomicU64, AtomicUsize,
     Ordering::{Acquire, Relaxed, Release},
 };
 use std::sync::Arc;
 
+use crate::control::{Control, PRESSURE_STEPS};
 use crate::CloseReason;
 
 /// Buckets of the requests-per-connection distribution: `0`, `1`, `2..=3`, `4..=7`, ... up to
@@ -21,11 +22,6 @@ pub(crate) struct Counters {
     requests: Shards,
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
-    /// How short of connections the server is, in steps of 1/[`PRESSURE_STEPS`] (0: not at all).
-    pressure: AtomicU32,
-    /// The server is shutting down (a [`CloseReason`] as `to_u8`, 0 while serving): lame duck, then
-    /// drain. No connection that has served a request is kept alive any more.
-    shutdown: AtomicU8,
 }
 
 /// Shards that belong to one thread at a time: their owner moves them with plain loads and stores, no
@@ -133,31 +129,7 @@ impl Counters {
     }
 }
 
-/// Resolution of the connection pressure: the idle timeout shrinks in this many steps between the soft
-/// and the hard connection limit.
-pub(crate) const PRESSURE_STEPS: u32 = 16;
-
 impl Counters {
-    pub(crate) fn pressure(&self) -> u32 {
-        self.pressure.load(Relaxed)
-    }
-
-    /// Sets the pressure level; returns the one it replaces.
-    pub(crate) fn set_pressure(&self, level: u32) -> u32 {
-        self.pressure.swap(level.min(PRESSURE_STEPS), Relaxed)
-    }
-
-    /// Why the server is shutting down ([`CloseReason::LameDuck`] or [`CloseReason::Drain`]), if it is.
-    pub(crate) fn shutdown_reason(&self) -> Option<CloseReason> {
-        CloseReason::from_u8(self.shutdown.load(Relaxed))
-    }
-
-    /// The server starts its lame-duck period or its drain (`None`: it serves again).
-    pub(crate) fn set_shutdown(&self, reason: Option<CloseReason>) {
-        self.shutdown
-            .store(reason.map_or(0, CloseReason::to_u8), Relaxed);
-    }
-
     pub(crate) fn connection_opened(&self) {
         self.opened.fetch_add(1, Relaxed);
         #[cfg(feature = "metrics")]
@@ -246,6 +218,7 @@ fn bucket(requests: u64) -> usize {
 #[derive(Clone)]
 pub struct Stats {
     pub(crate) counters: Arc<Counters>,
+    pub(crate) control: Arc<Control>,
 }
 
 impl fmt::Debug for Stats {
@@ -279,7 +252,7 @@ impl Stats {
             requests: started,
             by_reason: std::array::from_fn(|i| c.by_reason[i].load(Relaxed)),
             per_connection: std::array::from_fn(|i| c.per_connection[i].load(Relaxed)),
-            pressure: c.pressure(),
+            pressure: self.control.pressure(),
         }
     }
 }
@@ -421,6 +394,7 @@ mod tests {
         assert_eq!(bucket(u64::MAX), BUCKETS - 1);
         let s = Stats {
             counters: Arc::default(),
+            control: Arc::default(),
         }
         .snapshot();
         let bounds: Vec<u64> = s.requests_per_connection().map(|(b, _)| b).collect();

@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Semaphore;
 
 use super::drain::{Drain, PressureSender};
-use crate::stats::{Counters, PRESSURE_STEPS};
+use crate::control::{Control, PRESSURE_STEPS};
 use crate::ConnectionHandle;
 
 /// Connection limits: below `soft` nothing changes; between `soft` and `hard` the idle timeout (advertised
@@ -78,7 +78,7 @@ const SHED_RETRY: Duration = Duration::from_millis(50);
 pub(crate) struct Budget {
     limits: Limits,
     permits: Arc<Semaphore>,
-    counters: Arc<Counters>,
+    control: Arc<Control>,
     signal: PressureSender,
     /// The most connections that may hold an upgrade slot at once; the rest of `hard` is kept for HTTP.
     max_upgraded: usize,
@@ -90,13 +90,13 @@ impl Budget {
     pub(crate) fn new(
         limits: Limits,
         max_upgraded: usize,
-        counters: Arc<Counters>,
+        control: Arc<Control>,
         signal: PressureSender,
     ) -> Self {
         Budget {
             limits,
             permits: Arc::new(Semaphore::new(limits.hard)),
-            counters,
+            control,
             signal,
             max_upgraded: max_upgraded.min(limits.hard),
             upgraded: AtomicUsize::new(0),
@@ -167,7 +167,7 @@ impl Budget {
     pub(crate) fn update(&self) {
         let open = self.limits.hard - self.permits.available_permits();
         let level = self.limits.pressure(open);
-        if level > self.counters.set_pressure(level) {
+        if level > self.control.set_pressure(level) {
             self.signal.rose();
         }
     }

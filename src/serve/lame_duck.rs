@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::timers::Timers;
-use crate::stats::Counters;
+use crate::control::Control;
 use crate::CloseReason;
 
 /// Resolves when the server should stop accepting: when `signal` completes, or, with a lame-duck
@@ -16,7 +16,7 @@ use crate::CloseReason;
 pub(crate) async fn stop_accepting<F: Future<Output = ()>>(
     signal: F,
     period: Option<Duration>,
-    stats: Arc<Counters>,
+    control: Arc<Control>,
     timers: Arc<Timers>,
 ) {
     signal.await;
@@ -24,7 +24,7 @@ pub(crate) async fn stop_accepting<F: Future<Output = ()>>(
         return;
     };
     tracing::debug!(?period, "lame duck: serving, keeping no connection alive");
-    begin(&stats, &timers, true);
+    begin(&control, &timers, true);
     tokio::time::sleep(period).await;
 }
 
@@ -32,7 +32,7 @@ pub(crate) async fn stop_accepting<F: Future<Output = ()>>(
 /// set first, so that none goes out with keep-alive between the two), and every connection that has
 /// served a request is told to close; with `idle_grace` (the serve path, which drives its
 /// connections), an idle HTTP/1 one a second later, so as not to close it under a request on its way.
-pub(crate) fn begin(stats: &Counters, timers: &Timers, idle_grace: bool) {
-    stats.set_shutdown(Some(CloseReason::LameDuck));
+pub(crate) fn begin(control: &Control, timers: &Timers, idle_grace: bool) {
+    control.set_shutdown(Some(CloseReason::LameDuck));
     timers.begin_lame_duck(idle_grace);
 }

@@ -733,20 +733,20 @@ where
             on_close,
         });
         // A layer reused after an earlier server drained starts serving again.
-        layer.config.stats.set_shutdown(None);
+        layer.config.control.set_shutdown(None);
         let drain = Drain::new();
         let budget = limits.map(|limits| {
             Arc::new(Budget::new(
                 limits,
                 max_upgraded.unwrap_or(limits.hard / 2),
-                layer.config.stats.clone(),
+                layer.config.control.clone(),
                 drain.pressure_sender(),
             ))
         });
         let mut signal = pin!(lame_duck::stop_accepting(
             signal,
             lame_duck,
-            layer.config.stats.clone(),
+            layer.config.control.clone(),
             drain.timers(),
         ));
         let mut backoff = listener::Backoff::default();
@@ -888,7 +888,7 @@ where
         // Stop accepting: new clients are refused rather than left in the backlog during the drain.
         drop(listener);
         // Responses decided from now on say `close`, even before their connection hears of the drain.
-        layer.config.stats.set_shutdown(Some(CloseReason::Drain));
+        layer.config.control.set_shutdown(Some(CloseReason::Drain));
         tracing::debug!(connections = drain.connections(), "draining");
         drain.drain(drain_timeout).await;
         Ok(())

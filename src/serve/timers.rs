@@ -474,8 +474,8 @@ mod tests {
         let before = handle.shared.scheduled_ns.load(Ordering::Relaxed);
         layer
             .config
-            .stats
-            .set_pressure(crate::stats::PRESSURE_STEPS);
+            .control
+            .set_pressure(crate::control::PRESSURE_STEPS);
         timers.pressure_rose();
         let next = timers.tick().expect("a deadline");
         let after = handle.shared.scheduled_ns.load(Ordering::Relaxed);
