@@ -158,12 +158,14 @@ impl Config {
     }
 
     /// The idle timeout in force now: shortened in proportion to the server's connection pressure.
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) fn effective_idle_timeout(&self) -> Duration {
         scaled_timeout(self.idle_timeout, self.control.pressure())
     }
 
     /// The header timeout in force now, if there is one: shortened under connection pressure as the
     /// idle timeout is.
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) fn effective_header_timeout(&self) -> Option<Duration> {
         let timeout = self.header_timeout?;
         Some(scaled_timeout(timeout, self.control.pressure()))

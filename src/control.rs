@@ -30,6 +30,7 @@ impl Control {
     }
 
     /// Sets the pressure level; returns the one it replaces.
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) fn set_pressure(&self, level: u32) -> u32 {
         self.pressure.swap(level.min(PRESSURE_STEPS), Relaxed)
     }
@@ -40,6 +41,7 @@ impl Control {
     }
 
     /// The server starts its lame-duck period or its drain (`None`: it serves again).
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) fn set_shutdown(&self, reason: Option<CloseReason>) {
         self.shutdown
             .store(reason.map_or(0, CloseReason::to_u8), Relaxed);

@@ -196,14 +196,12 @@
 #![forbid(unsafe_code)]
 // The connection lifecycle's bookkeeping (idle limits, write tracking, pressure) is read by the serve
 // path; a layer-only build keeps it but does not use all of it.
-
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
 #[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
 pub mod axum;
 mod body;
-mod clock;
 mod close;
 mod config;
 mod connection;

@@ -87,7 +87,8 @@ use ::metrics::{
     counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
 };
 
-use crate::{clock, CloseReason, StatsSnapshot};
+use crate::connection::clock;
+use crate::{CloseReason, StatsSnapshot};
 
 const ACTIVE_CONNECTIONS: &str = "tower_keepalive_active_connections";
 const CONNECTION_DURATION: &str = "tower_keepalive_connection_duration_seconds";

@@ -102,6 +102,7 @@ impl<S> KeepAlive<S> {
     }
 
     /// The connection's handle, when bound to one.
+    #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) fn bound_handle(&self) -> Option<&ConnectionHandle> {
         match &self.binding {
             Binding::Connection(handle) => Some(handle),

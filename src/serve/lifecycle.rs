@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use crate::clock;
+use crate::connection::clock;
 use crate::{CloseReason, ConnectionHandle};
 
 /// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use super::lifecycle::{check, Timer};
-use crate::clock;
+use crate::connection::clock;
 use crate::connection::Shared;
 use crate::{CloseReason, ConnectionHandle};
 

@@ -72,6 +72,7 @@ pub(crate) fn instant(ns: u64) -> Instant {
 }
 
 /// `at` as a reading of [`now_ns`].
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
 pub(crate) fn ns_of(at: Instant) -> u64 {
     let epoch = epoch();
     match at.checked_duration_since(epoch.at) {
@@ -82,6 +83,7 @@ pub(crate) fn ns_of(at: Instant) -> u64 {
 
 /// `d` in nanoseconds, saturating (in 64-bit arithmetic: cheaper than going through `as_nanos`).
 #[inline]
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
 pub(crate) fn nanos(d: Duration) -> u64 {
     d.as_secs()
         .saturating_mul(1_000_000_000)
