@@ -194,8 +194,6 @@
     missing_debug_implementations
 )]
 #![forbid(unsafe_code)]
-// The connection lifecycle's bookkeeping (idle limits, write tracking, pressure) is read by the serve
-// path; a layer-only build keeps it but does not use all of it.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "axum")]
