@@ -356,20 +356,8 @@ fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::serve::timers::tests::one_watched;
     use crate::KeepAliveLayer;
-    use std::sync::atomic::Ordering;
-    use std::sync::Arc;
-
-    use super::super::timers::Timers;
-
-    /// Timers watching one connection of `layer`, started.
-    fn one_watched(layer: &KeepAliveLayer) -> (Arc<Timers>, ConnectionHandle) {
-        let timers = Arc::new(Timers::new());
-        let handle = layer.connection();
-        timers.live.fetch_add(1, Ordering::Relaxed);
-        timers.start(&handle);
-        (timers, handle)
-    }
 
     #[tokio::test]
     async fn a_due_connection_is_asked_to_close_and_dropped_after_its_grace() {

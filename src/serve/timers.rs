@@ -419,12 +419,12 @@ async fn run(timers: Weak<Timers>, wake: Arc<Notify>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::KeepAliveLayer;
 
     /// Timers watching one connection of `layer`, started.
-    fn one_watched(layer: &KeepAliveLayer) -> (Arc<Timers>, ConnectionHandle) {
+    pub(crate) fn one_watched(layer: &KeepAliveLayer) -> (Arc<Timers>, ConnectionHandle) {
         let timers = Arc::new(Timers::new());
         let handle = layer.connection();
         timers.live.fetch_add(1, Ordering::Relaxed);
