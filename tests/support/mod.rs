@@ -13,6 +13,7 @@
 //! - [`hyper_loop`]: a hand-written hyper-util accept loop, for the layer on its own (no serve path).
 //! - [`logs`]: what `tracing` logs during a test.
 //! - [`apps`]: the apps those servers serve.
+//! - `tls` (feature `tls`): a self-signed certificate, and a rustls client that trusts it.
 //!
 //! Every wait is bounded: by [`WAIT`] unless a test names a tighter bound.
 
@@ -29,6 +30,8 @@ pub mod http2;
 pub mod hyper_loop;
 pub mod logs;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;
