@@ -21,12 +21,15 @@ pub struct H2 {
     pub sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
     /// The client connection future, spawned: it ends when the server has closed the connection.
     pub conn: JoinHandle<Result<(), hyper::Error>>,
+    /// The client's own address on the connection.
+    pub local: SocketAddr,
     addr: SocketAddr,
 }
 
 impl H2 {
     pub async fn connect(addr: SocketAddr) -> Self {
         let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
+        let local = tcp.local_addr().unwrap();
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
                 .await
@@ -34,6 +37,7 @@ impl H2 {
         H2 {
             sender,
             conn: tokio::spawn(conn),
+            local,
             addr,
         }
     }

@@ -225,6 +225,7 @@ impl<L: Listener> Builder<L> {
             reports,
             waiting: VecDeque::new(),
             taken: 0,
+            history: Vec::new(),
             shutdown: Some(shutdown),
             task: Some(tokio::spawn(server.into_future())),
             started: mpsc::unbounded_channel().1,
@@ -265,6 +266,8 @@ pub struct TestServer<A = SocketAddr> {
     waiting: VecDeque<Closed>,
     /// Reports taken so far by the test.
     taken: usize,
+    /// The reason of every report received so far, taken or not, in order.
+    history: Vec<CloseReason>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<io::Result<()>>>,
     /// One message per handler start of [`apps::timed`] (`"slow"`, `"stream"`, ...).
@@ -319,9 +322,13 @@ impl<A> TestServer<A> {
     pub async fn next_close(&mut self) -> Closed {
         let closed = match self.waiting.pop_front() {
             Some(closed) => closed,
-            None => within("a connection to close", self.reports.recv())
-                .await
-                .expect("the server stopped reporting"),
+            None => {
+                let closed = within("a connection to close", self.reports.recv())
+                    .await
+                    .expect("the server stopped reporting");
+                self.history.push(closed.reason);
+                closed
+            }
         };
         self.taken += 1;
         closed
@@ -341,9 +348,17 @@ impl<A> TestServer<A> {
     /// Reports taken so far plus those already waiting.
     pub fn reported(&mut self) -> usize {
         while let Ok(closed) = self.reports.try_recv() {
+            self.history.push(closed.reason);
             self.waiting.push_back(closed);
         }
         self.taken + self.waiting.len()
+    }
+
+    /// The reason of every close reported so far, taken by the test or not, in the order reported: a
+    /// snapshot, without waiting.
+    pub fn reasons_so_far(&mut self) -> Vec<CloseReason> {
+        self.reported();
+        self.history.clone()
     }
 
     /// Waits until a handler of [`apps::timed`] has started.
