@@ -369,19 +369,32 @@ async fn an_idle_channel_gets_goaway_and_its_next_call_reconnects() {
     assert_eq!(server.next_seen().await.0, Some(second.local));
 }
 
-#[tokio::test]
-async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_through_the_grace() {
-    let max_age = Duration::from_secs(1);
-    let grace = Duration::from_secs(2);
+/// The maximum age of the max-age tests, and its grace.
+const MAX_AGE: Duration = Duration::from_secs(1);
+const GRACE: Duration = Duration::from_secs(2);
+
+/// A server whose connections reach [`MAX_AGE`] (no jitter) long before their idle timeout, and a
+/// client of it: the server, the client, the client's connections, and when the client was made.
+async fn max_age_client() -> (
+    Server,
+    HealthClient<Channel>,
+    mpsc::UnboundedReceiver<Conn>,
+    Instant,
+) {
     let layer = KeepAliveLayer::new()
         .idle_timeout(Duration::from_secs(30))
-        .max_age(max_age)
+        .max_age(MAX_AGE)
         .max_age_jitter(0.0)
-        .max_age_grace(grace);
-    let mut server = start(layer);
-    let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
-    let mut client = HealthClient::new(channel);
-    let opened = Instant::now();
+        .max_age_grace(GRACE);
+    let server = start(layer);
+    let (channel, conns) = channel(h2c(server.addr), server.addr).await;
+    (server, HealthClient::new(channel), conns, Instant::now())
+}
+
+#[tokio::test]
+async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_through_the_grace() {
+    let (max_age, grace) = (MAX_AGE, GRACE);
+    let (mut server, mut client, mut conns, opened) = max_age_client().await;
 
     // A server-streaming call (Watch), open across the maximum age: its first message is the status.
     let watch = client.watch(HealthCheckRequest {
@@ -465,17 +478,8 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
 
 #[tokio::test]
 async fn a_slow_call_in_flight_at_max_age_finishes_within_the_grace() {
-    let max_age = Duration::from_secs(1);
-    let grace = Duration::from_secs(2);
-    let layer = KeepAliveLayer::new()
-        .idle_timeout(Duration::from_secs(30))
-        .max_age(max_age)
-        .max_age_jitter(0.0)
-        .max_age_grace(grace);
-    let mut server = start(layer);
-    let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
-    let mut client = HealthClient::new(channel);
-    let opened = Instant::now();
+    let (max_age, grace) = (MAX_AGE, GRACE);
+    let (mut server, mut client, mut conns, opened) = max_age_client().await;
 
     // A call answered 1.5 s after it starts: in flight at the maximum age, done within the grace.
     let mut req = tonic::Request::new(HealthCheckRequest {
