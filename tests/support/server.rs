@@ -62,6 +62,9 @@ pub struct Builder<L> {
     options: Options,
 }
 
+/// A change to hyper's own settings (`Serve::http_builder`).
+type HttpSettings = Box<dyn FnOnce(&mut auto::Builder<TokioExecutor>)>;
+
 /// The serve path's settings a test may give, each left at the serve path's default unless set.
 struct Options {
     layer: KeepAliveLayer,
@@ -71,7 +74,7 @@ struct Options {
     connection_limits: Option<(usize, usize)>,
     peer_addr: Option<bool>,
     tcp_keepalive: Option<TcpKeepalive>,
-    http: Vec<Box<dyn FnOnce(&mut auto::Builder<TokioExecutor>)>>,
+    http: Vec<HttpSettings>,
     #[cfg(feature = "tls")]
     tls: Option<rustls::ServerConfig>,
     #[cfg(feature = "tls")]
