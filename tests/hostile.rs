@@ -735,15 +735,14 @@ async fn http_builder_limits_reach_hyper() {
     let big = format!("X-Big: {}", "a".repeat(20 * 1024));
     let mut statuses = Vec::new();
     for tight in [false, true] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut server = tower_keepalive::serve(listener, app.clone());
+        let mut builder = TestServer::builder(KeepAliveLayer::new());
         if tight {
-            server = server.http_builder(|builder| {
+            builder = builder.http_builder(|builder| {
                 builder.http1().max_buf_size(8 * 1024);
             });
         }
-        let task = tokio::spawn(std::future::IntoFuture::into_future(server));
+        let server = builder.serve(app.clone());
+        let addr = server.addr;
         let mut client = RawClient::connect(addr).await;
         let res = client.request(http_get("/", "HTTP/1.1", &[&big])).await;
         statuses.push(res.status_line.clone());
@@ -751,7 +750,6 @@ async fn http_builder_limits_reach_hyper() {
         let mut other = RawClient::connect(addr).await;
         let res = other.request(http_get("/", "HTTP/1.1", &[])).await;
         assert_eq!(res.body_str(), "hello");
-        task.abort();
     }
     assert_eq!(
         statuses,
