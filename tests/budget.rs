@@ -2,22 +2,18 @@
 
 mod support;
 
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
 use axum::Router;
 use support::http1::{http_get, RawClient};
+use support::server::TestServer;
 use support::within;
-use tokio::net::TcpListener;
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
-use std::future::IntoFuture;
-
-type Reasons = Arc<Mutex<Vec<CloseReason>>>;
-
-async fn start(soft: usize, hard: usize, idle: Duration) -> (SocketAddr, Reasons, KeepAliveLayer) {
+/// A server with the connection budget `soft`/`hard` and an idle timeout of `idle`: `/` answers `hello`,
+/// `/slow` answers `slow` after 2 s.
+fn start(soft: usize, hard: usize, idle: Duration) -> (TestServer, KeepAliveLayer) {
     let app = Router::new().route("/", get(|| async { "hello" })).route(
         "/slow",
         get(|| async {
@@ -25,23 +21,18 @@ async fn start(soft: usize, hard: usize, idle: Duration) -> (SocketAddr, Reasons
             "slow"
         }),
     );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let reasons = Reasons::default();
-    let seen = reasons.clone();
     let layer = KeepAliveLayer::new().idle_timeout(idle);
-    let server = tower_keepalive::serve(listener, app)
-        .keep_alive(layer.clone())
+    let server = TestServer::builder(layer.clone())
         .connection_limits(soft, hard)
-        .on_close(move |_, reason| seen.lock().unwrap().push(reason));
-    tokio::spawn(server.into_future());
-    (addr, reasons, layer)
+        .serve(app);
+    (server, layer)
 }
 
 #[tokio::test]
 async fn idle_connections_yield_to_new_clients_and_busy_ones_do_not() {
     // Hard limit 4, soft 2; a 16 s timeout shrinks to 1 s at the hard limit.
-    let (addr, reasons, layer) = start(2, 4, Duration::from_secs(16)).await;
+    let (mut server, layer) = start(2, 4, Duration::from_secs(16));
+    let addr = server.addr;
     let stats = layer.stats();
     let get = http_get("/", "HTTP/1.1", &[]);
 
@@ -81,13 +72,12 @@ async fn idle_connections_yield_to_new_clients_and_busy_ones_do_not() {
         "{adverts:?}"
     );
     // The clients admitted early were shed for pressure, longest idle first.
+    let reasons = server.reasons_so_far();
     let shed = reasons
-        .lock()
-        .unwrap()
         .iter()
         .filter(|r| **r == CloseReason::Pressure)
         .count();
-    assert!(shed >= 4, "{:?}", reasons.lock().unwrap());
+    assert!(shed >= 4, "{reasons:?}");
     assert!(stats.snapshot().closed(CloseReason::Pressure) >= 4);
     assert!(stats.snapshot().connections_open() <= 4);
     // The documented exception to "never before the advertised timeout": the first client was told
@@ -103,7 +93,8 @@ async fn idle_connections_yield_to_new_clients_and_busy_ones_do_not() {
 
 #[tokio::test]
 async fn below_the_soft_limit_nothing_changes() {
-    let (addr, reasons, _layer) = start(8, 16, Duration::from_secs(5)).await;
+    let (mut server, _layer) = start(8, 16, Duration::from_secs(5));
+    let addr = server.addr;
     let mut clients = Vec::new();
     for _ in 0..8 {
         let mut client = RawClient::connect(addr).await;
@@ -111,7 +102,7 @@ async fn below_the_soft_limit_nothing_changes() {
         assert_eq!(res.header("keep-alive"), Some("timeout=5, max=999"));
         clients.push(client);
     }
-    assert!(reasons.lock().unwrap().is_empty());
+    assert!(server.reasons_so_far().is_empty());
 }
 
 /// At the hard limit a new client does not wait for a shortened idle timeout to run out: the idle
@@ -119,7 +110,8 @@ async fn below_the_soft_limit_nothing_changes() {
 #[tokio::test]
 async fn at_the_hard_limit_a_new_client_is_served_at_once() {
     // A 30 s timeout would shrink to about 1.9 s at the hard limit.
-    let (addr, reasons, _layer) = start(3, 4, Duration::from_secs(30)).await;
+    let (mut server, _layer) = start(3, 4, Duration::from_secs(30));
+    let addr = server.addr;
     let get = http_get("/", "HTTP/1.1", &[]);
     let mut busy = RawClient::connect(addr).await;
     busy.send(http_get("/slow", "HTTP/1.1", &[])).await;
@@ -144,7 +136,7 @@ async fn at_the_hard_limit_a_new_client_is_served_at_once() {
         idle.push(client);
     }
     assert_eq!(
-        *reasons.lock().unwrap(),
+        server.reasons_so_far(),
         [CloseReason::Pressure; 3],
         "shed for pressure, nothing else"
     );
@@ -156,7 +148,8 @@ async fn at_the_hard_limit_a_new_client_is_served_at_once() {
 /// first to go, before idle keep-alive connections with real requests behind them.
 #[tokio::test]
 async fn connections_without_a_request_are_shed_first() {
-    let (addr, reasons, _layer) = start(3, 4, Duration::from_secs(30)).await;
+    let (mut server, _layer) = start(3, 4, Duration::from_secs(30));
+    let addr = server.addr;
     let get = http_get("/", "HTTP/1.1", &[]);
     // Two clients with a history of requests, idle the longest.
     let mut kept = Vec::new();
@@ -179,7 +172,7 @@ async fn connections_without_a_request_are_shed_first() {
     }
     within("the silent client's close", silent.eof()).await;
     within("the slow head's close", dribbling.eof()).await;
-    assert_eq!(*reasons.lock().unwrap(), [CloseReason::Pressure; 2]);
+    assert_eq!(server.reasons_so_far(), [CloseReason::Pressure; 2]);
     // The clients with requests behind them were left alone.
     for client in &mut kept[..2] {
         assert_eq!(client.request(&get).await.body_str(), "hello");

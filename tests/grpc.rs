@@ -11,7 +11,9 @@
 
 #![cfg(feature = "tonic")]
 
-use std::future::{Future, IntoFuture};
+mod support;
+
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,10 +22,12 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
+use support::server::{Builder, TestServer};
+use support::{within, WAIT};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Notify};
-use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_check_response::ServingStatus;
@@ -33,9 +37,6 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::{HealthReporter, HealthService};
 use tower_keepalive::{CloseReason, KeepAliveLayer};
 
-/// The bound on a wait with no tighter bound of its own: generous, the machine is shared.
-const WAIT: Duration = Duration::from_secs(10);
-
 /// What the server's interceptor saw on one call: tonic's `remote_addr()` and `local_addr()`.
 type Seen = (Option<SocketAddr>, Option<SocketAddr>);
 
@@ -44,30 +45,20 @@ struct Server {
     reporter: HealthReporter,
     /// Every call's addresses, as the service saw them.
     seen: mpsc::UnboundedReceiver<Seen>,
-    /// Every connection's close reason and age, from `Serve::on_close`.
-    closes: mpsc::UnboundedReceiver<(CloseReason, Duration)>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
+    inner: TestServer,
 }
 
 impl Server {
     async fn next_seen(&mut self) -> Seen {
-        tokio::time::timeout(WAIT, self.seen.recv())
+        within("a call to reach the service", self.seen.recv())
             .await
-            .expect("a call reached the service")
             .expect("server running")
     }
 
+    /// The next connection's close reason and age, from `Serve::on_close`.
     async fn next_close(&mut self) -> (CloseReason, Duration) {
-        tokio::time::timeout(WAIT, self.closes.recv())
-            .await
-            .expect("a connection closed")
-            .expect("server running")
+        let closed = self.inner.next_close().await;
+        (closed.reason, closed.at - closed.handle.opened_at())
     }
 }
 
@@ -125,40 +116,25 @@ where
     }
 }
 
-#[cfg(feature = "tls")]
-type Tls = Option<rustls::ServerConfig>;
-#[cfg(not(feature = "tls"))]
-type Tls = Option<std::convert::Infallible>;
-
-/// Serves the health service on 127.0.0.1 with `layer` (over TLS with `tls`).
-async fn start(layer: KeepAliveLayer, tls: Tls) -> Server {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+/// Serves the health service on 127.0.0.1 with `layer`, the serve path set up further by `configure`.
+fn start_with(
+    layer: KeepAliveLayer,
+    configure: impl FnOnce(Builder<TcpListener>) -> Builder<TcpListener>,
+) -> Server {
     let reporter = HealthReporter::new();
     let (svc, seen) = health(&reporter);
-    let (close_tx, closes) = mpsc::unbounded_channel();
-    let server = tower_keepalive::serve(listener, Delay(svc))
-        .keep_alive(layer)
-        .on_close(move |conn, reason| {
-            let _ = close_tx.send((reason, conn.opened_at().elapsed()));
-        });
-    #[cfg(feature = "tls")]
-    let server = match tls {
-        Some(config) => server.tls(config),
-        None => server,
-    };
-    #[cfg(not(feature = "tls"))]
-    let _ = tls;
-    let task = tokio::spawn(async move {
-        let _ = server.into_future().await;
-    });
+    let inner = configure(TestServer::builder(layer)).serve(Delay(svc));
     Server {
-        addr,
+        addr: inner.addr,
         reporter,
         seen,
-        closes,
-        task,
+        inner,
     }
+}
+
+/// Serves the health service on 127.0.0.1 (h2c) with `layer`.
+fn start(layer: KeepAliveLayer) -> Server {
+    start_with(layer, |builder| builder)
 }
 
 /// One connection the client made: its local address, and the bytes the server sent on it.
@@ -196,7 +172,7 @@ impl Conn {
 
     /// Waits until the connection has ended; the GOAWAY frames the server sent on it.
     async fn closed(&self) -> Vec<(u32, u32)> {
-        tokio::time::timeout(WAIT, async {
+        within("the connection to end", async {
             loop {
                 let read = self.read.notified();
                 if self.closed.load(Ordering::Acquire) {
@@ -206,7 +182,6 @@ impl Conn {
             }
         })
         .await
-        .expect("the connection ended")
     }
 }
 
@@ -309,17 +284,18 @@ async fn channel(endpoint: Endpoint, addr: SocketAddr) -> (Channel, mpsc::Unboun
             Ok::<_, std::io::Error>(TokioIo::new(Tap { io, conn }))
         }
     });
-    let channel = tokio::time::timeout(WAIT, endpoint.connect_with_connector(connector))
-        .await
-        .expect("connected in time")
-        .expect("connected");
+    let channel = within(
+        "the channel to connect",
+        endpoint.connect_with_connector(connector),
+    )
+    .await
+    .expect("connected");
     (channel, conns)
 }
 
 async fn next_conn(conns: &mut mpsc::UnboundedReceiver<Conn>) -> Conn {
-    tokio::time::timeout(WAIT, conns.recv())
+    within("a connection", conns.recv())
         .await
-        .expect("a connection")
         .expect("connector alive")
 }
 
@@ -328,9 +304,8 @@ async fn check(client: &mut HealthClient<Channel>) -> Result<i32, String> {
     let call = client.check(HealthCheckRequest {
         service: String::new(),
     });
-    let res = tokio::time::timeout(WAIT, call)
+    let res = within("the call to be answered", call)
         .await
-        .expect("the call answered in time")
         .map_err(|status| status.to_string())?;
     Ok(res.into_inner().status)
 }
@@ -341,7 +316,7 @@ fn h2c(addr: SocketAddr) -> Endpoint {
 
 #[tokio::test]
 async fn health_check_is_served_and_the_service_sees_the_client_address() {
-    let mut server = start(KeepAliveLayer::new(), None).await;
+    let mut server = start(KeepAliveLayer::new());
     let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
     let mut client = HealthClient::new(channel);
     assert_eq!(check(&mut client).await, Ok(ServingStatus::Serving as i32));
@@ -358,24 +333,21 @@ async fn health_check_is_served_and_the_service_sees_the_client_address() {
 /// On a wildcard listener, `local_addr()` is the address the client reached, not `0.0.0.0`.
 #[tokio::test]
 async fn on_a_wildcard_listener_local_addr_is_the_address_reached() {
-    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let listener = TcpListener::bind("0.0.0.0:0").await.unwrap();
     let addr = SocketAddr::from(([127, 0, 0, 1], listener.local_addr().unwrap().port()));
-    let reporter = HealthReporter::new();
-    let (svc, mut seen) = health(&reporter);
-    let task = tokio::spawn(tower_keepalive::serve(listener, svc).into_future());
+    let mut server = start_with(KeepAliveLayer::new(), |builder| builder.listener(listener));
     let (channel, mut conns) = channel(h2c(addr), addr).await;
     let mut client = HealthClient::new(channel);
     assert_eq!(check(&mut client).await, Ok(ServingStatus::Serving as i32));
     let conn = next_conn(&mut conns).await;
-    let seen = tokio::time::timeout(WAIT, seen.recv()).await.unwrap();
-    assert_eq!(seen, Some((Some(conn.local), Some(addr))));
-    task.abort();
+    let seen = server.next_seen().await;
+    assert_eq!(seen, (Some(conn.local), Some(addr)));
 }
 
 #[tokio::test]
 async fn an_idle_channel_gets_goaway_and_its_next_call_reconnects() {
     let idle = Duration::from_millis(300);
-    let mut server = start(KeepAliveLayer::new().idle_timeout(idle), None).await;
+    let mut server = start(KeepAliveLayer::new().idle_timeout(idle));
     let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
     let mut client = HealthClient::new(channel);
     assert_eq!(check(&mut client).await, Ok(ServingStatus::Serving as i32));
@@ -397,31 +369,43 @@ async fn an_idle_channel_gets_goaway_and_its_next_call_reconnects() {
     assert_eq!(server.next_seen().await.0, Some(second.local));
 }
 
-#[tokio::test]
-async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_through_the_grace() {
-    let max_age = Duration::from_secs(1);
-    let grace = Duration::from_secs(2);
+/// The maximum age of the max-age tests, and its grace.
+const MAX_AGE: Duration = Duration::from_secs(1);
+const GRACE: Duration = Duration::from_secs(2);
+
+/// A server whose connections reach [`MAX_AGE`] (no jitter) long before their idle timeout, and a
+/// client of it: the server, the client, the client's connections, and when the client was made.
+async fn max_age_client() -> (
+    Server,
+    HealthClient<Channel>,
+    mpsc::UnboundedReceiver<Conn>,
+    Instant,
+) {
     let layer = KeepAliveLayer::new()
         .idle_timeout(Duration::from_secs(30))
-        .max_age(max_age)
+        .max_age(MAX_AGE)
         .max_age_jitter(0.0)
-        .max_age_grace(grace);
-    let mut server = start(layer, None).await;
-    let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
-    let mut client = HealthClient::new(channel);
-    let opened = Instant::now();
+        .max_age_grace(GRACE);
+    let server = start(layer);
+    let (channel, conns) = channel(h2c(server.addr), server.addr).await;
+    (server, HealthClient::new(channel), conns, Instant::now())
+}
+
+#[tokio::test]
+async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_through_the_grace() {
+    let (max_age, grace) = (MAX_AGE, GRACE);
+    let (mut server, mut client, mut conns, opened) = max_age_client().await;
 
     // A server-streaming call (Watch), open across the maximum age: its first message is the status.
     let watch = client.watch(HealthCheckRequest {
         service: String::new(),
     });
-    let mut stream = tokio::time::timeout(WAIT, watch)
+    let mut stream = within("the watch to be answered", watch)
         .await
-        .expect("watch answered")
         .expect("watch accepted")
         .into_inner();
     let first = next_conn(&mut conns).await;
-    let status = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    let status = within("a status on the watch", stream.message()).await;
     assert_eq!(
         status.unwrap().unwrap().status,
         ServingStatus::Serving as i32
@@ -450,7 +434,7 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
         .reporter
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
-    let status = tokio::time::timeout(WAIT, stream.message()).await.unwrap();
+    let status = within("a status on the watch", stream.message()).await;
     assert_eq!(
         status.unwrap().unwrap().status,
         ServingStatus::NotServing as i32,
@@ -458,7 +442,7 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
     );
 
     // Past the maximum age and the grace, the old connection is closed under it.
-    let ended = tokio::time::timeout(WAIT, async {
+    let ended = within("the stream to be cut", async {
         loop {
             match stream.message().await {
                 Ok(Some(_)) => continue,
@@ -466,8 +450,7 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
             }
         }
     })
-    .await
-    .expect("the stream was cut");
+    .await;
     assert!(
         ended.is_err(),
         "the cut is an error to the client: {ended:?}"
@@ -495,17 +478,8 @@ async fn max_age_moves_new_calls_to_a_fresh_connection_and_a_stream_runs_on_thro
 
 #[tokio::test]
 async fn a_slow_call_in_flight_at_max_age_finishes_within_the_grace() {
-    let max_age = Duration::from_secs(1);
-    let grace = Duration::from_secs(2);
-    let layer = KeepAliveLayer::new()
-        .idle_timeout(Duration::from_secs(30))
-        .max_age(max_age)
-        .max_age_jitter(0.0)
-        .max_age_grace(grace);
-    let mut server = start(layer, None).await;
-    let (channel, mut conns) = channel(h2c(server.addr), server.addr).await;
-    let mut client = HealthClient::new(channel);
-    let opened = Instant::now();
+    let (max_age, grace) = (MAX_AGE, GRACE);
+    let (mut server, mut client, mut conns, opened) = max_age_client().await;
 
     // A call answered 1.5 s after it starts: in flight at the maximum age, done within the grace.
     let mut req = tonic::Request::new(HealthCheckRequest {
@@ -515,9 +489,8 @@ async fn a_slow_call_in_flight_at_max_age_finishes_within_the_grace() {
         "x-delay-ms",
         tonic::metadata::MetadataValue::from_static("1500"),
     );
-    let res = tokio::time::timeout(WAIT, client.check(req))
+    let res = within("the slow call to be answered", client.check(req))
         .await
-        .expect("the slow call answered")
         .expect("the slow call succeeded");
     assert_eq!(res.into_inner().status, ServingStatus::Serving as i32);
     assert!(opened.elapsed() >= Duration::from_millis(1500));
@@ -533,51 +506,35 @@ async fn a_slow_call_in_flight_at_max_age_finishes_within_the_grace() {
 #[cfg(feature = "axum")]
 #[tokio::test]
 async fn under_axum_serve_the_service_sees_the_client_address() {
-    use tower_keepalive::axum::{into_make_service, KeepAliveListener};
-
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
     let reporter = HealthReporter::new();
     let (svc, mut seen) = health(&reporter);
     let app = axum::Router::new().route_service("/grpc.health.v1.Health/{*method}", svc);
-    let listener = KeepAliveListener::new(listener, KeepAliveLayer::new());
-    let task = tokio::spawn(axum::serve(listener, into_make_service(app)).into_future());
+    let server = support::axum_serve::serve_axum(KeepAliveLayer::new(), app).await;
+    let addr = server.addr;
 
     let (channel, mut conns) = channel(h2c(addr), addr).await;
     let mut client = HealthClient::new(channel);
     assert_eq!(check(&mut client).await, Ok(ServingStatus::Serving as i32));
     let conn = next_conn(&mut conns).await;
-    let (remote, local) = tokio::time::timeout(WAIT, seen.recv())
+    let (remote, local) = within("a call to reach the service", seen.recv())
         .await
-        .unwrap()
         .unwrap();
     assert_eq!(remote, Some(conn.local));
     assert_eq!(local, Some(addr));
-    task.abort();
 }
 
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn over_tls_health_check_is_served_and_the_service_sees_the_client_address() {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tonic::transport::{Certificate, ClientTlsConfig};
 
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let der = CertificateDer::from(cert.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(vec![der], key)
-    .unwrap();
-
+    let cert = support::tls::certificate(&["localhost"]);
     let idle = Duration::from_millis(300);
-    let mut server = start(KeepAliveLayer::new().idle_timeout(idle), Some(config)).await;
+    let mut server = start_with(KeepAliveLayer::new().idle_timeout(idle), |builder| {
+        builder.tls(cert.server)
+    });
     let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(cert.cert.pem()))
+        .ca_certificate(Certificate::from_pem(&cert.pem))
         .domain_name("localhost");
     let endpoint = Endpoint::from_shared(format!("https://localhost:{}", server.addr.port()))
         .unwrap()

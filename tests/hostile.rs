@@ -1,8 +1,9 @@
 //! Hostile input on the wire, through the crate's serve path over raw TCP: whatever a peer sends in
 //! `Connection`, `Keep-Alive` and friends, nothing panics, the connection ends correctly persistent or
 //! closed, a client cannot get a protected field removed by naming it in `Connection`, and the server goes
-//! on serving other clients. Property tests then check the `Connection` token logic of the public
-//! `KeepAlive` service against a reference model.
+//! on serving other clients; HTTP/2 clients that send PINGs and never acknowledge the server's are closed
+//! after the idle timeout and its grace all the same. Property tests then check the `Connection` token
+//! logic of the public `KeepAlive` service against a reference model.
 
 mod support;
 
@@ -734,15 +735,14 @@ async fn http_builder_limits_reach_hyper() {
     let big = format!("X-Big: {}", "a".repeat(20 * 1024));
     let mut statuses = Vec::new();
     for tight in [false, true] {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut server = tower_keepalive::serve(listener, app.clone());
+        let mut builder = TestServer::builder(KeepAliveLayer::new());
         if tight {
-            server = server.http_builder(|builder| {
+            builder = builder.http_builder(|builder| {
                 builder.http1().max_buf_size(8 * 1024);
             });
         }
-        let task = tokio::spawn(std::future::IntoFuture::into_future(server));
+        let server = builder.serve(app.clone());
+        let addr = server.addr;
         let mut client = RawClient::connect(addr).await;
         let res = client.request(http_get("/", "HTTP/1.1", &[&big])).await;
         statuses.push(res.status_line.clone());
@@ -750,7 +750,6 @@ async fn http_builder_limits_reach_hyper() {
         let mut other = RawClient::connect(addr).await;
         let res = other.request(http_get("/", "HTTP/1.1", &[])).await;
         assert_eq!(res.body_str(), "hello");
-        task.abort();
     }
     assert_eq!(
         statuses,
@@ -759,4 +758,79 @@ async fn http_builder_limits_reach_hyper() {
             "HTTP/1.1 431 Request Header Fields Too Large"
         ]
     );
+}
+
+// HTTP/2 clients that keep a connection writing with PINGs of their own and never acknowledge the
+// server's, on both serve paths.
+#[cfg(feature = "axum")]
+mod pingers {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::support::apps::bulk;
+    use crate::support::both::{serve_on, Path, Server};
+    use crate::support::http2::{RawH2, DATA, GOAWAY};
+    use crate::support::{SLACK, WAIT};
+    use tower_keepalive::KeepAliveLayer;
+
+    async fn start(path: Path, layer: KeepAliveLayer) -> Server {
+        serve_on(path, layer, bulk(Arc::new(AtomicUsize::new(0)))).await
+    }
+
+    /// A client that opens no stream and sends PINGs without acknowledging the server's is closed after the
+    /// idle timeout and a short grace period: the acknowledgements the server writes do not push the grace
+    /// on.
+    async fn h2_pinger_without_streams_is_closed(path: Path) {
+        let idle = Duration::from_secs(1);
+        let server = start(path, KeepAliveLayer::new().idle_timeout(idle)).await;
+        let began = Instant::now();
+        let mut client = RawH2::connect(server.addr).await.never_acknowledge_pings();
+        let (frames, closed) = client.ping_until_closed(idle + WAIT).await;
+        let took = closed - began;
+        assert!(took >= idle, "{path:?}: closed after {took:?}");
+        // The idle timeout, then (serve path) a grace of one second after GOAWAY.
+        assert!(
+            took < idle + Duration::from_secs(1) + SLACK,
+            "{path:?}: closed after {took:?}"
+        );
+        if let Path::Serve = path {
+            assert!(frames.iter().any(|f| f.kind == GOAWAY), "{frames:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_pinger_without_streams_is_closed_after_the_idle_timeout_serve() {
+        h2_pinger_without_streams_is_closed(Path::Serve).await;
+    }
+
+    #[tokio::test]
+    async fn h2_pinger_without_streams_is_closed_after_the_idle_timeout_axum() {
+        h2_pinger_without_streams_is_closed(Path::Axum).await;
+    }
+
+    /// The same after a request: the grace after GOAWAY is then the send timeout (for response data h2
+    /// may still hold), and it is not pushed on by PINGs either.
+    #[tokio::test]
+    async fn h2_pinger_after_a_request_is_closed_after_the_idle_timeout_and_its_grace() {
+        let idle = Duration::from_secs(1);
+        let grace = Duration::from_secs(2);
+        let server = start(
+            Path::Serve,
+            KeepAliveLayer::new().idle_timeout(idle).send_timeout(grace),
+        )
+        .await;
+        let mut client = RawH2::connect(server.addr).await.never_acknowledge_pings();
+        client.get(1).await;
+        let began = Instant::now();
+        let (frames, closed) = client.ping_until_closed(idle + grace + WAIT).await;
+        assert!(
+            frames.iter().any(|f| f.kind == DATA && f.stream == 1),
+            "{frames:?}"
+        );
+        assert!(frames.iter().any(|f| f.kind == GOAWAY), "{frames:?}");
+        let took = closed - began;
+        assert!(took >= idle, "closed after {took:?}");
+        assert!(took < idle + grace + SLACK, "closed after {took:?}");
+    }
 }

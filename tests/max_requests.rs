@@ -1,6 +1,7 @@
 //! The maximum number of requests per connection on the crate's serve path, over real sockets on loopback:
 //! HTTP/2 GOAWAY after the last one, HTTP/1 `Connection: close` on it with requests pipelined past it
-//! never run, and the lingering close after it (RFC 9112 section 9.6).
+//! never run, and the lingering close after it (RFC 9112 section 9.6); HTTP/2 streams past the maximum
+//! refused, on both serve paths, when a client that never acknowledges PING keeps opening them.
 //!
 //! Timing: "not before" bounds are strict and measured so that they hold whatever the load (from an
 //! instant the server's own clock cannot precede); "soon after" bounds allow [`SLACK`] for a loaded
@@ -140,4 +141,99 @@ async fn http1_lingering_close_of_a_silent_client_ends_after_two_seconds() {
         ms(1500),
         ms(2000) + SLACK,
     );
+}
+
+// HTTP/2 against a client that never acknowledges the server's PING, on both serve paths.
+#[cfg(feature = "axum")]
+mod never_acknowledging {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::support::apps::bulk;
+    use crate::support::both::{serve_on, Path};
+    use crate::support::http2::{RawH2, HEADERS};
+    use crate::support::{within, SLACK, WAIT};
+    use tower_keepalive::KeepAliveLayer;
+
+    /// With a maximum of N requests, a client that never acknowledges the server's PING (so hyper's
+    /// graceful close never sends its final GOAWAY, and keeps taking new streams) and opens 3 N streams is
+    /// served N of them; the rest are answered 503 without reaching the handler, and the connection is
+    /// dropped after its grace period.
+    async fn h2_max_requests_hold(path: Path) {
+        const MAX: u64 = 5;
+        let grace = Duration::from_secs(2);
+        let hits = Arc::new(AtomicUsize::new(0));
+        let server = serve_on(
+            path,
+            KeepAliveLayer::new().max_requests(MAX).send_timeout(grace),
+            bulk(hits.clone()),
+        )
+        .await;
+        let mut client = RawH2::connect(server.addr).await.never_acknowledge_pings();
+        let streams: Vec<u32> = (0..3 * MAX as u32).map(|i| 2 * i + 1).collect();
+        let mut statuses: HashMap<u32, u8> = HashMap::new();
+        // One stream after the other, each answered before the next: the client has seen the GOAWAY long
+        // before it opens the streams past the maximum.
+        for &stream in &streams {
+            if client.try_get(stream, "/count").await.is_err() {
+                break;
+            }
+            let answered = within("an answer", async {
+                loop {
+                    match client.frame().await {
+                        Some(f) if f.kind == HEADERS && f.stream == stream => return Some(f),
+                        Some(_) => {}
+                        None => return None,
+                    }
+                }
+            })
+            .await;
+            let Some(headers) = answered else { break };
+            // HPACK: 0x88 is `:status 200` (static index 8); anything else is the refusal.
+            statuses.insert(stream, headers.payload[0]);
+        }
+        let hits = hits.load(Ordering::SeqCst) as u64;
+        assert!(hits <= MAX, "{path:?}: {hits} requests reached the handler");
+        assert_eq!(
+            hits, MAX,
+            "{path:?}: the allowed requests were not all served"
+        );
+        let served = statuses.values().filter(|&&s| s == 0x88).count() as u64;
+        match path {
+            Path::Serve => assert_eq!(served, MAX, "{path:?}: {statuses:?}"),
+            // Known, and older than this test: the `axum::serve` path ends a closing HTTP/2 connection
+            // with an end of file once its last body has been polled, which may be before h2 has written
+            // that response out; the last allowed response can be lost.
+            Path::Axum => assert!(served + 1 >= MAX, "{path:?}: {statuses:?}"),
+        }
+        // Past the maximum, refused: never `:status 200`.
+        for (stream, status) in &statuses {
+            if *stream > 2 * MAX as u32 - 1 {
+                assert_ne!(
+                    *status, 0x88,
+                    "{path:?}: stream {stream} served: {statuses:?}"
+                );
+            }
+        }
+        // The client ignores the close: it is dropped within the grace period after its last answer.
+        let last = Instant::now();
+        let (_, closed) = client.ping_until_closed(grace + WAIT).await;
+        assert!(
+            closed - last < grace + SLACK,
+            "{path:?}: closed {:?} after the last answer",
+            closed - last
+        );
+    }
+
+    #[tokio::test]
+    async fn h2_max_requests_hold_against_a_client_that_never_acknowledges_ping_serve() {
+        h2_max_requests_hold(Path::Serve).await;
+    }
+
+    #[tokio::test]
+    async fn h2_max_requests_hold_against_a_client_that_never_acknowledges_ping_axum() {
+        h2_max_requests_hold(Path::Axum).await;
+    }
 }

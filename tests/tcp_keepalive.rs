@@ -3,6 +3,8 @@
 
 #![cfg(all(feature = "axum", target_os = "linux"))]
 
+mod support;
+
 use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
@@ -10,18 +12,14 @@ use std::time::Duration;
 
 use axum::routing::get;
 use axum::Router;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use support::http1::RawClient;
+use support::server::TestServer;
+use support::within;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tower_keepalive::serve::TcpKeepalive;
-
-const WAIT: Duration = Duration::from_secs(10);
-
-async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
+use tower_keepalive::KeepAliveLayer;
 
 fn app() -> Router {
     Router::new().route("/", get(|| async { "ok" }))
@@ -85,21 +83,11 @@ async fn tapped() -> (Tapped, SocketAddr, mpsc::UnboundedReceiver<socket2::Socke
 }
 
 /// One request answered: by then the server has accepted the connection and configured its socket.
-async fn request(addr: SocketAddr) -> TcpStream {
-    let mut stream = within("connect", TcpStream::connect(addr)).await.unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    while !buf.ends_with(b"ok") {
-        let mut chunk = [0; 1024];
-        let n = within("response", stream.read(&mut chunk)).await.unwrap();
-        assert!(n > 0, "closed before the response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    assert!(buf.starts_with(b"HTTP/1.1 200"), "{buf:?}");
-    stream
+async fn request<S: AsyncRead + AsyncWrite + Unpin>(mut client: RawClient<S>) -> RawClient<S> {
+    let res = client.get("/").await;
+    assert_eq!(res.status, 200, "{res:#?}");
+    assert_eq!(res.body_str(), "ok");
+    client
 }
 
 fn assert_keepalive(socket: &socket2::Socket) {
@@ -117,22 +105,23 @@ fn assert_keepalive(socket: &socket2::Socket) {
 
 #[tokio::test]
 async fn serve_sets_tcp_keepalive_on_accepted_sockets() {
-    let (listener, addr, mut sockets) = tapped().await;
-    tokio::spawn(
-        tower_keepalive::serve(listener, app())
-            .tcp_keepalive(keepalive())
-            .into_future(),
-    );
-    let _client = request(addr).await;
+    let (listener, _, mut sockets) = tapped().await;
+    let server = TestServer::builder(KeepAliveLayer::new())
+        .listener(listener)
+        .tcp_keepalive(keepalive())
+        .serve(app());
+    let _client = request(RawClient::connect(server.addr).await).await;
     let socket = within("socket", sockets.recv()).await.unwrap();
     assert_keepalive(&socket);
 }
 
 #[tokio::test]
 async fn serve_leaves_tcp_keepalive_off_by_default() {
-    let (listener, addr, mut sockets) = tapped().await;
-    tokio::spawn(tower_keepalive::serve(listener, app()).into_future());
-    let _client = request(addr).await;
+    let (listener, _, mut sockets) = tapped().await;
+    let server = TestServer::builder(KeepAliveLayer::new())
+        .listener(listener)
+        .serve(app());
+    let _client = request(RawClient::connect(server.addr).await).await;
     let socket = within("socket", sockets.recv()).await.unwrap();
     assert!(!socket.keepalive().unwrap());
 }
@@ -142,63 +131,27 @@ async fn keep_alive_listener_sets_tcp_keepalive_on_accepted_sockets() {
     let (listener, addr, mut sockets) = tapped().await;
     let listener = tower_keepalive::axum::KeepAliveListener::new(listener, Default::default())
         .tcp_keepalive(keepalive());
-    tokio::spawn(
+    let server = tokio::spawn(
         axum::serve(listener, tower_keepalive::axum::into_make_service(app())).into_future(),
     );
-    let _client = request(addr).await;
+    let _client = request(RawClient::connect(addr).await).await;
     let socket = within("socket", sockets.recv()).await.unwrap();
     assert_keepalive(&socket);
+    server.abort();
 }
 
 #[cfg(feature = "tls")]
 #[tokio::test]
 async fn serve_sets_tcp_keepalive_under_tls() {
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-    use std::sync::Arc;
-
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let der = CertificateDer::from(cert.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let config = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-
-    let (listener, addr, mut sockets) = tapped().await;
-    tokio::spawn(
-        tower_keepalive::serve(listener, app())
-            .tls(config)
-            .tcp_keepalive(keepalive())
-            .into_future(),
-    );
-    let tcp = within("connect", TcpStream::connect(addr)).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let mut tls = within(
-        "handshake",
-        tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, tcp),
-    )
-    .await
-    .unwrap();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    while !buf.ends_with(b"ok") {
-        let mut chunk = [0; 1024];
-        let n = within("response", tls.read(&mut chunk)).await.unwrap();
-        assert!(n > 0, "closed before the response: {buf:?}");
-        buf.extend_from_slice(&chunk[..n]);
-    }
+    let cert = support::tls::certificate(&["localhost"]);
+    let (listener, _, mut sockets) = tapped().await;
+    let server = TestServer::builder(KeepAliveLayer::new())
+        .listener(listener)
+        .tls(cert.server)
+        .tcp_keepalive(keepalive())
+        .serve(app());
+    let tls = support::tls::connect(server.addr, &cert.roots, &[], "localhost").await;
+    let _client = request(RawClient::new(tls)).await;
     let socket = within("socket", sockets.recv()).await.unwrap();
     assert_keepalive(&socket);
 }

@@ -1,132 +1,122 @@
 //! TLS on the serve path (feature `tls`): HTTP/1.1 and h2 chosen by ALPN, handshakes off the accept
-//! loop and bounded in time, and the keep-alive lifecycle on TLS connections. A rustls client trusts the
-//! server's self-signed rcgen certificate.
+//! loop and bounded in time, the keep-alive lifecycle on TLS connections, and the ALPN protocol and SNI
+//! name on each request (`serve::tls::TlsInfo`). A rustls client trusts the server's self-signed rcgen
+//! certificate.
 
 #![cfg(feature = "tls")]
 
 mod support;
 
-use std::future::IntoFuture;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::routing::get;
-use axum::Router;
+use axum::{Extension, Router};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
 use support::http1::{get_request, RawClient};
-use support::{assert_between, within, within_for, SLACK};
+use support::server::{Builder, TestServer};
+use support::tls::{certificate, connect};
+use support::{assert_between, within, SLACK};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::TlsConnector;
+use tower_keepalive::serve::tls::TlsInfo;
 use tower_keepalive::{CloseReason, KeepAliveLayer, Stats};
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-/// A self-signed certificate for `localhost`, the server's config (no ALPN set: the serve path's
-/// default applies), and a client config that trusts the certificate.
-fn certificate() -> (rustls::ServerConfig, rustls::RootCertStore) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let der = CertificateDer::from(cert.cert.der().to_vec());
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
-    let server = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![der.clone()], key)
-        .unwrap();
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der).unwrap();
-    (server, roots)
+/// The handler's view of the TLS connection: `ALPN|SNI`, `-` for none, `missing` without the extension.
+async fn describe(tls: Option<Extension<TlsInfo>>) -> String {
+    let Some(Extension(tls)) = tls else {
+        return "missing".to_string();
+    };
+    let alpn = tls
+        .alpn_protocol()
+        .map_or("-".to_string(), |p| String::from_utf8_lossy(p).into_owned());
+    format!("{alpn}|{}", tls.server_name().unwrap_or("-"))
 }
 
 struct Server {
+    inner: TestServer,
     addr: SocketAddr,
     roots: rustls::RootCertStore,
     stats: Stats,
-    closes: mpsc::UnboundedReceiver<CloseReason>,
-    task: JoinHandle<std::io::Result<()>>,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Serves `/` (`hello`) over TLS on 127.0.0.1 with `layer`, and the handshake timeout if given.
-async fn start(layer: KeepAliveLayer, handshake_timeout: Option<Duration>) -> Server {
-    let (config, roots) = certificate();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
+/// Serves `/` (`hello`) and `/tls` ([`describe`]) over TLS on 127.0.0.1 with `layer`, the serve path
+/// set up further by `configure`. The certificate names `localhost`, `api.localhost` and `127.0.0.1`.
+fn start_with(
+    layer: KeepAliveLayer,
+    configure: impl FnOnce(Builder<TcpListener>) -> Builder<TcpListener>,
+) -> Server {
+    let cert = certificate(&["localhost", "api.localhost", "127.0.0.1"]);
     let stats = layer.stats();
-    let (close_tx, closes) = mpsc::unbounded_channel();
-    let app = Router::new().route("/", get(|| async { "hello" }));
-    let mut server = tower_keepalive::serve(listener, app)
-        .keep_alive(layer)
-        .tls(config)
-        .on_close(move |_, reason| {
-            let _ = close_tx.send(reason);
-        });
-    if let Some(timeout) = handshake_timeout {
-        server = server.tls_handshake_timeout(timeout);
-    }
+    let app = Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route("/tls", get(describe));
+    let inner = configure(TestServer::builder(layer).tls(cert.server)).serve(app);
     Server {
-        addr,
-        roots,
+        addr: inner.addr,
+        inner,
+        roots: cert.roots,
         stats,
-        closes,
-        task: tokio::spawn(server.into_future()),
     }
+}
+
+fn start(layer: KeepAliveLayer) -> Server {
+    start_with(layer, |builder| builder)
 }
 
 impl Server {
-    /// A TLS connection offering `alpn`, its handshake done.
+    /// A TLS connection to `localhost` offering `alpn`, its handshake done.
     async fn connect(&self, alpn: &[&[u8]]) -> TlsStream<TcpStream> {
-        let mut config = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(self.roots.clone())
-            .with_no_client_auth();
-        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let connector = TlsConnector::from(Arc::new(config));
-        let tcp = within("connect", TcpStream::connect(self.addr))
-            .await
-            .unwrap();
-        let name = ServerName::try_from("localhost").unwrap();
-        within("the TLS handshake", connector.connect(name, tcp))
-            .await
-            .unwrap()
+        connect(self.addr, &self.roots, alpn, "localhost").await
     }
 
     async fn next_close(&mut self) -> CloseReason {
-        within("a connection to close", self.closes.recv())
-            .await
-            .expect("server gone")
+        self.inner.next_close().await.reason
     }
-}
 
-/// Waits until the server has accepted `n` connections (nothing signals an accept: the counter is
-/// looked at every 10 ms).
-async fn opened(stats: &Stats, n: u64) {
-    within("the server to accept the connections", async {
-        while stats.snapshot().connections_opened() < n {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
+    /// `GET /tls` over a TLS connection offering `alpn` to `name` (hyper's client, HTTP/1.1 or h2 as
+    /// ALPN chose); the body, and the protocol version.
+    async fn tls_info(&self, alpn: &[&[u8]], name: &'static str) -> (String, http::Version) {
+        let stream = connect(self.addr, &self.roots, alpn, name).await;
+        let h2 = stream.get_ref().1.alpn_protocol() == Some(&b"h2"[..]);
+        let io = TokioIo::new(stream);
+        let res = if h2 {
+            let req = http::Request::get("https://localhost/tls")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            within("h2 response", sender.send_request(req))
+                .await
+                .unwrap()
+        } else {
+            let req = http::Request::get("/tls")
+                .header(http::header::HOST, "localhost")
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            within("http/1.1 response", sender.send_request(req))
+                .await
+                .unwrap()
+        };
+        let version = res.version();
+        let body = within("body", res.into_body().collect())
+            .await
+            .unwrap()
+            .to_bytes();
+        (String::from_utf8(body.to_vec()).unwrap(), version)
+    }
 }
 
 #[tokio::test]
 async fn http11_over_tls_counts_down_and_reports_its_close() {
-    let mut server = start(KeepAliveLayer::new().max_requests(3), None).await;
+    let mut server = start(KeepAliveLayer::new().max_requests(3));
     let stream = server.connect(&[b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
     let mut client = RawClient::new(stream);
@@ -151,7 +141,7 @@ async fn http11_over_tls_counts_down_and_reports_its_close() {
 
 #[tokio::test]
 async fn no_alpn_is_http1_too() {
-    let mut server = start(KeepAliveLayer::new(), None).await;
+    let mut server = start(KeepAliveLayer::new());
     let stream = server.connect(&[]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), None);
     let mut client = RawClient::new(stream);
@@ -163,7 +153,7 @@ async fn no_alpn_is_http1_too() {
 /// ALPN's choice stands: hyper-util would take a preface for HTTP/2 whatever ALPN said.
 #[tokio::test]
 async fn a_client_that_negotiated_http11_cannot_switch_to_h2() {
-    let mut server = start(KeepAliveLayer::new(), None).await;
+    let mut server = start(KeepAliveLayer::new());
     let mut stream = server.connect(&[b"http/1.1"]).await;
     stream
         .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
@@ -181,7 +171,7 @@ async fn a_client_that_negotiated_http11_cannot_switch_to_h2() {
 
 #[tokio::test]
 async fn h2_over_tls_has_no_connection_fields() {
-    let mut server = start(KeepAliveLayer::new(), None).await;
+    let mut server = start(KeepAliveLayer::new());
     let stream = server.connect(&[b"h2", b"http/1.1"]).await;
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (mut sender, conn) =
@@ -216,7 +206,7 @@ const HALF_HELLO: &[u8] = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
 
 #[tokio::test]
 async fn stalled_handshakes_do_not_hold_up_a_fresh_client() {
-    let server = start(KeepAliveLayer::new(), None).await;
+    let mut server = start(KeepAliveLayer::new());
     let mut stalled = Vec::new();
     for i in 0..55 {
         let mut tcp = within("connect", TcpStream::connect(server.addr))
@@ -228,7 +218,7 @@ async fn stalled_handshakes_do_not_hold_up_a_fresh_client() {
         stalled.push(tcp);
     }
     // Every stalled connection has been accepted (the accept loop is past them) before the fresh one.
-    opened(&server.stats, 55).await;
+    server.inner.wait_accepted(55).await;
     let started = Instant::now();
     let mut client = RawClient::new(server.connect(&[b"http/1.1"]).await);
     assert_eq!(client.get("/").await.status, 200);
@@ -240,7 +230,9 @@ async fn stalled_handshakes_do_not_hold_up_a_fresh_client() {
 
 #[tokio::test]
 async fn a_stalled_handshake_times_out_and_the_server_keeps_serving() {
-    let mut server = start(KeepAliveLayer::new(), Some(Duration::from_millis(500))).await;
+    let mut server = start_with(KeepAliveLayer::new(), |builder| {
+        builder.tls_handshake_timeout(Duration::from_millis(500))
+    });
     let mut stalled = RawClient::connect(server.addr).await;
     stalled.send(HALF_HELLO).await;
     let started = Instant::now();
@@ -271,7 +263,7 @@ async fn a_stalled_handshake_times_out_and_the_server_keeps_serving() {
 #[tokio::test]
 async fn the_idle_timeout_closes_a_tls_connection_with_close_notify() {
     let idle = Duration::from_secs(1);
-    let mut server = start(KeepAliveLayer::new().idle_timeout(idle), None).await;
+    let mut server = start(KeepAliveLayer::new().idle_timeout(idle));
     let mut client = RawClient::new(server.connect(&[b"http/1.1"]).await);
     let res = client.get("/").await;
     assert_eq!(res.values("keep-alive"), ["timeout=1, max=999"]);
@@ -285,37 +277,47 @@ async fn the_idle_timeout_closes_a_tls_connection_with_close_notify() {
 
 #[tokio::test]
 async fn a_drain_drops_connections_still_in_their_handshake() {
-    let (config, _) = certificate();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (shutdown, signal) = tokio::sync::oneshot::channel::<()>();
-    let (close_tx, mut closes) = mpsc::unbounded_channel();
-    let app = Router::new().route("/", get(|| async { "hello" }));
-    let layer = KeepAliveLayer::new();
-    let stats = layer.stats();
-    let server = tokio::spawn(
-        tower_keepalive::serve(listener, app)
-            .keep_alive(layer)
-            .tls(config)
-            .on_close(move |_, reason| {
-                let _ = close_tx.send(reason);
-            })
-            .with_graceful_shutdown(async move {
-                let _ = signal.await;
-            })
-            .into_future(),
-    );
-    let mut stalled = RawClient::connect(addr).await;
+    let mut server = start(KeepAliveLayer::new());
+    let mut stalled = RawClient::connect(server.addr).await;
     stalled.send(HALF_HELLO).await;
-    opened(&stats, 1).await;
+    server.inner.wait_accepted(1).await;
     let started = Instant::now();
-    let _ = shutdown.send(());
-    within_for("the serve future to return", SLACK, server)
-        .await
-        .unwrap()
-        .unwrap();
+    server.inner.shutdown();
+    server.inner.finished(SLACK).await;
     assert!(started.elapsed() < SLACK);
     stalled.eof().await;
-    let reason = within("the close", closes.recv()).await;
-    assert_eq!(reason, Some(CloseReason::Drain));
+    assert_eq!(server.next_close().await, CloseReason::Drain);
+}
+
+// The ALPN protocol and SNI name of a TLS connection on each of its requests.
+
+#[tokio::test]
+async fn http11_requests_carry_alpn_and_sni() {
+    let server = start(KeepAliveLayer::new());
+    let (body, version) = server.tls_info(&[b"http/1.1"], "api.localhost").await;
+    assert_eq!(version, http::Version::HTTP_11);
+    assert_eq!(body, "http/1.1|api.localhost");
+}
+
+#[tokio::test]
+async fn h2_requests_carry_alpn_and_sni() {
+    let server = start(KeepAliveLayer::new());
+    let (body, version) = server.tls_info(&[b"h2", b"http/1.1"], "localhost").await;
+    assert_eq!(version, http::Version::HTTP_2);
+    assert_eq!(body, "h2|localhost");
+}
+
+#[tokio::test]
+async fn no_alpn_and_no_sni_are_none() {
+    let server = start(KeepAliveLayer::new());
+    // rustls sends no SNI to an IP address.
+    let (body, _) = server.tls_info(&[], "127.0.0.1").await;
+    assert_eq!(body, "-|-");
+}
+
+#[tokio::test]
+async fn tls_info_is_off_with_the_peer_address() {
+    let server = start_with(KeepAliveLayer::new(), |builder| builder.peer_addr(false));
+    let (body, _) = server.tls_info(&[b"http/1.1"], "localhost").await;
+    assert_eq!(body, "missing");
 }

@@ -1,9 +1,12 @@
 //! The apps the test servers serve: [`fields`] (connection-specific fields of every kind, for the field
 //! rewriting), [`echo`] (echoes the request's fields, for hostile input) and [`timed`] (slow, streaming,
-//! large and WebSocket routes, for the lifecycle).
+//! large and WebSocket routes, for the lifecycle) and [`bulk`] (bodies larger than the socket buffers, and
+//! a counted route, for clients that hold a connection by not reading).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{WebSocket, WebSocketUpgrade};
@@ -198,4 +201,36 @@ async fn ws_echo(mut socket: WebSocket) {
             break;
         }
     }
+}
+
+/// The app of the send-timeout tests:
+///
+/// - `/`: `hello`;
+/// - `/count`: `counted`, counting its runs in `hits`;
+/// - `/big?bytes=N`: N bytes of `x` streamed in 64 KiB frames, so that a body far larger than the socket
+///   buffers is never held whole.
+pub fn bulk(hits: Arc<AtomicUsize>) -> Router {
+    Router::new()
+        .route("/", get(|| async { "hello" }))
+        .route(
+            "/count",
+            get(move || async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                "counted"
+            }),
+        )
+        .route("/big", get(big_stream))
+}
+
+async fn big_stream(Query(q): Query<HashMap<String, String>>) -> AxumResponse {
+    const FRAME: u64 = 64 * 1024;
+    let frame = Bytes::from(vec![b'x'; FRAME as usize]);
+    let body = futures_util::stream::unfold(param(&q, "bytes"), move |left| {
+        let frame = frame.clone();
+        async move {
+            let n = left.min(FRAME);
+            (n != 0).then(|| (Ok::<_, Infallible>(frame.slice(..n as usize)), left - n))
+        }
+    });
+    Response::new(axum::body::Body::from_stream(body))
 }

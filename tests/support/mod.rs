@@ -2,16 +2,18 @@
 //!
 //! - [`http1`]: a raw HTTP/1 client that writes exact bytes and parses responses itself, for byte-level
 //!   checks on the wire.
-//! - [`http2`]: hyper's HTTP/2 client over h2c (prior knowledge), and a raw frame reader that sees GOAWAY
-//!   and RST_STREAM as sent.
+//! - [`http2`]: hyper's HTTP/2 client over h2c (prior knowledge), and a raw frame client that sees GOAWAY
+//!   and RST_STREAM as sent and can play a hostile peer (its own SETTINGS, PINGs never acknowledged).
 //! - [`server`]: [`server::TestServer`], the crate's serve path on 127.0.0.1 with every `on_close`
 //!   report collected and the accepted connections counted; [`server::TestServer::builder`] picks the
 //!   listener, app, drain deadline and lame-duck period.
 //! - `axum_serve` (feature `axum`): `axum::serve` over the crate's `KeepAliveListener`, the other
 //!   serve path.
+//! - `both` (feature `axum`): a server on either serve path, for behaviour that must hold on both.
 //! - [`hyper_loop`]: a hand-written hyper-util accept loop, for the layer on its own (no serve path).
 //! - [`logs`]: what `tracing` logs during a test.
 //! - [`apps`]: the apps those servers serve.
+//! - `tls` (feature `tls`): a self-signed certificate, and a rustls client that trusts it.
 //!
 //! Every wait is bounded: by [`WAIT`] unless a test names a tighter bound.
 
@@ -21,11 +23,15 @@
 pub mod apps;
 #[cfg(feature = "axum")]
 pub mod axum_serve;
+#[cfg(feature = "axum")]
+pub mod both;
 pub mod http1;
 pub mod http2;
 pub mod hyper_loop;
 pub mod logs;
 pub mod server;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::future::Future;
 use std::time::Duration;

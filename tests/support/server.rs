@@ -13,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::Service;
-use tower_keepalive::serve::Listener;
+use tower_keepalive::serve::{Listener, TcpKeepalive};
 use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 use super::apps::{self, BoxError};
@@ -57,11 +59,26 @@ where
 /// How a [`TestServer`] is set up; [`TestServer::builder`] makes one.
 pub struct Builder<L> {
     listener: L,
+    options: Options,
+}
+
+/// A change to hyper's own settings (`Serve::http_builder`).
+type HttpSettings = Box<dyn FnOnce(&mut auto::Builder<TokioExecutor>)>;
+
+/// The serve path's settings a test may give, each left at the serve path's default unless set.
+struct Options {
     layer: KeepAliveLayer,
     drain_timeout: Option<Duration>,
     lame_duck: Option<Duration>,
     header_timeout: Option<Duration>,
     connection_limits: Option<(usize, usize)>,
+    peer_addr: Option<bool>,
+    tcp_keepalive: Option<TcpKeepalive>,
+    http: Vec<HttpSettings>,
+    #[cfg(feature = "tls")]
+    tls: Option<rustls::ServerConfig>,
+    #[cfg(feature = "tls")]
+    tls_handshake_timeout: Option<Duration>,
 }
 
 impl<L: Listener> Builder<L> {
@@ -69,35 +86,66 @@ impl<L: Listener> Builder<L> {
     pub fn listener<M: Listener>(self, listener: M) -> Builder<M> {
         Builder {
             listener,
-            layer: self.layer,
-            drain_timeout: self.drain_timeout,
-            lame_duck: self.lame_duck,
-            header_timeout: self.header_timeout,
-            connection_limits: self.connection_limits,
+            options: self.options,
         }
     }
 
     /// A bound on the time a request head may take (`Serve::header_timeout`).
     pub fn header_timeout(mut self, timeout: Duration) -> Self {
-        self.header_timeout = Some(timeout);
+        self.options.header_timeout = Some(timeout);
         self
     }
 
     /// The connection budget (`Serve::connection_limits`).
     pub fn connection_limits(mut self, soft: usize, hard: usize) -> Self {
-        self.connection_limits = Some((soft, hard));
+        self.options.connection_limits = Some((soft, hard));
         self
     }
 
     /// A deadline for the drain after the shutdown signal (`Serve::drain_timeout`).
     pub fn drain_timeout(mut self, timeout: Duration) -> Self {
-        self.drain_timeout = Some(timeout);
+        self.options.drain_timeout = Some(timeout);
         self
     }
 
     /// A lame-duck period before the drain (`Serve::lame_duck`).
     pub fn lame_duck(mut self, period: Duration) -> Self {
-        self.lame_duck = Some(period);
+        self.options.lame_duck = Some(period);
+        self
+    }
+
+    /// Whether requests carry the peer's address (`Serve::peer_addr`).
+    pub fn peer_addr(mut self, on: bool) -> Self {
+        self.options.peer_addr = Some(on);
+        self
+    }
+
+    /// TCP keepalive on accepted sockets (`Serve::tcp_keepalive`).
+    pub fn tcp_keepalive(mut self, keepalive: TcpKeepalive) -> Self {
+        self.options.tcp_keepalive = Some(keepalive);
+        self
+    }
+
+    /// hyper's own settings (`Serve::http_builder`).
+    pub fn http_builder(
+        mut self,
+        configure: impl FnOnce(&mut auto::Builder<TokioExecutor>) + 'static,
+    ) -> Self {
+        self.options.http.push(Box::new(configure));
+        self
+    }
+
+    /// TLS with `config` (`Serve::tls`).
+    #[cfg(feature = "tls")]
+    pub fn tls(mut self, config: rustls::ServerConfig) -> Self {
+        self.options.tls = Some(config);
+        self
+    }
+
+    /// A bound on the TLS handshake (`Serve::tls_handshake_timeout`).
+    #[cfg(feature = "tls")]
+    pub fn tls_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.options.tls_handshake_timeout = Some(timeout);
         self
     }
 
@@ -129,8 +177,9 @@ impl<L: Listener> Builder<L> {
         };
         let (report, reports) = mpsc::unbounded_channel();
         let (shutdown, signal) = oneshot::channel::<()>();
+        let options = self.options;
         let mut server = tower_keepalive::serve(listener, app)
-            .keep_alive(self.layer)
+            .keep_alive(options.layer)
             .with_graceful_shutdown(async move {
                 let _ = signal.await;
             })
@@ -142,17 +191,35 @@ impl<L: Listener> Builder<L> {
                     in_flight: handle.in_flight(),
                 });
             });
-        if let Some(timeout) = self.drain_timeout {
+        if let Some(timeout) = options.drain_timeout {
             server = server.drain_timeout(timeout);
         }
-        if let Some(period) = self.lame_duck {
+        if let Some(period) = options.lame_duck {
             server = server.lame_duck(period);
         }
-        if let Some(timeout) = self.header_timeout {
+        if let Some(timeout) = options.header_timeout {
             server = server.header_timeout(timeout);
         }
-        if let Some((soft, hard)) = self.connection_limits {
+        if let Some((soft, hard)) = options.connection_limits {
             server = server.connection_limits(soft, hard);
+        }
+        if let Some(on) = options.peer_addr {
+            server = server.peer_addr(on);
+        }
+        if let Some(keepalive) = options.tcp_keepalive {
+            server = server.tcp_keepalive(keepalive);
+        }
+        for configure in options.http {
+            server = server.http_builder(configure);
+        }
+        #[cfg(feature = "tls")]
+        {
+            if let Some(config) = options.tls {
+                server = server.tls(config);
+            }
+            if let Some(timeout) = options.tls_handshake_timeout {
+                server = server.tls_handshake_timeout(timeout);
+            }
         }
         TestServer {
             addr,
@@ -161,6 +228,7 @@ impl<L: Listener> Builder<L> {
             reports,
             waiting: VecDeque::new(),
             taken: 0,
+            history: Vec::new(),
             shutdown: Some(shutdown),
             task: Some(tokio::spawn(server.into_future())),
             started: mpsc::unbounded_channel().1,
@@ -201,6 +269,8 @@ pub struct TestServer<A = SocketAddr> {
     waiting: VecDeque<Closed>,
     /// Reports taken so far by the test.
     taken: usize,
+    /// The reason of every report received so far, taken or not, in order.
+    history: Vec<CloseReason>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<io::Result<()>>>,
     /// One message per handler start of [`apps::timed`] (`"slow"`, `"stream"`, ...).
@@ -216,11 +286,20 @@ impl TestServer {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         Builder {
             listener: socket.listen(4096).unwrap(),
-            layer,
-            drain_timeout: None,
-            lame_duck: None,
-            header_timeout: None,
-            connection_limits: None,
+            options: Options {
+                layer,
+                drain_timeout: None,
+                lame_duck: None,
+                header_timeout: None,
+                connection_limits: None,
+                peer_addr: None,
+                tcp_keepalive: None,
+                http: Vec::new(),
+                #[cfg(feature = "tls")]
+                tls: None,
+                #[cfg(feature = "tls")]
+                tls_handshake_timeout: None,
+            },
         }
     }
 }
@@ -246,9 +325,13 @@ impl<A> TestServer<A> {
     pub async fn next_close(&mut self) -> Closed {
         let closed = match self.waiting.pop_front() {
             Some(closed) => closed,
-            None => within("a connection to close", self.reports.recv())
-                .await
-                .expect("the server stopped reporting"),
+            None => {
+                let closed = within("a connection to close", self.reports.recv())
+                    .await
+                    .expect("the server stopped reporting");
+                self.history.push(closed.reason);
+                closed
+            }
         };
         self.taken += 1;
         closed
@@ -268,9 +351,17 @@ impl<A> TestServer<A> {
     /// Reports taken so far plus those already waiting.
     pub fn reported(&mut self) -> usize {
         while let Ok(closed) = self.reports.try_recv() {
+            self.history.push(closed.reason);
             self.waiting.push_back(closed);
         }
         self.taken + self.waiting.len()
+    }
+
+    /// The reason of every close reported so far, taken by the test or not, in the order reported: a
+    /// snapshot, without waiting.
+    pub fn reasons_so_far(&mut self) -> Vec<CloseReason> {
+        self.reported();
+        self.history.clone()
     }
 
     /// Waits until a handler of [`apps::timed`] has started.
