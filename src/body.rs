@@ -29,7 +29,8 @@ pin_project! {
     /// # }
     /// ```
     pub struct ResponseBody<B> {
-        // `None`: the empty body of a refused request.
+        // `None`: the empty body of a refused request, which is how the serve paths tell a refusal (a
+        // check of one discriminant, nothing on the response of an ordinary request).
         #[pin]
         inner: Option<B>,
         guard: Option<InFlight>,
@@ -59,13 +60,20 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// No body at all: a refused request's.
-    pub(crate) fn empty() -> Self {
+    /// No body at all: a refused request's (see `Plan::Refuse`).
+    pub(crate) fn refused() -> Self {
         ResponseBody {
             inner: None,
             guard: None,
             waiting: false,
         }
+    }
+
+    /// Whether this is the body of a request the layer refused without calling the inner service.
+    #[cfg(feature = "serve")]
+    #[inline]
+    pub(crate) fn is_refused(&self) -> bool {
+        self.inner.is_none()
     }
 
     /// An HTTP/2 response's body: its output is counted as waiting whenever hyper has not taken it.
