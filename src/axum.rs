@@ -90,6 +90,7 @@ use std::sync::Arc;
 #[cfg(feature = "tonic")]
 use crate::serve::LocalAddr;
 use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
+use crate::body::RefusedStream;
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -277,6 +278,8 @@ pin_project! {
         timers: Arc<Timers>,
         // Once end-of-file has been given, it is given again: the connection is over.
         closed: bool,
+        // The last read found the connection ending and returned pending instead, for the flush below.
+        flushing: bool,
     }
 
     impl<I> PinnedDrop for KeepAliveIo<I> {
@@ -297,6 +300,7 @@ impl<I> KeepAliveIo<I> {
             inner: WatchedIo::new(inner, handle),
             timers,
             closed: false,
+            flushing: false,
         }
     }
 
@@ -362,7 +366,6 @@ impl<I> KeepAliveIo<I> {
         {
             // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
-            *this.closed = true;
             return true;
         }
         false
@@ -409,11 +412,22 @@ impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
         if self.is_dropped() {
             return Poll::Ready(Err(dropped()));
         }
-        if self.as_mut().should_end(cx) {
-            // End-of-file: hyper closes an idle connection quietly.
-            return Poll::Ready(Ok(()));
+        if !self.as_mut().should_end(cx) {
+            *self.as_mut().project().flushing = false;
+            return self.project().inner.poll_read(cx, buf);
         }
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        // h2 writes out the frames it has queued (the last responses, resets of refused streams) only
+        // once a read is pending, and drops them at end-of-file: one pending read first, after which h2
+        // has handed them all to the socket, or found it full (the connection is then not idle, and
+        // this starts again when it is).
+        if !*this.closed && !std::mem::replace(this.flushing, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        // End-of-file: hyper closes an idle connection quietly.
+        *this.closed = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -580,6 +594,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let res = ready!(self.project().inner.poll(cx))?;
+        if res.body().is_refused() {
+            // `axum::serve` wants services that cannot fail: the refusal is the body's error instead.
+            return Poll::Ready(Ok(res.map(|_| Body::new(RefusedStream))));
+        }
         Poll::Ready(Ok(res.map(Body::new)))
     }
 }

@@ -149,3 +149,24 @@ impl<B: Body> Body for ResponseBody<B> {
             .map_or_else(|| SizeHint::with_exact(0), B::size_hint)
     }
 }
+
+/// The body of a refused HTTP/2 stream under `axum::serve`, whose services cannot fail: it fails when
+/// first polled with `REFUSED_STREAM`, and hyper resets the stream with that code. hyper has queued the
+/// response head by then, but h2 drops what of a stream it has not yet written when the stream is reset,
+/// so the client normally sees the reset alone (see `KeepAliveLayer::max_requests` for when it does not).
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+pub(crate) struct RefusedStream;
+
+#[cfg(feature = "axum")]
+impl Body for RefusedStream {
+    type Data = bytes::Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Poll::Ready(Some(Err(crate::future::refused_stream())))
+    }
+}
