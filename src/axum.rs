@@ -8,8 +8,9 @@
 //!   (one task and one heap of deadlines for all its connections, as on the serve path). When the
 //!   connection has been idle for the timeout (nothing in flight, every response written to the
 //!   socket), or has passed its maximum age (and the timeout its last response advertised has run out),
-//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
-//!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
+//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file
+//!   (after one pending read, in which h2 writes out the frames it has queued): hyper then closes the
+//!   connection quietly. A connection that never sends a request, or dribbles its
 //!   request head, is closed the same way. The IO is the serve path's [`WatchedIo`] inside, so the wire
 //!   behaves as on the serve path: a large body to a slow reader is not cut, a client that half-closes
 //!   after its request is answered, and the connection ends with a lingering close (RFC 9112 section
@@ -87,10 +88,10 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::body::RefusedStream;
 #[cfg(feature = "tonic")]
 use crate::serve::LocalAddr;
 use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
-use crate::body::RefusedStream;
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.

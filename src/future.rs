@@ -46,8 +46,8 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    /// A stream past the connection's maximum requests: `503 Service Unavailable`, the inner service
-    /// not called.
+    /// A stream past the connection's maximum requests: `503 Service Unavailable` with no body at all
+    /// (which the serve paths turn into a `REFUSED_STREAM` reset), the inner service not called.
     pub(crate) fn refused() -> Self {
         ResponseFuture {
             inner: None,

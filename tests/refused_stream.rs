@@ -232,7 +232,10 @@ async fn concurrent_requests_across_the_maximum(path: Path) {
         }
     }
     assert!(served <= MAX, "{path:?}: {served} served on one connection");
-    assert!(refused > 0, "{path:?}: none refused: the test proves nothing");
+    assert!(
+        refused > 0,
+        "{path:?}: none refused: the test proves nothing"
+    );
     assert_eq!(server.hits(), served, "{path:?}: a refused request ran");
     // Refused means not processed: the retries, on a new connection whenever the last one is closing,
     // all succeed.
