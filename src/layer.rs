@@ -167,8 +167,10 @@ impl KeepAliveLayer {
     ///   `REFUSED_STREAM` (RFC 9113 section 8.7): the request was not processed, and clients retry it
     ///   on another connection by themselves. Under `axum::serve` the reset comes from the response
     ///   body (its services cannot fail): h2 drops the 503 head queued before it, but on a
-    ///   multi-threaded runtime the connection's task may, rarely, write that head out first; the
-    ///   client then reads a 503 whose body fails with `REFUSED_STREAM`;
+    ///   multi-threaded runtime the connection's task may, rarely, write that head out first (the
+    ///   client then reads a 503 whose body fails with `REFUSED_STREAM`), and a refused stream does not
+    ///   keep the connection open: when the last allowed response is written first, the connection
+    ///   may end (without GOAWAY, as everywhere on this path) before the stream's reset is sent;
     /// - with the layer alone (your own accept loop), the stream is answered `503 Service
     ///   Unavailable`, which clients do not retry by themselves: a tower service cannot make hyper
     ///   reset a stream with a chosen code.

@@ -142,21 +142,17 @@ async fn streams_past_the_maximum_are_refused(path: Path) {
     let answers = open_streams_at_once(server.addr).await;
     let hits = server.hits();
     assert_eq!(hits, MAX, "{path:?}: handler runs; answers {answers:?}");
-    let (allowed, past): (Vec<_>, Vec<_>) = answers
-        .iter()
-        .partition(|(&stream, _)| stream < 2 * MAX as u32);
-    for (stream, answer) in &allowed {
-        assert_eq!(
-            **answer,
-            Answer::Headers(STATUS_200),
-            "{path:?}: stream {stream}: {answers:?}"
-        );
-    }
-    for (stream, answer) in &past {
-        assert_eq!(
-            **answer,
-            Answer::Reset(REFUSED_STREAM),
-            "{path:?}: stream {stream} past the maximum: {answers:?}"
+    // Which streams are served is hyper's order of calling the service (the order of the streams on a
+    // current-thread runtime, not on a multi-threaded one): counted, not named.
+    let served = answers
+        .values()
+        .filter(|&&answer| answer == Answer::Headers(STATUS_200))
+        .count() as u64;
+    assert_eq!(served, MAX, "{path:?}: {answers:?}");
+    for (stream, answer) in &answers {
+        assert!(
+            *answer == Answer::Headers(STATUS_200) || *answer == Answer::Reset(REFUSED_STREAM),
+            "{path:?}: stream {stream} neither served nor refused: {answers:?}"
         );
     }
     // Every stream answered before the connection ends (`axum::serve`'s end-of-file used to come before
