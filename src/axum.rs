@@ -8,8 +8,9 @@
 //!   (one task and one heap of deadlines for all its connections, as on the serve path). When the
 //!   connection has been idle for the timeout (nothing in flight, every response written to the
 //!   socket), or has passed its maximum age (and the timeout its last response advertised has run out),
-//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file:
-//!   hyper then closes the connection quietly. A connection that never sends a request, or dribbles its
+//!   or has been told to close (HTTP/2 maximum requests) and is idle, the next read returns end-of-file
+//!   (after one pending read, in which h2 writes out the frames it has queued): hyper then closes the
+//!   connection quietly. A connection that never sends a request, or dribbles its
 //!   request head, is closed the same way. The IO is the serve path's [`WatchedIo`] inside, so the wire
 //!   behaves as on the serve path: a large body to a slow reader is not cut, a client that half-closes
 //!   after its request is answered, and the connection ends with a lingering close (RFC 9112 section
@@ -91,6 +92,7 @@ use tower_service::Service;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use crate::body::RefusedStream;
 #[cfg(feature = "tonic")]
 use crate::serve::LocalAddr;
 use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
@@ -281,6 +283,8 @@ pin_project! {
         timers: Arc<Timers>,
         // Once end-of-file has been given, it is given again: the connection is over.
         closed: bool,
+        // The last read found the connection ending and returned pending instead, for the flush below.
+        flushing: bool,
     }
 
     impl<I> PinnedDrop for KeepAliveIo<I> {
@@ -301,6 +305,7 @@ impl<I> KeepAliveIo<I> {
             inner: WatchedIo::new(inner, handle),
             timers,
             closed: false,
+            flushing: false,
         }
     }
 
@@ -365,7 +370,6 @@ impl<I> KeepAliveIo<I> {
         {
             // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
-            *this.closed = true;
             return true;
         }
         false
@@ -412,11 +416,22 @@ impl<I: AsyncRead> AsyncRead for KeepAliveIo<I> {
         if self.is_dropped() {
             return Poll::Ready(Err(dropped()));
         }
-        if self.as_mut().should_end(cx) {
-            // End-of-file: hyper closes an idle connection quietly.
-            return Poll::Ready(Ok(()));
+        if !self.as_mut().should_end(cx) {
+            *self.as_mut().project().flushing = false;
+            return self.project().inner.poll_read(cx, buf);
         }
-        self.project().inner.poll_read(cx, buf)
+        let this = self.project();
+        // h2 writes out the frames it has queued (the last responses, resets of refused streams) only
+        // once a read is pending, and drops them at end-of-file: one pending read first, after which h2
+        // has handed them all to the socket, or found it full (the connection is then not idle, and
+        // this starts again when it is).
+        if !*this.closed && !std::mem::replace(this.flushing, true) {
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        // End-of-file: hyper closes an idle connection quietly.
+        *this.closed = true;
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -583,6 +598,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let res = ready!(self.project().inner.poll(cx))?;
+        if res.body().is_refused() {
+            // `axum::serve` wants services that cannot fail: the refusal is the body's error instead.
+            return Poll::Ready(Ok(res.map(|_| Body::new(RefusedStream))));
+        }
         Poll::Ready(Ok(res.map(Body::new)))
     }
 }

@@ -29,7 +29,8 @@ pin_project! {
     /// # }
     /// ```
     pub struct ResponseBody<B> {
-        // `None`: the empty body of a refused request.
+        // `None`: the empty body of a refused request, which is how the serve paths tell a refusal (a
+        // check of one discriminant, nothing on the response of an ordinary request).
         #[pin]
         inner: Option<B>,
         guard: Option<InFlight>,
@@ -59,13 +60,20 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// No body at all: a refused request's.
-    pub(crate) fn empty() -> Self {
+    /// No body at all: a refused request's (see `Plan::Refuse`).
+    pub(crate) fn refused() -> Self {
         ResponseBody {
             inner: None,
             guard: None,
             waiting: false,
         }
+    }
+
+    /// Whether this is the body of a request the layer refused without calling the inner service.
+    #[cfg(feature = "serve")]
+    #[inline]
+    pub(crate) fn is_refused(&self) -> bool {
+        self.inner.is_none()
     }
 
     /// An HTTP/2 response's body: its output is counted as waiting whenever hyper has not taken it.
@@ -139,5 +147,26 @@ impl<B: Body> Body for ResponseBody<B> {
         self.inner
             .as_ref()
             .map_or_else(|| SizeHint::with_exact(0), B::size_hint)
+    }
+}
+
+/// The body of a refused HTTP/2 stream under `axum::serve`, whose services cannot fail: it fails when
+/// first polled with `REFUSED_STREAM`, and hyper resets the stream with that code. hyper has queued the
+/// response head by then, but h2 drops what of a stream it has not yet written when the stream is reset,
+/// so the client normally sees the reset alone (see `KeepAliveLayer::max_requests` for when it does not).
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+pub(crate) struct RefusedStream;
+
+#[cfg(feature = "axum")]
+impl Body for RefusedStream {
+    type Data = bytes::Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Poll::Ready(Some(Err(crate::future::refused_stream())))
     }
 }

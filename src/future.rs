@@ -46,8 +46,8 @@ impl<F> ResponseFuture<F> {
         }
     }
 
-    /// A stream past the connection's maximum requests: `503 Service Unavailable`, the inner service
-    /// not called.
+    /// A stream past the connection's maximum requests: `503 Service Unavailable` with no body at all
+    /// (which the serve paths turn into a `REFUSED_STREAM` reset), the inner service not called.
     pub(crate) fn refused() -> Self {
         ResponseFuture {
             inner: None,
@@ -76,7 +76,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Some(inner) = this.inner.as_pin_mut() else {
-            let mut res = Response::new(ResponseBody::empty());
+            let mut res = Response::new(ResponseBody::refused());
             *res.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
             return Poll::Ready(Ok(res));
         };
@@ -150,5 +150,51 @@ fn finish(
             false
         }
         Plan::Pass | Plan::Refuse => false,
+    }
+}
+
+/// The error a refused HTTP/2 stream is reset with: `REFUSED_STREAM` (RFC 9113 section 8.7), which tells
+/// the client that the request was not processed and may be retried, on another connection. hyper resets
+/// a stream with the `h2::Reason` it finds in the source chain of a service or body error.
+#[cfg(feature = "serve")]
+pub(crate) fn refused_stream() -> h2::Error {
+    h2::Error::from(h2::Reason::REFUSED_STREAM)
+}
+
+#[cfg(feature = "serve")]
+pin_project! {
+    /// Response future of the serve path's per-connection service: a stream the layer refused (see
+    /// `Plan::Refuse`) becomes a service error carrying `REFUSED_STREAM`, so that hyper resets it with
+    /// that code instead of writing the layer's 503.
+    pub(crate) struct RefusingFuture<F> {
+        #[pin]
+        inner: ResponseFuture<F>,
+    }
+}
+
+#[cfg(feature = "serve")]
+impl<F> RefusingFuture<F> {
+    pub(crate) fn new(inner: ResponseFuture<F>) -> Self {
+        RefusingFuture { inner }
+    }
+}
+
+#[cfg(feature = "serve")]
+impl<F, B, E> Future for RefusingFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Body,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, Box<dyn std::error::Error + Send + Sync>>;
+
+    #[inline(always)]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let res = ready!(self.project().inner.poll(cx)).map_err(Into::into)?;
+        if res.body().is_refused() {
+            // Boxed here, once per refusal: an ordinary response pays one check of its body.
+            return Poll::Ready(Err(Box::new(refused_stream())));
+        }
+        Poll::Ready(Ok(res))
     }
 }

@@ -159,10 +159,21 @@ impl KeepAliveLayer {
     ///
     /// On HTTP/2 the maximum holds whatever the client does: a stream opened past it (a client that
     /// ignores the GOAWAY, or never acknowledges the PING of hyper's graceful close, which keeps new
-    /// streams coming until it does) is answered `503 Service Unavailable` without calling the inner
-    /// service. So is a stream a client opened before it saw the GOAWAY: a 503 means the request was
-    /// not processed (the layer cannot make hyper answer `REFUSED_STREAM`, RFC 9113 section 8.7, which
-    /// clients retry by themselves).
+    /// streams coming until it does, or a well-behaved client whose stream was in transit when the
+    /// GOAWAY went out) is refused without calling the inner service:
+    ///
+    /// - on the crate's serve paths ([`serve`](crate::serve()), and `axum::serve` with
+    ///   [`KeepAliveListener`](crate::axum::KeepAliveListener)), the stream is reset with
+    ///   `REFUSED_STREAM` (RFC 9113 section 8.7): the request was not processed, and clients retry it
+    ///   on another connection by themselves. Under `axum::serve` the reset comes from the response
+    ///   body (its services cannot fail): h2 drops the 503 head queued before it, but on a
+    ///   multi-threaded runtime the connection's task may, rarely, write that head out first (the
+    ///   client then reads a 503 whose body fails with `REFUSED_STREAM`), and a refused stream does not
+    ///   keep the connection open: when the last allowed response is written first, the connection
+    ///   may end (without GOAWAY, as everywhere on this path) before the stream's reset is sent;
+    /// - with the layer alone (your own accept loop), the stream is answered `503 Service
+    ///   Unavailable`, which clients do not retry by themselves: a tower service cannot make hyper
+    ///   reset a stream with a chosen code.
     ///
     /// ```
     /// let layer = tower_keepalive::KeepAliveLayer::new().max_requests(100);

@@ -83,7 +83,8 @@ pub(crate) enum Plan {
     /// HTTP/2 and HTTP/3, a stream past the connection's maximum requests, which a client that ignores
     /// the GOAWAY (or never acknowledges the PING of hyper's graceful close, which keeps new streams
     /// coming) still opens: answered `503 Service Unavailable` without calling the inner service, so
-    /// that no more than the maximum is ever served on one connection.
+    /// that no more than the maximum is ever served on one connection. The serve paths reset such a
+    /// stream with `REFUSED_STREAM` instead (`future::RefusingFuture`, `body::RefusedStream`).
     Refuse,
     /// HTTP/0.9 and anything unknown: left alone.
     Pass,

@@ -175,9 +175,8 @@ where
         };
         let (plan, guard) = plan(req.version(), req.method(), req.headers(), handle, config);
         if matches!(plan, Plan::Refuse) {
-            tracing::debug!(
-                "HTTP/2 stream past the connection's maximum requests; refused with 503"
-            );
+            // Answered 503; the serve paths reset the stream with REFUSED_STREAM instead.
+            tracing::debug!("HTTP/2 stream past the connection's maximum requests; refused");
             return ResponseFuture::refused();
         }
         if config.strip_request {

@@ -153,14 +153,14 @@ mod never_acknowledging {
 
     use crate::support::apps::bulk;
     use crate::support::both::{serve_on, Path};
-    use crate::support::http2::{RawH2, HEADERS};
+    use crate::support::http2::{RawH2, HEADERS, RST_STREAM};
     use crate::support::{within, SLACK, WAIT};
     use tower_keepalive::KeepAliveLayer;
 
     /// With a maximum of N requests, a client that never acknowledges the server's PING (so hyper's
-    /// graceful close never sends its final GOAWAY, and keeps taking new streams) and opens 3 N streams is
-    /// served N of them; the rest are answered 503 without reaching the handler, and the connection is
-    /// dropped after its grace period.
+    /// graceful close never sends its final GOAWAY, and keeps taking new streams) and opens 3 N streams
+    /// is served N of them; the rest are reset with REFUSED_STREAM without reaching the handler, and the
+    /// connection is dropped after its grace period.
     async fn h2_max_requests_hold(path: Path) {
         const MAX: u64 = 5;
         let grace = Duration::from_secs(2);
@@ -173,7 +173,8 @@ mod never_acknowledging {
         .await;
         let mut client = RawH2::connect(server.addr).await.never_acknowledge_pings();
         let streams: Vec<u32> = (0..3 * MAX as u32).map(|i| 2 * i + 1).collect();
-        let mut statuses: HashMap<u32, u8> = HashMap::new();
+        // Each stream's answer: the first byte of its response head, or its reset's error code.
+        let mut answers: HashMap<u32, Result<u8, u32>> = HashMap::new();
         // One stream after the other, each answered before the next: the client has seen the GOAWAY long
         // before it opens the streams past the maximum.
         for &stream in &streams {
@@ -183,16 +184,22 @@ mod never_acknowledging {
             let answered = within("an answer", async {
                 loop {
                     match client.frame().await {
-                        Some(f) if f.kind == HEADERS && f.stream == stream => return Some(f),
+                        Some(f) if f.kind == HEADERS && f.stream == stream => {
+                            return Some(Ok(f.payload[0]))
+                        }
+                        Some(f) if f.kind == RST_STREAM && f.stream == stream => {
+                            return Some(Err(u32::from_be_bytes(
+                                f.payload[..4].try_into().unwrap(),
+                            )))
+                        }
                         Some(_) => {}
                         None => return None,
                     }
                 }
             })
             .await;
-            let Some(headers) = answered else { break };
-            // HPACK: 0x88 is `:status 200` (static index 8); anything else is the refusal.
-            statuses.insert(stream, headers.payload[0]);
+            let Some(answer) = answered else { break };
+            answers.insert(stream, answer);
         }
         let hits = hits.load(Ordering::SeqCst) as u64;
         assert!(hits <= MAX, "{path:?}: {hits} requests reached the handler");
@@ -200,20 +207,16 @@ mod never_acknowledging {
             hits, MAX,
             "{path:?}: the allowed requests were not all served"
         );
-        let served = statuses.values().filter(|&&s| s == 0x88).count() as u64;
-        match path {
-            Path::Serve => assert_eq!(served, MAX, "{path:?}: {statuses:?}"),
-            // Known, and older than this test: the `axum::serve` path ends a closing HTTP/2 connection
-            // with an end of file once its last body has been polled, which may be before h2 has written
-            // that response out; the last allowed response can be lost.
-            Path::Axum => assert!(served + 1 >= MAX, "{path:?}: {statuses:?}"),
-        }
-        // Past the maximum, refused: never `:status 200`.
-        for (stream, status) in &statuses {
+        // HPACK: 0x88 is `:status 200` (static index 8).
+        let served = answers.values().filter(|&&a| a == Ok(0x88)).count() as u64;
+        assert_eq!(served, MAX, "{path:?}: {answers:?}");
+        // Past the maximum, refused: reset with REFUSED_STREAM (0x7), never answered.
+        for (stream, answer) in &answers {
             if *stream > 2 * MAX as u32 - 1 {
-                assert_ne!(
-                    *status, 0x88,
-                    "{path:?}: stream {stream} served: {statuses:?}"
+                assert_eq!(
+                    *answer,
+                    Err(0x7),
+                    "{path:?}: stream {stream} not refused: {answers:?}"
                 );
             }
         }

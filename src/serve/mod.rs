@@ -127,7 +127,8 @@ pub(crate) use peer::LocalAddr;
 pub(crate) use peer::WithPeer;
 use upgrade::{Gate, UpgradeOf};
 
-use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
+use crate::future::RefusingFuture;
+use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer, ResponseBody};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type OnClose = Arc<dyn Fn(&ConnectionHandle, CloseReason) + Send + Sync>;
@@ -897,26 +898,29 @@ where
 
 /// One connection's service on the serve path: the app behind the keep-alive layer bound to the
 /// connection, telling the connection's IO whether each request has a body (see [`WatchedIo`]: a client's
-/// end of stream is held back only while a request without one is in flight).
+/// end of stream is held back only while a request without one is in flight). An HTTP/2 stream the layer
+/// refuses is reset with `REFUSED_STREAM` rather than answered 503 (see [`RefusingFuture`]).
 #[derive(Clone)]
 struct ConnectionService<S> {
     inner: KeepAlive<S>,
 }
 
-impl<S> Service<Request<Incoming>> for ConnectionService<S>
+impl<S, B> Service<Request<Incoming>> for ConnectionService<S>
 where
-    KeepAlive<S>: Service<Request<Incoming>>,
+    S: Service<Request<Incoming>, Response = Response<B>>,
+    S::Error: Into<BoxError>,
+    B: http_body::Body,
 {
-    type Response = <KeepAlive<S> as Service<Request<Incoming>>>::Response;
-    type Error = <KeepAlive<S> as Service<Request<Incoming>>>::Error;
-    type Future = <KeepAlive<S> as Service<Request<Incoming>>>::Future;
+    type Response = Response<ResponseBody<B>>;
+    type Error = BoxError;
+    type Future = RefusingFuture<S::Future>;
 
     #[inline]
     fn poll_ready(
         &mut self,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     #[inline]
@@ -928,7 +932,7 @@ where
                 req.extensions_mut().insert(UpgradeOf(handle.clone()));
             }
         }
-        self.inner.call(req)
+        RefusingFuture::new(self.inner.call(req))
     }
 }
 
