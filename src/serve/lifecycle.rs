@@ -16,7 +16,7 @@ use crate::{CloseReason, ConnectionHandle};
 
 /// A connection future that can be told to close gracefully: hyper's HTTP/1 and HTTP/2 connections and
 /// hyper-util's auto connections, as hyper-util's `GracefulShutdown` watches them (the trait is sealed:
-/// those are the connections [`ConnectionHandle::drive`] and [`DrainWatcher::drive`] take).
+/// those are the connections [`ConnectionHandle::drive`] and [`DrainWatcher::drive`](super::DrainWatcher::drive) take).
 pub use hyper_util::server::graceful::GracefulConnection;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -72,7 +72,7 @@ impl ConnectionHandle {
     /// close (RFC 9112 section 9.6), which this lifecycle lets run its course. Here the IO does not
     /// learn whether a request has a body, so it does not hold back a client's half-close: turn on
     /// hyper's `http1().half_close(true)` to answer such clients. Connections watched by a
-    /// [`Drain`] share its timer instead ([`DrainWatcher::drive`]).
+    /// [`Drain`](super::Drain) share its timer instead ([`DrainWatcher::drive`](super::DrainWatcher::drive)).
     ///
     /// ```no_run
     /// # async fn f(conn: impl tower_keepalive::serve::GracefulConnection<Error = hyper::Error>) {
