@@ -94,6 +94,43 @@ async fn http1_non_reader_is_cut_at_the_send_timeout_axum() {
     http1_non_reader_is_cut(Path::Axum).await;
 }
 
+/// With an idle timeout longer than the send timeout, the timer first looks at the busy connection
+/// when the idle timeout comes; the stall counts from when the socket filled (which the IO stamps),
+/// not from that look, so the cut comes at that first look rather than a send timeout after it.
+async fn http1_stall_counts_from_the_full_socket(path: Path) {
+    const IDLE: Duration = Duration::from_secs(4);
+    const SEND: Duration = Duration::from_secs(2);
+    let layer = KeepAliveLayer::new().idle_timeout(IDLE).send_timeout(SEND);
+    let server = start(path, layer).await;
+    let mut client = connect(server.addr).await;
+    let sent = Instant::now();
+    client
+        .write_all(format!("GET /big?bytes={BIG} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let cut = server
+        .until_closed(CloseReason::SendTimeout, IDLE + SEND + WAIT)
+        .await;
+    let took = cut - sent;
+    assert!(took >= SEND, "{path:?}: cut after {took:?}");
+    // Timed from the first look, the cut would come at IDLE + SEND.
+    assert!(took < IDLE + SEND / 2, "{path:?}: cut after {took:?}");
+    assert!(
+        drain(&mut client).await < BIG,
+        "{path:?}: the whole body came through"
+    );
+}
+
+#[tokio::test]
+async fn http1_stall_counts_from_the_full_socket_serve() {
+    http1_stall_counts_from_the_full_socket(Path::Serve).await;
+}
+
+#[tokio::test]
+async fn http1_stall_counts_from_the_full_socket_axum() {
+    http1_stall_counts_from_the_full_socket(Path::Axum).await;
+}
+
 /// A client that reads slowly, with pauses shorter than the send timeout, gets the whole body: every
 /// write that goes through starts the time again.
 async fn http1_slow_reader_is_not_cut(path: Path) {

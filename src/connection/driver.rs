@@ -64,6 +64,12 @@ impl ConnectionHandle {
         }
         if moved || shared.request_flags.load(Ordering::Relaxed) & REQ_STALLED == 0 {
             self.set_request_flag(REQ_STALLED, true);
+            // A write the socket refused was stamped by the IO when it was refused (after any
+            // progress, which clears the flag): the stall counts from there, not from this look,
+            // which may come up to an idle timeout later. Output h2 holds back is timed from here.
+            if shared.io.load(Ordering::Acquire) & IO_WRITE_BLOCKED != 0 {
+                return Some(self.progress_at(now));
+            }
             shared
                 .progress_ms
                 .store(self.wrapping_ms(clock::ns_of(now)), Ordering::Relaxed);
@@ -136,7 +142,14 @@ impl ConnectionHandle {
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
         if blocked {
-            self.set_io_flag(IO_WRITE_BLOCKED, true);
+            if shared.io.load(Ordering::Relaxed) & IO_WRITE_BLOCKED == 0 {
+                // The socket just filled: the output stalls from now, for the send timeout. A clock
+                // reading only here, when a write is refused, never on a write that goes through.
+                shared
+                    .progress_ms
+                    .store(self.wrapping_ms(clock::now_ns()), Ordering::Relaxed);
+                self.set_io_flag(IO_WRITE_BLOCKED, true);
+            }
             return;
         }
         let flags = shared.io.load(Ordering::Relaxed);

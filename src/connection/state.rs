@@ -85,7 +85,7 @@ pub(crate) struct Shared {
     #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(crate) scheduled_ns: AtomicU64,
     /// When the timer last saw the output make progress while output was waiting ([`REQ_STALLED`]
-    /// set), or, in a graceful close ([`REQ_GRACE`] set) with none waiting since, when the close began:
+    /// set), or when the IO found the socket full ([`IO_WRITE_BLOCKED`] set), or, in a graceful close ([`REQ_GRACE`] set) with none waiting since, when the close began:
     /// milliseconds after `opened_ns`, wrapping (only spans far shorter than 49 days are read from it).
     #[cfg_attr(not(feature = "serve"), allow(dead_code))]
     pub(super) progress_ms: AtomicU32,
