@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]
-//!     [--idle-timeout SECS] [--max-requests N] [--no-content-type] [--tls]
+//!     [--idle-timeout SECS] [--max-requests N] [--no-content-type] [--tls] [--no-peer-addr]
 //! ```
 //!
 //! - `bare`: a hyper-util accept loop (auto builder: HTTP/1.1 and h2c on one port), no layer;
@@ -21,6 +21,9 @@
 //! at start (rcgen), ALPN `h2` and `http/1.1`: `bare` and `layer` run the TLS handshake with tokio-rustls
 //! in each connection's task before hyper-util's auto builder (as a hand-written accept loop does), and
 //! `serve` uses `Serve::tls`. The first line is then `listening on https://ADDR`.
+//!
+//! `--no-peer-addr`: `serve` without the peer address in each request's extensions
+//! (`Serve::peer_addr(false)`), to measure what that extension costs per request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -52,12 +55,13 @@ struct Args {
     content_type: bool,
     sizes: bool,
     tls: bool,
+    peer_addr: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_server --mode bare|layer|serve [--addr ADDR] [--threads N] [--idle-timeout SECS] \
-         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls]"
+         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls] [--no-peer-addr]"
     );
     std::process::exit(2)
 }
@@ -71,6 +75,7 @@ fn parse_args() -> Args {
         content_type: true,
         sizes: false,
         tls: false,
+        peer_addr: true,
     };
     let mut mode = None;
     let mut it = std::env::args().skip(1);
@@ -104,6 +109,7 @@ fn parse_args() -> Args {
             }
             "--no-content-type" => args.content_type = false,
             "--sizes" => args.sizes = true,
+            "--no-peer-addr" => args.peer_addr = false,
             "--tls" if cfg!(feature = "tls") => args.tls = true,
             _ => usage(),
         }
@@ -156,7 +162,9 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
 
     if args.mode == Mode::Serve {
-        let server = tower_keepalive::serve(listener, hello).keep_alive(args.layer);
+        let server = tower_keepalive::serve(listener, hello)
+            .keep_alive(args.layer)
+            .peer_addr(args.peer_addr);
         #[cfg(feature = "tls")]
         if let Some(config) = tls {
             return server.tls(config).await;

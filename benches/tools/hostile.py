@@ -4,11 +4,13 @@
     hostile.py SCENARIO HOST:PORT [--probes N] [--duration S]
 
 Scenarios:
-  budget     100 keep-alive clients hold idle connections (each reconnects, sends a request and goes
-             idle again whenever the server closes it); meanwhile N probes, one every 0.2 s, each a
-             fresh connection with one request: how long each waits for its response.
+  budget     100 keep-alive clients each open a connection, send a request and hold the connection
+             idle (a closed one is not reopened); meanwhile N probes, one every 0.2 s from 3 s on,
+             each a fresh connection with one request: how long each waits for its response head.
+  budget-churn  the same, but each idle client reconnects (and sends a request) at once whenever the
+             server closes its connection: the server is kept at its limit all along.
   slowloris  1,000 connections each dribble a request head, one header line a second, and reconnect
-             when cut; meanwhile N probes as above.
+             1 s after they are cut; meanwhile N probes over the run.
   nonreader  50 clients request /big?bytes=100000000 and never read; every 0.25 s, how many of them the
              server still holds established (its side, from /proc/net/tcp); meanwhile N probes.
 
@@ -24,7 +26,7 @@ PROBE_TIMEOUT = 10.0
 
 
 async def probe(host, port):
-    """One fresh client, one request: seconds to the whole response, or None."""
+    """One fresh client, one request: seconds to the response head, or why it failed."""
     t0 = time.monotonic()
     w = None
     try:
@@ -33,10 +35,14 @@ async def probe(host, port):
         left = PROBE_TIMEOUT - (time.monotonic() - t0)
         head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), max(left, 0.01))
         if not head.startswith(b"HTTP/1.1 200"):
-            return None
+            return "status " + head.split(b"\r\n")[0].decode("latin-1")[9:12]
         return time.monotonic() - t0
-    except Exception:
-        return None
+    except asyncio.TimeoutError:
+        return "timeout"
+    except (asyncio.IncompleteReadError, ConnectionResetError):
+        return "closed"
+    except OSError as err:
+        return err.strerror or type(err).__name__
     finally:
         if w is not None:
             w.close()
@@ -51,8 +57,9 @@ async def probes(host, port, n, every, start):
     return await asyncio.gather(*tasks)
 
 
-async def idle_client(host, port, stop, stats):
-    """Keeps one keep-alive connection, idle after its request; reconnects when the server closes it."""
+async def idle_client(host, port, stop, stats, reconnect):
+    """Keeps one keep-alive connection, idle after its request; when the server closes it, reconnects at
+    once (`reconnect`) or not at all."""
     while not stop.is_set():
         w = None
         try:
@@ -60,24 +67,36 @@ async def idle_client(host, port, stop, stats):
             w.write(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
             await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)
             stats["held"] += 1
-            # Idle until the server closes it (EOF or reset) or the run ends.
-            done = asyncio.create_task(r.read(65536))
+            # The body ("hello"), then idle until the server closes it (EOF or reset) or the run ends.
             stopped = asyncio.create_task(stop.wait())
-            await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
-            for t in (done, stopped):
-                t.cancel()
+            while True:
+                data = asyncio.create_task(r.read(65536))
+                await asyncio.wait({data, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if not data.done():
+                    data.cancel()
+                    break
+                if not data.result():
+                    break
+            stopped.cancel()
             if not stop.is_set():
                 stats["closed"] += 1
-        except Exception:
+        except Exception as err:
             stats["errors"] += 1
+            why = "timeout" if isinstance(err, asyncio.TimeoutError) else (
+                "closed" if isinstance(err, (asyncio.IncompleteReadError, ConnectionResetError))
+                else type(err).__name__)
+            stats["why"][why] = stats["why"].get(why, 0) + 1
             await asyncio.sleep(0.1)
         finally:
             if w is not None:
                 w.close()
+        if not reconnect:
+            return
 
 
 async def slowloris(host, port, stop, stats):
-    """Dribbles a request head, one header line a second, never ending it; reconnects when cut."""
+    """Dribbles a request head, one header line a second, never ending it; reconnects 1 s after it is
+    cut (as a slowloris tool keeps its count of sockets)."""
     while not stop.is_set():
         w = None
         try:
@@ -102,10 +121,10 @@ async def slowloris(host, port, stop, stats):
                 stats["cut_after"].append(time.monotonic() - t0)
         except Exception:
             stats["errors"] += 1
-            await asyncio.sleep(0.1)
         finally:
             if w is not None:
                 w.close()
+        await asyncio.sleep(1.0)
 
 
 def established(port):
@@ -121,11 +140,17 @@ def established(port):
 
 
 def summary(waits):
-    served = sorted(w for w in waits if w is not None)
+    served = sorted(w for w in waits if isinstance(w, float))
+    failed = {}
+    for w in waits:
+        if not isinstance(w, float):
+            failed[w] = failed.get(w, 0) + 1
+    why = " (" + ", ".join(f"{k} {v}" for k, v in sorted(failed.items())) + ")" if failed else ""
     if not served:
-        return f"served {0}/{len(waits)}"
-    q = lambda p: served[min(len(served) - 1, int(p * len(served)))] * 1000
-    return (f"served {len(served)}/{len(waits)}  p50 {q(0.5):.1f} ms  p99 {q(0.99):.1f} ms  "
+        return f"served 0/{len(waits)}{why}"
+    # nearest rank
+    q = lambda p: served[max(0, -(-int(p * 100) * len(served) // 100) - 1)] * 1000
+    return (f"served {len(served)}/{len(waits)}{why}  p50 {q(0.5):.1f} ms  p99 {q(0.99):.1f} ms  "
             f"max {served[-1] * 1000:.1f} ms")
 
 
@@ -138,17 +163,19 @@ async def main():
     duration = float(opts.get("--duration", 20))
     stop = asyncio.Event()
 
-    if scenario == "budget":
-        stats = {"held": 0, "closed": 0, "errors": 0}
+    if scenario in ("budget", "budget-churn"):
+        stats = {"held": 0, "closed": 0, "errors": 0, "why": {}}
         clients = []
         for _ in range(100):
-            clients.append(asyncio.create_task(idle_client(host, port, stop, stats)))
+            clients.append(asyncio.create_task(
+                idle_client(host, port, stop, stats, scenario == "budget-churn")))
         # Give the 100 time to connect (the server holds at most its budget), then probe.
         waits = await probes(host, port, n, 0.2, 3.0)
         stop.set()
         await asyncio.gather(*clients, return_exceptions=True)
         print(f"{summary(waits)}  | idle clients: {stats['held']} connections served, "
-              f"{stats['closed']} closed by the server, {stats['errors']} failed")
+              f"{stats['closed']} closed by the server while idle, {stats['errors']} failed "
+              f"({', '.join(f'{k} {v}' for k, v in sorted(stats['why'].items()))})")
     elif scenario == "slowloris":
         stats = {"opened": 0, "cut": 0, "errors": 0, "cut_after": []}
         clients = []
