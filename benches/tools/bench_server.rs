@@ -143,11 +143,7 @@ async fn run(args: Args) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
     #[cfg(feature = "tls")]
-    let tls = if args.tls {
-        Some(tls_config()?)
-    } else {
-        None
-    };
+    let tls = if args.tls { Some(tls_config()?) } else { None };
     let scheme = if args.tls { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
 
