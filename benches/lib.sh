@@ -1,11 +1,11 @@
 # Shared by the bench scripts (sourced, not run).
 
-# server_addr FILE: the address a bench server printed as its first line (`listening on http://ADDR`),
+# server_addr FILE: the address a bench server printed as its first line (`listening on http[s]://ADDR`),
 # waited for up to 30 s (a server under valgrind starts slowly); fails if it never came.
 server_addr() {
   local addr=
   for _ in $(seq 300); do
-    addr=$(sed -n 's#^listening on http://##p' "$1" 2>/dev/null || true)
+    addr=$(sed -n 's#^listening on https\{0,1\}://##p' "$1" 2>/dev/null || true)
     if [ -n "$addr" ]; then
       echo "$addr"
       return 0

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]
-//!     [--idle-timeout SECS] [--max-requests N] [--no-content-type]
+//!     [--idle-timeout SECS] [--max-requests N] [--no-content-type] [--tls] [--no-peer-addr]
 //! ```
 //!
 //! - `bare`: a hyper-util accept loop (auto builder: HTTP/1.1 and h2c on one port), no layer;
@@ -16,6 +16,14 @@
 //! `taskset` gives it exactly that core. Built with feature `metrics`, it records into a Prometheus
 //! recorder. The first line on stdout is `listening on http://ADDR`; sizes of the per-connection
 //! futures go to stderr. Stop it with a signal.
+//!
+//! With `--tls` (feature `tls`) every mode serves HTTPS on a self-signed certificate for `localhost` made
+//! at start (rcgen), ALPN `h2` and `http/1.1`: `bare` and `layer` run the TLS handshake with tokio-rustls
+//! in each connection's task before hyper-util's auto builder (as a hand-written accept loop does), and
+//! `serve` uses `Serve::tls`. The first line is then `listening on https://ADDR`.
+//!
+//! `--no-peer-addr`: `serve` without the peer address in each request's extensions
+//! (`Serve::peer_addr(false)`), to measure what that extension costs per request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -46,12 +54,14 @@ struct Args {
     layer: KeepAliveLayer,
     content_type: bool,
     sizes: bool,
+    tls: bool,
+    peer_addr: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_server --mode bare|layer|serve [--addr ADDR] [--threads N] [--idle-timeout SECS] \
-         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes]"
+         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls] [--no-peer-addr]"
     );
     std::process::exit(2)
 }
@@ -64,6 +74,8 @@ fn parse_args() -> Args {
         layer: KeepAliveLayer::new(),
         content_type: true,
         sizes: false,
+        tls: false,
+        peer_addr: true,
     };
     let mut mode = None;
     let mut it = std::env::args().skip(1);
@@ -97,6 +109,8 @@ fn parse_args() -> Args {
             }
             "--no-content-type" => args.content_type = false,
             "--sizes" => args.sizes = true,
+            "--no-peer-addr" => args.peer_addr = false,
+            "--tls" if cfg!(feature = "tls") => args.tls = true,
             _ => usage(),
         }
     }
@@ -128,7 +142,10 @@ async fn run(args: Args) -> std::io::Result<()> {
         .install_recorder()
         .map_err(std::io::Error::other)?;
     let listener = tokio::net::TcpListener::bind(args.addr).await?;
-    println!("listening on http://{}", listener.local_addr()?);
+    #[cfg(feature = "tls")]
+    let tls = if args.tls { Some(tls_config()?) } else { None };
+    let scheme = if args.tls { "https" } else { "http" };
+    println!("listening on {scheme}://{}", listener.local_addr()?);
 
     let content_type = args.content_type;
     let hello = tower::service_fn(move |_req: Request<Incoming>| async move {
@@ -141,10 +158,17 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
 
     if args.mode == Mode::Serve {
-        return tower_keepalive::serve(listener, hello)
+        let server = tower_keepalive::serve(listener, hello)
             .keep_alive(args.layer)
-            .await;
+            .peer_addr(args.peer_addr);
+        #[cfg(feature = "tls")]
+        if let Some(config) = tls {
+            return server.tls(config).await;
+        }
+        return server.await;
     }
+    #[cfg(feature = "tls")]
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
 
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().header_read_timeout(None);
@@ -160,6 +184,38 @@ async fn run(args: Args) -> std::io::Result<()> {
             }
         };
         let _ = io.set_nodelay(true);
+        #[cfg(feature = "tls")]
+        if let Some(acceptor) = &acceptor {
+            // The handshake in the connection's task, as `Serve::tls` does it: the accept loop never
+            // waits on a client.
+            let acceptor = acceptor.clone();
+            let builder = builder.clone();
+            let svc = (args.mode == Mode::Layer).then(|| {
+                let handle = args.layer.connection();
+                args.layer.bind(handle).layer(hello)
+            });
+            tokio::spawn(async move {
+                let Ok(Ok(io)) =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(io)).await
+                else {
+                    return;
+                };
+                let io = TokioIo::new(io);
+                let _ = match svc {
+                    None => {
+                        builder
+                            .serve_connection_with_upgrades(io, TowerToHyperService::new(hello))
+                            .await
+                    }
+                    Some(svc) => {
+                        builder
+                            .serve_connection_with_upgrades(io, TowerToHyperService::new(svc))
+                            .await
+                    }
+                };
+            });
+            continue;
+        }
         let io = TokioIo::new(io);
         let builder = builder.clone();
         if args.mode == Mode::Bare {
@@ -179,6 +235,27 @@ async fn run(args: Args) -> std::io::Result<()> {
             tokio::spawn(conn);
         }
     }
+}
+
+/// A self-signed certificate for `localhost`, made now; TLS 1.3 and 1.2 on `ring`, ALPN `h2` and
+/// `http/1.1` (what `Serve::tls` offers when the config names none).
+#[cfg(feature = "tls")]
+fn tls_config() -> std::io::Result<std::sync::Arc<rustls::ServerConfig>> {
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()])
+        .map_err(std::io::Error::other)?;
+    let der = CertificateDer::from(cert.cert.der().to_vec());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(cert.signing_key.serialize_der()));
+    let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(std::io::Error::other)?
+    .with_no_client_auth()
+    .with_single_cert(vec![der], key)
+    .map_err(std::io::Error::other)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(std::sync::Arc::new(config))
 }
 
 /// `--sizes`: the size of each per-connection future, over an in-memory IO, then exit.
