@@ -336,8 +336,13 @@ impl Timers {
 
     pub(crate) fn shed_one(&self) -> bool {
         let heap = self.lock();
-        // (never served a request, when it was accepted or went idle): the smallest goes first.
-        let mut best: Option<((bool, Instant), ConnectionHandle)> = None;
+        let now = Instant::now();
+        // (rank, when it was accepted or went idle): the smallest goes first. Rank 0: never served a
+        // request and accepted over `FIRST_REQUEST_GRACE` ago (silent, or dribbling its head); 1: an
+        // idle keep-alive connection; 2: accepted just now, its first request most likely on its way
+        // (in a burst of clients at the limit, the one accepted before this one), closed only when
+        // nothing else can go.
+        let mut best: Option<((u8, Instant), ConnectionHandle)> = None;
         for entry in heap.entries.iter() {
             let Some(handle) = entry.current() else {
                 continue;
@@ -348,7 +353,12 @@ impl Timers {
             let Some(since) = handle.idle_since() else {
                 continue;
             };
-            let key = (handle.requests() != 0, since);
+            let rank = match handle.requests() {
+                0 if since + FIRST_REQUEST_GRACE > now => 2,
+                0 => 0,
+                _ => 1,
+            };
+            let key = (rank, since);
             if best.as_ref().is_none_or(|(best, _)| key < *best) {
                 best = Some((key, handle));
             }
