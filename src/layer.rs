@@ -321,6 +321,11 @@ impl KeepAliveLayer {
     /// h2's buffers (a large body given as one frame); a connection closing with nothing else in flight
     /// gets the send timeout as its grace period for it.
     ///
+    /// A stall counts from the write the socket refused (on HTTP/2 without a full socket, from when the
+    /// connection's timer first sees the stalled body). The timer first looks at a busy connection at its
+    /// idle deadline, then twice per send timeout: the cut comes at the send timeout, or at that first
+    /// look if it is later (an idle timeout longer than the send timeout).
+    ///
     /// Enforced by whoever drives the connection: both of the crate's serve paths, and
     /// [`ConnectionHandle::drive`](crate::ConnectionHandle::drive) with the IO wrapped in
     /// `serve::WatchedIo`. A setting of the policy rather than of the server for that reason: it travels
