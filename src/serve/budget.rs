@@ -139,8 +139,8 @@ impl Budget {
 
     /// As [`admit`](Self::admit), but at the hard limit it makes room: the connections of `drain` that
     /// hold a slot doing nothing are closed at once, those that never finished a request head first,
-    /// then idle keep-alive connections, longest idle first, and connections accepted under a second
-    /// ago (their first request on its way) last (close reason `Pressure`), as nginx does when
+    /// then idle keep-alive connections, longest idle first (close reason `Pressure`; never one accepted
+    /// under a second ago and not yet served, whose first request is on its way), as nginx does when
     /// it runs out of connections. A connection with a request in flight is never chosen. While every
     /// connection is busy, it looks again every [`SHED_RETRY`], for as long as it waits.
     pub(crate) async fn admit_shedding(self: &Arc<Self>, drain: &Drain) -> Option<Admission> {

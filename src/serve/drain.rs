@@ -99,8 +99,8 @@ impl Drain {
 
     /// Closes the watched connection that holds a slot to least purpose, if any holds one idly: one that
     /// has not finished a request head yet (silent, or dribbling) and was accepted over a second ago,
-    /// the oldest first; else the idle keep-alive connection idle the longest; else one accepted just
-    /// now (its first request most likely on its way). HTTP/1 connections are dropped at once (nothing is in
+    /// the oldest first; else the idle keep-alive connection idle the longest. Never one accepted under
+    /// a second ago and not yet served: its first request is most likely on its way. HTTP/1 connections are dropped at once (nothing is in
     /// flight on them); HTTP/2 ones get GOAWAY. Looks at every connection: for a server at its hard
     /// limit only.
     pub(crate) fn shed_one(&self) -> bool {

@@ -335,9 +335,9 @@ impl<L, S, F> Serve<L, S, F> {
     /// close first (close reason [`CloseReason::Pressure`], HTTP/2 with GOAWAY) and new clients are
     /// admitted. At `hard`, each new client makes room at once, as nginx does when it runs out of
     /// connections: connections that never finished a request head (silent, or dribbling one) are
-    /// closed first, oldest first, then idle keep-alive connections, longest idle first; one accepted
-    /// under a second ago, whose first request is most likely on its way, only when nothing else can
-    /// go. While every
+    /// closed first, oldest first, then idle keep-alive connections, longest idle first; never one
+    /// accepted under a second ago and not yet served, whose first request is most likely on its way.
+    /// While every
     /// connection is busy the new client waits, and those behind it wait in the listener's accept queue
     /// rather than being accepted and dropped. A request in flight is never cut.
     ///

@@ -339,9 +339,10 @@ impl Timers {
         let now = Instant::now();
         // (rank, when it was accepted or went idle): the smallest goes first. Rank 0: never served a
         // request and accepted over `FIRST_REQUEST_GRACE` ago (silent, or dribbling its head); 1: an
-        // idle keep-alive connection; 2: accepted just now, its first request most likely on its way
-        // (in a burst of clients at the limit, the one accepted before this one), closed only when
-        // nothing else can go.
+        // idle keep-alive connection. One accepted just now is not shed at all: its first request is
+        // most likely on its way (in a burst of clients at the limit, the one accepted before this
+        // one), and closing it would lose that request; the new client waits for it to be served or
+        // to age.
         let mut best: Option<((u8, Instant), ConnectionHandle)> = None;
         for entry in heap.entries.iter() {
             let Some(handle) = entry.current() else {
@@ -354,7 +355,7 @@ impl Timers {
                 continue;
             };
             let rank = match handle.requests() {
-                0 if since + FIRST_REQUEST_GRACE > now => 2,
+                0 if since + FIRST_REQUEST_GRACE > now => continue,
                 0 => 0,
                 _ => 1,
             };
