@@ -85,6 +85,8 @@ struct Heap {
 /// the connection now would lose it (a balancer does not retry a non-idempotent request it has sent).
 /// It is served, and its response says `Connection: close`; a connection still silent after this is
 /// closed. A second covers a round trip on any network a balancer sits on, with room for a loaded host.
+/// The budget's shedding at its hard limit spares such a young connection for as long, for the same
+/// reason (see `Timers::shed_one`).
 pub(crate) const FIRST_REQUEST_GRACE: Duration = Duration::from_secs(1);
 
 /// How long after the lame-duck period begins an HTTP/1 connection idle then is closed, if it is still
