@@ -35,6 +35,8 @@
 //! probes after SECS of silence from the peer (`Serve::tcp_keepalive`; `KeepAliveListener::tcp_keepalive`
 //! with `--axum-serve`), at the system's interval and count.
 //! `--send-timeout SECS`: the send timeout (`KeepAliveLayer::send_timeout`, 60 s by default; `0`: none).
+//! `--hibernate-after SECS`: an idle HTTP/1 connection gives back hyper's state after SECS
+//! (`Serve::hibernate_after`, 1 s by default; `0`: never, `Serve::no_hibernation`; serve path only).
 //!
 //! On SIGINT or SIGTERM it drains (after the lame-duck period, if any) and exits 0. Each connection's close reason is logged (set `RUST_LOG`
 //! to change the level; `info` by default).
@@ -64,6 +66,7 @@ struct Args {
     header_timeout: Option<Duration>,
     h2_ping_interval: Option<Duration>,
     tcp_keepalive: Option<Duration>,
+    hibernate_after: Option<Duration>,
     tls_cert: Option<String>,
     tls_key: Option<String>,
 }
@@ -73,7 +76,8 @@ fn usage() -> ! {
         "usage: server [--addr ADDR] [--idle-timeout SECS] [--max-requests N] [--max-age SECS] \
          [--max-age-grace SECS] [--no-advertise] [--drain-timeout SECS] [--max-connections N] \
          [--lame-duck SECS] [--behind-lb SECS] [--header-timeout SECS] [--h2-ping-interval SECS] \
-         [--tcp-keepalive SECS] [--send-timeout SECS] [--tls-cert PEM --tls-key PEM] [--axum-serve]"
+         [--tcp-keepalive SECS] [--send-timeout SECS] [--hibernate-after SECS] \
+         [--tls-cert PEM --tls-key PEM] [--axum-serve]"
     );
     std::process::exit(2)
 }
@@ -89,6 +93,7 @@ fn parse_args() -> Args {
         header_timeout: None,
         h2_ping_interval: None,
         tcp_keepalive: None,
+        hibernate_after: None,
         tls_cert: None,
         tls_key: None,
     };
@@ -136,6 +141,7 @@ fn parse_args() -> Args {
             "--header-timeout" => args.header_timeout = Some(secs(it.next())),
             "--h2-ping-interval" => args.h2_ping_interval = Some(secs(it.next())),
             "--tcp-keepalive" => args.tcp_keepalive = Some(secs(it.next())),
+            "--hibernate-after" => args.hibernate_after = Some(secs(it.next())),
             "--send-timeout" => {
                 let timeout = secs(it.next());
                 args.layer = if timeout.is_zero() {
@@ -303,6 +309,11 @@ async fn main() -> std::io::Result<()> {
     }
     if let Some(keepalive) = tcp_keepalive {
         server = server.tcp_keepalive(keepalive);
+    }
+    match args.hibernate_after {
+        Some(Duration::ZERO) => server = server.no_hibernation(),
+        Some(after) => server = server.hibernate_after(after),
+        None => {}
     }
     #[cfg(feature = "tls")]
     if let Some(config) = tls {

@@ -34,6 +34,9 @@ pub(crate) struct Config {
     /// How long output may wait with nothing of it going out before the connection is dropped
     /// (`KeepAliveLayer::send_timeout`); `None`: no limit.
     pub(crate) send_timeout: Option<Duration>,
+    /// How long an HTTP/1 connection stays idle before it hibernates (serve path only,
+    /// `Serve::hibernate_after`); `None`: never.
+    pub(crate) hibernate_after: Option<Duration>,
     adverts: OnceLock<&'static [HeaderValue]>,
 }
 
@@ -80,6 +83,7 @@ impl Default for Config {
             control: Arc::default(),
             header_timeout: None,
             send_timeout: Some(DEFAULT_SEND_TIMEOUT),
+            hibernate_after: None,
             adverts: OnceLock::new(),
         }
     }
@@ -98,6 +102,7 @@ impl fmt::Debug for Config {
             .field("strip_request", &self.strip_request)
             .field("header_timeout", &self.header_timeout)
             .field("send_timeout", &self.send_timeout)
+            .field("hibernate_after", &self.hibernate_after)
             .finish_non_exhaustive()
     }
 }

@@ -129,6 +129,15 @@ impl KeepAliveLayer {
         self
     }
 
+    /// The same policy with HTTP/1 hibernation after `after` idle (the serve path's setting).
+    #[cfg(feature = "serve")]
+    pub(crate) fn with_hibernation(mut self, after: Option<std::time::Duration>) -> Self {
+        if self.config.hibernate_after != after {
+            Arc::make_mut(&mut self.config).hibernate_after = after;
+        }
+        self
+    }
+
     fn update(mut self, f: impl FnOnce(&mut Config)) -> Self {
         let config = Arc::make_mut(&mut self.config);
         f(config);

@@ -25,6 +25,7 @@
 //! | `tower_keepalive_queued_connections_total` | counter | connections | | Connections accepted at the budget's hard limit ([`Serve::connection_limits`]), which waited for room before being served. |
 //! | `tower_keepalive_shed_connections_total` | counter | connections | | Idle connections closed at the hard limit to make room for a new one (they count in `closed_connections_total` with `reason="pressure"` too). |
 //! | `tower_keepalive_idle_connections` | gauge | connections | | Open connections with nothing in flight; set by [`record_snapshot`]. |
+//! | `tower_keepalive_hibernating_connections` | gauge | connections | | Idle HTTP/1 connections hibernating (holding their socket and little else, [`Serve::hibernate_after`](crate::serve::Serve::hibernate_after)); set by [`record_snapshot`]. |
 //! | `tower_keepalive_active_requests` | gauge | requests | | Requests whose response is not fully sent yet; set by [`record_snapshot`]. |
 //! | `tower_keepalive_connection_pressure` | gauge | ratio | | How short of connections the server is, `0` to `1`; set by [`record_snapshot`]. |
 //!
@@ -97,6 +98,7 @@ const CLOSED_CONNECTIONS: &str = "tower_keepalive_closed_connections_total";
 const QUEUED_CONNECTIONS: &str = "tower_keepalive_queued_connections_total";
 const SHED_CONNECTIONS: &str = "tower_keepalive_shed_connections_total";
 const IDLE_CONNECTIONS: &str = "tower_keepalive_idle_connections";
+const HIBERNATING_CONNECTIONS: &str = "tower_keepalive_hibernating_connections";
 const ACTIVE_REQUESTS: &str = "tower_keepalive_active_requests";
 const CONNECTION_PRESSURE: &str = "tower_keepalive_connection_pressure";
 
@@ -149,6 +151,11 @@ pub fn describe() {
         "Open connections with nothing in flight (sampled)."
     );
     describe_gauge!(
+        HIBERNATING_CONNECTIONS,
+        Unit::Count,
+        "Idle HTTP/1 connections hibernating, holding little but their socket (sampled)."
+    );
+    describe_gauge!(
         ACTIVE_REQUESTS,
         Unit::Count,
         "Requests whose response is not fully sent yet (sampled)."
@@ -160,7 +167,8 @@ pub fn describe() {
 }
 
 /// Sets the gauges that change with every request from a snapshot of the layer's counters:
-/// `tower_keepalive_idle_connections`, `tower_keepalive_active_requests` and
+/// `tower_keepalive_idle_connections`, `tower_keepalive_hibernating_connections`,
+/// `tower_keepalive_active_requests` and
 /// `tower_keepalive_connection_pressure`. See the [module docs](self).
 ///
 /// ```
@@ -176,6 +184,7 @@ pub fn describe() {
 /// ```
 pub fn record_snapshot(snapshot: &StatsSnapshot) {
     gauge!(IDLE_CONNECTIONS).set(snapshot.connections_idle() as f64);
+    gauge!(HIBERNATING_CONNECTIONS).set(snapshot.connections_hibernating() as f64);
     gauge!(ACTIVE_REQUESTS).set(snapshot.in_flight() as f64);
     gauge!(CONNECTION_PRESSURE).set(snapshot.pressure());
 }

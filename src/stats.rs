@@ -22,6 +22,8 @@ pub(crate) struct Counters {
     requests: Shards,
     by_reason: [AtomicU64; CloseReason::COUNT],
     per_connection: [AtomicU64; BUCKETS],
+    /// Idle HTTP/1 connections hibernating now (serve path).
+    hibernating: AtomicU64,
 }
 
 /// Shards that belong to one thread at a time: their owner moves them with plain loads and stores, no
@@ -154,6 +156,16 @@ impl Counters {
         self.closed.fetch_add(1, Relaxed);
     }
 
+    /// An idle connection began (`true`) or ended (`false`) hibernating.
+    #[cfg(feature = "serve")]
+    pub(crate) fn hibernating(&self, began: bool) {
+        if began {
+            self.hibernating.fetch_add(1, Relaxed);
+        } else {
+            self.hibernating.fetch_sub(1, Relaxed);
+        }
+    }
+
     /// A request started; `was_idle` when the connection had nothing in flight.
     pub(crate) fn request_started(&self, was_idle: bool) {
         let (shard, slot) = self.shard();
@@ -248,6 +260,7 @@ impl Stats {
             connections_opened: opened,
             connections_open: open,
             connections_idle: open.saturating_sub(busy),
+            connections_hibernating: c.hibernating.load(Relaxed),
             in_flight,
             requests: started,
             by_reason: std::array::from_fn(|i| c.by_reason[i].load(Relaxed)),
@@ -268,6 +281,7 @@ pub struct StatsSnapshot {
     connections_opened: u64,
     connections_open: u64,
     connections_idle: u64,
+    connections_hibernating: u64,
     in_flight: u64,
     requests: u64,
     by_reason: [u64; CloseReason::COUNT],
@@ -315,6 +329,18 @@ impl StatsSnapshot {
     /// ```
     pub fn connections_idle(&self) -> u64 {
         self.connections_idle
+    }
+
+    /// Idle HTTP/1 connections hibernating now: holding their socket and little else until their next
+    /// request (serve path, [`Serve::hibernate_after`](crate::serve::Serve::hibernate_after)). They
+    /// count as idle too.
+    ///
+    /// ```
+    /// # let s = tower_keepalive::KeepAliveLayer::new().stats().snapshot();
+    /// assert_eq!(s.connections_hibernating(), 0);
+    /// ```
+    pub fn connections_hibernating(&self) -> u64 {
+        self.connections_hibernating
     }
 
     /// Requests whose response is not yet fully sent.

@@ -151,10 +151,10 @@ mod never_acknowledging {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use crate::support::apps::bulk;
-    use crate::support::both::{serve_on, Path};
-    use crate::support::http2::{RawH2, HEADERS, RST_STREAM};
-    use crate::support::{within, SLACK, WAIT};
+    use super::support::apps::bulk;
+    use super::support::both::{serve_on, Path};
+    use super::support::http2::{RawH2, HEADERS, RST_STREAM};
+    use super::support::{within, SLACK, WAIT};
     use tower_keepalive::KeepAliveLayer;
 
     /// With a maximum of N requests, a client that never acknowledges the server's PING (so hyper's

@@ -138,6 +138,54 @@ impl ConnectionHandle {
         self.shared.request_flags.load(Ordering::Relaxed) & REQ_UPGRADE != 0
     }
 
+    /// The driver can (`true`) or cannot hibernate the connection now (see `serve::conn`).
+    pub(crate) fn set_hibernates(&self, on: bool) {
+        self.set_request_flag(REQ_HIBERNATES, on);
+    }
+
+    /// The driver is taking hyper's connection apart (`true`), or done with it: while it is, the IO
+    /// does not shut the socket down.
+    pub(crate) fn set_parking(&self, on: bool) {
+        self.set_request_flag(REQ_PARKING, on);
+    }
+
+    /// Whether the driver is taking hyper's connection apart to hibernate (see [`set_parking`]).
+    ///
+    /// [`set_parking`]: Self::set_parking
+    pub(crate) fn is_parking(&self) -> bool {
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_PARKING != 0
+    }
+
+    /// For the driver: whether the timer asked it to hibernate the connection. Takes the request, and
+    /// registers `waker` again for the close flags (the timer's wake-up took the registration).
+    pub(crate) fn take_hibernation_request(&self, waker: &std::task::Waker) -> bool {
+        if self.shared.request_flags.load(Ordering::Relaxed) & REQ_HIBERNATE == 0 {
+            return false;
+        }
+        self.set_request_flag(REQ_HIBERNATE, false);
+        self.register_driver(waker);
+        true
+    }
+
+    /// When the connection is to hibernate: once idle for `hibernate_after`, if its driver can
+    /// hibernate it and has not been asked to yet.
+    fn hibernation_at(&self) -> Option<Instant> {
+        let after = self.config().hibernate_after?;
+        let flags = self.shared.request_flags.load(Ordering::Relaxed);
+        if flags & (REQ_HIBERNATES | REQ_HIBERNATE) != REQ_HIBERNATES {
+            return None;
+        }
+        Some(self.idle_since()? + after)
+    }
+
+    /// For the timer, at `now`: asks the driver to hibernate the connection if its time has come.
+    pub(crate) fn hibernate_if_due(&self, now: Instant) {
+        if self.hibernation_at().is_some_and(|at| at <= now) {
+            self.set_request_flag(REQ_HIBERNATE, true);
+            self.shared.waker.wake();
+        }
+    }
+
     /// Records a write on the connection's socket: `blocked` when the socket was full.
     pub(crate) fn note_write(&self, blocked: bool) {
         let shared = &self.shared;
@@ -223,6 +271,13 @@ impl ConnectionHandle {
     pub(crate) fn driver_flags(&self) -> (bool, bool) {
         let close = self.shared.close.load(Ordering::Acquire);
         (close & REQUESTED != 0, close & DROP_NOW != 0)
+    }
+
+    /// Whether the driver can hibernate the connection (see [`set_hibernates`]).
+    ///
+    /// [`set_hibernates`]: Self::set_hibernates
+    fn hibernates(&self) -> bool {
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_HIBERNATES != 0
     }
 
     /// Tells the driver to drop the connection at once.
@@ -366,6 +421,12 @@ impl ConnectionHandle {
                     Some(send) => every.min((send / 2).max(MIN_RECHECK)),
                     None => every,
                 };
+                // A connection that can hibernate is looked at often enough to find it idle soon
+                // after its request: nothing tells the timer when a request ends.
+                let every = match self.config().hibernate_after {
+                    Some(after) if self.hibernates() => every.min(after.max(MIN_RECHECK)),
+                    _ => every,
+                };
                 Instant::now() + every
             }
         };
@@ -375,6 +436,10 @@ impl ConnectionHandle {
         let at = match self.head_timing() {
             Some((Some(head), limit)) => at.min(head + limit),
             Some((None, limit)) => at.min(Instant::now() + limit),
+            None => at,
+        };
+        let at = match self.hibernation_at() {
+            Some(hibernate) => at.min(hibernate),
             None => at,
         };
         let Some(age) = self.max_age_at() else {

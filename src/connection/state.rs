@@ -53,8 +53,9 @@ pub(crate) struct Shared {
     /// request by the crate's serve paths), so the IO may hold back a client's end of stream: with a
     /// body, it may end a body the client cut short, which hyper must see to fail the request. Read with
     /// a plain load, changed with an atomic or/and only when a bit changes (HTTP/2 streams start on
-    /// several threads). Two bits are the driver's and its timer's, in a byte that is free:
-    /// [`REQ_GRACE`] and [`REQ_STALLED`].
+    /// several threads). The others are the driver's and its timer's, in a byte that is free:
+    /// [`REQ_GRACE`], [`REQ_STALLED`], and hibernation's [`REQ_HIBERNATES`], [`REQ_HIBERNATE`] and
+    /// [`REQ_PARKING`].
     pub(super) request_flags: AtomicU8,
     /// Progress of the connection's output, counted (not timed: no clock read per write), for the send
     /// timeout: writes that went through (HTTP/1: every one; HTTP/2: one that went through a socket
@@ -134,6 +135,17 @@ pub(super) const REQ_STALLED: u8 = 0x08;
 /// `Shared::request_flags`: the connection holds an upgrade slot of the serve path's budget.
 #[cfg_attr(not(feature = "serve"), allow(dead_code))]
 pub(super) const REQ_UPGRADE: u8 = 0x10;
+/// `Shared::request_flags`: the driver can hibernate the connection (an HTTP/1 connection of the serve
+/// path, awake, with hibernation on): its timer asks it to once it has been idle long enough.
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
+pub(super) const REQ_HIBERNATES: u8 = 0x20;
+/// `Shared::request_flags`: the timer asked the driver to hibernate the connection.
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
+pub(super) const REQ_HIBERNATE: u8 = 0x40;
+/// `Shared::request_flags`: the driver is taking hyper's connection apart to hibernate: the IO must not
+/// shut the socket down when hyper tells it to.
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
+pub(super) const REQ_PARKING: u8 = 0x80;
 
 pub(super) const IO_WRITE_BLOCKED: u8 = 0x01;
 /// `Shared::io`: the connection's IO is in its lingering close.

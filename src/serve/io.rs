@@ -350,6 +350,11 @@ impl<I: AsyncRead + AsyncWrite> WatchedIo<I> {
             // The stream belongs to the upgraded protocol, and so does the way it ends.
             return this.inner.poll_shutdown(cx);
         }
+        if this.handle.is_parking() {
+            // hyper's connection is being taken apart around an idle socket that stays open
+            // (hibernation, `serve::conn`): its end is not the connection's.
+            return Poll::Ready(Ok(()));
+        }
         // The end of our stream, after the last response byte.
         ready!(this.inner.as_mut().poll_shutdown(cx))?;
         // One read before any timer: a client that has closed its side already (a half-close, or a

@@ -21,6 +21,34 @@ pub use hyper_util::server::graceful::GracefulConnection;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// What a [`Lifecycle`] drives: a connection that ends by itself or when told to close gracefully.
+/// hyper's connections ([`GracefulConnection`]) are, and so is the serve path's own, which can also
+/// hibernate (`super::conn`).
+pub(crate) trait Driven: Future<Output = Result<(), <Self as Driven>::Error>> {
+    type Error: Into<BoxError>;
+
+    /// Begins a graceful close: no new request; the connection ends once the ones in flight are done.
+    fn shut_down_gracefully(self: Pin<&mut Self>);
+
+    /// Whether hyper's HTTP/1 connection was just made on the connection's first bytes, new or after
+    /// hibernating (asked once per making): from then on it can hibernate when idle.
+    fn take_http1_started(self: Pin<&mut Self>) -> bool {
+        false
+    }
+}
+
+impl<C> Driven for C
+where
+    C: GracefulConnection,
+    <C as GracefulConnection>::Error: Into<BoxError>,
+{
+    type Error = <C as GracefulConnection>::Error;
+
+    fn shut_down_gracefully(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
 /// How long a connection that was told to close gracefully, and has nothing in flight, may take to go.
 /// Past it the connection is dropped: this is what ends a client that never finishes its request head
 /// (hyper waits for a started head before it honours a graceful shutdown).
@@ -183,6 +211,7 @@ fn check_lifecycle(handle: &ConnectionHandle, now: Instant) -> Option<Instant> {
         }
         Some(handle.next_check().max(now + CLOSING_RECHECK))
     } else {
+        handle.hibernate_if_due(now);
         Some(handle.next_check().max(now))
     }
 }
@@ -287,8 +316,7 @@ impl<'a, C, T> Lifecycle<'a, C, T> {
 
 impl<C, T> Future for Lifecycle<'_, C, T>
 where
-    C: GracefulConnection,
-    C::Error: Into<BoxError>,
+    C: Driven,
     T: Timer,
 {
     type Output = CloseReason;
@@ -311,6 +339,17 @@ where
                 }
                 return Poll::Ready(reason);
             }
+            if this.conn.as_mut().take_http1_started() {
+                if let Some(after) = handle.config().hibernate_after {
+                    // Looked at once idle for that long, which the timer would not know to do: its
+                    // next look may be as far as the idle timeout, and nothing tells it when the
+                    // request now starting ends. Not sooner on a head still in progress, which a
+                    // woken connection's leftover bytes may be.
+                    let at = handle.next_check().min(Instant::now() + after);
+                    handle.set_hibernates(true);
+                    this.timer.as_mut().schedule(handle, at);
+                }
+            }
             // Registered before the flags are read: a flag set after this read wakes the task.
             if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 handle.register_driver(cx.waker());
@@ -324,7 +363,7 @@ where
                 return Poll::Ready(reason);
             }
             if requested && !*this.shutting_down {
-                this.conn.as_mut().graceful_shutdown();
+                this.conn.as_mut().shut_down_gracefully();
                 *this.shutting_down = true;
                 let now = Instant::now();
                 handle.start_grace(clock::ns_of(now));

@@ -1,7 +1,8 @@
 //! The serve path: an accept loop that gives every connection the keep-alive lifecycle.
 //!
-//! [`serve`] runs HTTP/1.1 and h2c (prior knowledge) on one listener over hyper-util's auto builder,
-//! for an axum `Router` or any tower `Service`. Each accepted connection gets its own
+//! [`serve`] runs HTTP/1.1 and h2c (prior knowledge, told apart by the connection preface) on one
+//! listener over hyper's own connection builders ([`HttpBuilder`]), for an axum `Router` or any tower
+//! `Service`. Each accepted connection gets its own
 //! [`ConnectionHandle`]; the keep-alive layer is applied to the whole service by the serve path itself, so
 //! idle enforcement sees every request (a layer forgotten on some routes cannot get a busy connection
 //! closed under a request), and the connection is driven through its lifecycle:
@@ -45,6 +46,11 @@
 //!   exception to the promise above, and the trade it makes is admitting new clients;
 //! - **TLS** (feature `tls`, [`Serve::tls`]): the same lifecycle over rustls, the protocol chosen by
 //!   ALPN, each handshake in its connection's task with a timeout (see [`tls`]);
+//! - **hibernation** ([`Serve::hibernate_after`], 1 s by default): an HTTP/1 connection idle for that
+//!   long gives back hyper's connection (its buffers and state, about 17 KB) and keeps only its socket
+//!   and its handle until the next request's first bytes, when a new one is made on it; 10,000 idle
+//!   clients then cost about what they cost nginx. Nothing above changes for it (see [`HttpBuilder`]
+//!   for why the serve path drives hyper's builders itself);
 //! - WebSocket upgrades work; once upgraded, the connection belongs to the WebSocket and none of the
 //!   above applies to it, but it keeps its room in the budget until the WebSocket ends, and at most
 //!   [`Serve::max_upgraded`] connections (half the budget by default) may be upgraded at once: an
@@ -81,6 +87,8 @@
 //! ```
 
 mod budget;
+mod builder;
+mod conn;
 mod drain;
 mod io;
 mod lame_duck;
@@ -104,11 +112,10 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use tower_service::Service;
 
+pub use builder::HttpBuilder;
 pub use drain::{Drain, DrainWatcher};
 pub use io::WatchedIo;
 #[cfg(feature = "axum")]
@@ -121,6 +128,8 @@ pub use tcp::TcpKeepalive;
 pub(crate) use timers::Timers;
 
 use budget::{Admission, Budget, Held, Limits};
+use conn::HttpConnection;
+use lifecycle::Driven;
 use listener::Accepting;
 #[cfg(feature = "tonic")]
 pub(crate) use peer::LocalAddr;
@@ -151,40 +160,26 @@ pub fn serve<L, S>(listener: L, service: S) -> Serve<L, S> {
     Serve {
         listener,
         service,
-        layer: KeepAliveLayer::new().with_header_timeout(Some(HEADER_TIMEOUT)),
+        layer: KeepAliveLayer::new()
+            .with_header_timeout(Some(HEADER_TIMEOUT))
+            .with_hibernation(Some(HIBERNATE_AFTER)),
         signal: std::future::pending(),
         lame_duck: None,
         drain_timeout: None,
         on_close: None,
         limits: Limits::from_fd_limit(),
         max_upgraded: None,
-        builder: default_builder(),
+        builder: HttpBuilder::default(),
         accepting: Accepting::default(),
         #[cfg(feature = "tls")]
         tls: tls::Settings::default(),
     }
 }
 
-fn default_builder() -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // Every timed setting a user can reach through `http_builder` (HTTP/2 PING keep-alive, HTTP/1
-    // header-read timeout) needs a timer: without one, hyper panics inside each connection.
-    builder.http1().timer(TokioTimer::new());
-    builder.http2().timer(TokioTimer::new());
-    // The lifecycle closes idle connections and slow heads itself; hyper's own header timer would close
-    // a connection before the advertised timeout.
-    builder.http1().header_read_timeout(None);
-    // hyper buffers up to ~400 KB of an unfinished head per connection: a few hundred clients sending
-    // endless heads would hold a hundred megabytes. A head over this is answered with 431.
-    builder.http1().max_buf_size(MAX_REQUEST_HEAD);
-    builder
-}
-
-/// The largest HTTP/1 request head (request line and fields) the serve path reads: 64 KiB, between
-/// nginx's 32 KiB (`large_client_header_buffers 4 8k`) and Go's 1 MB (`DefaultMaxHeaderBytes`). A larger
-/// head is answered with `431 Request Header Fields Too Large` (RFC 6585 section 5) and the connection
-/// closed. Change it with `http_builder(|b| { b.http1().max_buf_size(n); })` (at least 8 KiB).
-const MAX_REQUEST_HEAD: usize = 64 * 1024;
+/// The default [`Serve::hibernate_after`]: 1 s. A client that sends its next request within a second
+/// (a page's subresources, an API client's next call, a load test) never pays for the rebuild; one idle
+/// for longer holds little but its socket for the rest of its idle timeout.
+const HIBERNATE_AFTER: Duration = Duration::from_secs(1);
 
 /// The default [`Serve::header_timeout`]: 10 s. A request head is one or two packets; 10 s covers a
 /// few TCP retransmissions on a poor mobile link (1 + 2 + 4 s of back-off) and then some, while a
@@ -214,7 +209,7 @@ pub struct Serve<L, S, F = std::future::Pending<()>> {
     on_close: Option<OnClose>,
     limits: Option<Limits>,
     max_upgraded: Option<usize>,
-    builder: auto::Builder<TokioExecutor>,
+    builder: HttpBuilder,
     accepting: Accepting,
     #[cfg(feature = "tls")]
     tls: tls::Settings,
@@ -238,11 +233,13 @@ impl<L, S, F> Serve<L, S, F> {
     pub fn keep_alive(mut self, layer: KeepAliveLayer) -> Self {
         // A layer bound to some connection would make every connection share its count.
         let header_timeout = self.layer.config.header_timeout;
+        let hibernate_after = self.layer.config.hibernate_after;
         self.layer = KeepAliveLayer {
             config: layer.config,
             handle: None,
         }
-        .with_header_timeout(header_timeout);
+        .with_header_timeout(header_timeout)
+        .with_hibernation(hibernate_after);
         self
     }
 
@@ -415,15 +412,15 @@ impl<L, S, F> Serve<L, S, F> {
         self
     }
 
-    /// Tunes hyper-util's connection builder: HTTP/1 buffer and header limits, HTTP/2 streams, windows
-    /// and frame sizes, PING keep-alive, and so on. The serve path starts from
-    /// `auto::Builder::new(TokioExecutor::new())` with a [`TokioTimer`] for both protocols, so every
-    /// timed setting is safe to turn on, and with hyper's HTTP/1 header-read timer off (the
-    /// lifecycle closes idle connections and slow heads itself; turning hyper's timer back on would close
-    /// idle connections at that timeout, before the advertised one if it is shorter). The HTTP/1 buffer
-    /// (`max_buf_size`, which bounds the request head) starts at 64 KiB instead of hyper's ~400 KB: a
-    /// larger head is answered with `431 Request Header Fields Too Large`. (HTTP/2's
-    /// `max_header_list_size` is hyper's, 16 KiB.)
+    /// Tunes hyper's connection builders ([`HttpBuilder`]): HTTP/1 buffer and header limits, HTTP/2
+    /// streams, windows and frame sizes, PING keep-alive, which protocols are served, and so on. The
+    /// serve path starts from [`HttpBuilder::default`]: a [`TokioTimer`](hyper_util::rt::TokioTimer)
+    /// for both protocols, so every timed setting is safe to turn on, and hyper's HTTP/1 header-read
+    /// timer off (the lifecycle closes idle connections and slow heads itself; turning hyper's timer
+    /// back on would close idle connections at that timeout, before the advertised one if it is
+    /// shorter). The HTTP/1 buffer (`max_buf_size`, which bounds the request head) starts at 64 KiB
+    /// instead of hyper's ~400 KB: a larger head is answered with `431 Request Header Fields Too
+    /// Large`. (HTTP/2's `max_header_list_size` is hyper's, 16 KiB.)
     ///
     /// HTTP/2 PING keep-alive (RFC 9113 section 6.7) is set here: with `keep_alive_interval(Some(i))`,
     /// hyper sends a PING once nothing has been received for `i`, whether streams are open or not, and
@@ -449,11 +446,53 @@ impl<L, S, F> Serve<L, S, F> {
     /// # Ok(())
     /// # }
     /// ```
-    pub fn http_builder(
-        mut self,
-        configure: impl FnOnce(&mut auto::Builder<TokioExecutor>),
-    ) -> Self {
+    pub fn http_builder(mut self, configure: impl FnOnce(&mut HttpBuilder)) -> Self {
         configure(&mut self.builder);
+        self
+    }
+
+    /// How long an HTTP/1 connection stays idle before it hibernates (default: 1 s): it gives back
+    /// hyper's connection (its buffers and state, about 17 KB) and keeps only its socket and its
+    /// keep-alive state until the next request's first bytes arrive, when a new hyper connection is
+    /// made on it (a few microseconds; see BENCHMARKS.md). nginx frees an idle keep-alive connection's
+    /// buffers the same way: with hibernation, 10,000 idle clients cost about what they cost nginx.
+    ///
+    /// Nothing of the keep-alive lifecycle changes: the idle timeout, the request count and the
+    /// `Keep-Alive` fields, maximum age, drain, lame duck and the budget's shedding all reach a
+    /// hibernating connection as they reach any idle one. Bytes the client had sent of its next request
+    /// (a head in progress) are kept and come first. HTTP/2 connections (whose HPACK tables, settings
+    /// and windows are state) and upgraded ones never hibernate; TLS connections do, and keep their
+    /// TLS session (see BENCHMARKS.md for what that holds). The `axum::serve` path cannot hibernate:
+    /// axum drives hyper's connection itself.
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app)
+    ///     .hibernate_after(std::time::Duration::from_millis(250))
+    ///     .await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn hibernate_after(mut self, after: Duration) -> Self {
+        self.layer = self.layer.with_hibernation(Some(after));
+        self
+    }
+
+    /// Idle HTTP/1 connections keep hyper's connection for their whole idle period, as with a plain
+    /// hyper accept loop (see [`hibernate_after`](Self::hibernate_after)).
+    ///
+    /// ```no_run
+    /// # async fn run() -> std::io::Result<()> {
+    /// # let app = axum::Router::new();
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    /// tower_keepalive::serve(listener, app).no_hibernation().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn no_hibernation(mut self) -> Self {
+        self.layer = self.layer.with_hibernation(None);
         self
     }
 
@@ -800,10 +839,19 @@ where
                 }
                 let shared = shared.clone();
                 let task = async move {
-                    // Pinned here, once: the connection is the largest part of the task.
-                    let conn = pin!(shared.builder.serve_connection_with_upgrades(
-                        TokioIo::new(WatchedIo::new(io, handle.clone())),
+                    let start = if !shared.builder.is_http2_available() {
+                        conn::Start::Http1
+                    } else if !shared.builder.is_http1_available() {
+                        conn::Start::Http2
+                    } else {
+                        conn::Start::Detect
+                    };
+                    let conn = pin!(HttpConnection::new(
+                        &shared.builder,
+                        &handle,
+                        WatchedIo::new(io, handle.clone()),
                         TowerToHyperService::new(ConnectionService { inner: svc }),
+                        start,
                     ));
                     handle_connection(conn, &handle, watcher, None, &shared).await;
                 };
@@ -939,7 +987,7 @@ where
 }
 
 struct ConnectionsShared {
-    builder: auto::Builder<TokioExecutor>,
+    builder: HttpBuilder,
     on_close: Option<OnClose>,
     #[cfg(feature = "tls")]
     tls: Option<tls::Acceptor>,
@@ -981,8 +1029,7 @@ async fn handle_connection<C>(
     permit: Option<Admission>,
     shared: &ConnectionsShared,
 ) where
-    C: GracefulConnection,
-    C::Error: Into<BoxError>,
+    C: Driven,
 {
     // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection: its close
     // is still reported and counted, then the panic goes on.

@@ -22,25 +22,26 @@
 use std::future::Future;
 use std::io;
 use std::path::Path;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConfig;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
-use super::{closed, handle_connection, Admission, BoxError, ConnectionsShared, WatchedIo};
+use super::conn::{HttpConnection, Start};
+use super::{
+    closed, handle_connection, Admission, BoxError, ConnectionsShared, HttpBuilder, WatchedIo,
+};
 use crate::serve::DrainWatcher;
 use crate::{CloseReason, ConnectionHandle, KeepAlive};
 
@@ -229,7 +230,7 @@ impl Default for Settings {
 impl Settings {
     /// The acceptor of a server with these settings, if it serves TLS; a config without ALPN protocols
     /// gets those `builder` serves.
-    pub(super) fn acceptor(self, builder: &auto::Builder<TokioExecutor>) -> Option<Acceptor> {
+    pub(super) fn acceptor(self, builder: &HttpBuilder) -> Option<Acceptor> {
         let mut config = self.config?;
         if config.alpn_protocols.is_empty() {
             let alpn = &mut Arc::make_mut(&mut config).alpn_protocols;
@@ -298,22 +299,22 @@ impl Accepted {
             inner: super::ConnectionService { inner: svc },
             info,
         });
-        if stream.get_ref().1.alpn_protocol() == Some(H2) {
-            let http2_only;
-            let builder = if shared.builder.is_http1_available() {
-                http2_only = shared.builder.clone().http2_only();
-                &http2_only
-            } else {
-                &shared.builder
-            };
-            let io = TokioIo::new(WatchedIo::new(stream, handle.clone()));
-            let conn = pin!(builder.serve_connection(io, svc));
-            handle_connection(conn, &handle, watcher, permit, &shared).await;
+        // ALPN chose (RFC 7301); without it, HTTP/1.1 (RFC 9113 section 3.3: h2 over TLS needs ALPN).
+        let start = if stream.get_ref().1.alpn_protocol() == Some(H2)
+            && shared.builder.is_http2_available()
+        {
+            Start::Http2
         } else {
-            let io = TokioIo::new(WatchedIo::new(Http1Only::new(stream), handle.clone()));
-            let conn = pin!(shared.builder.serve_connection_with_upgrades(io, svc));
-            handle_connection(conn, &handle, watcher, permit, &shared).await;
-        }
+            Start::Http1
+        };
+        let conn = pin!(HttpConnection::new(
+            &shared.builder,
+            &handle,
+            WatchedIo::new(stream, handle.clone()),
+            svc,
+            start,
+        ));
+        handle_connection(conn, &handle, watcher, permit, &shared).await;
     }
 }
 
@@ -356,136 +357,4 @@ where
     }
     handle.mark_closing(CloseReason::TlsHandshake);
     None
-}
-
-/// The HTTP/2 connection preface (RFC 9113 section 3.4).
-const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// `Http1Only::matched` once the stream's start is known not to be the preface.
-const NOT_PREFACE: u8 = u8::MAX;
-
-pin_project_lite::pin_project! {
-    /// The IO of a TLS connection that negotiated HTTP/1.1 (or no protocol): fails the read that
-    /// completes an HTTP/2 preface at the start of the stream. hyper-util's auto builder picks HTTP/2
-    /// from the preface whatever it is told (`http1_only` is ignored when serving with upgrades), and
-    /// ALPN's choice must stand.
-    struct Http1Only<I> {
-        #[pin]
-        inner: I,
-        // How many bytes of the preface the stream started with so far, or `NOT_PREFACE`.
-        matched: u8,
-    }
-}
-
-impl<I> Http1Only<I> {
-    fn new(inner: I) -> Self {
-        Http1Only { inner, matched: 0 }
-    }
-}
-
-impl<I: AsyncRead> AsyncRead for Http1Only<I> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if *this.matched == NOT_PREFACE {
-            return this.inner.poll_read(cx, buf);
-        }
-        let before = buf.filled().len();
-        ready!(this.inner.poll_read(cx, buf))?;
-        let read = &buf.filled()[before..];
-        let at = usize::from(*this.matched);
-        let n = read.len().min(PREFACE.len() - at);
-        if read[..n] != PREFACE[at..at + n] {
-            *this.matched = NOT_PREFACE;
-        } else {
-            // At most 24.
-            *this.matched += n as u8;
-            if usize::from(*this.matched) == PREFACE.len() {
-                // A read that fails hands over no bytes.
-                buf.set_filled(before);
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "HTTP/2 preface on a TLS connection that negotiated HTTP/1.1",
-                )));
-            }
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<I: AsyncWrite> AsyncWrite for Http1Only<I> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().inner.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tokio::io::AsyncReadExt;
-
-    async fn read_all(input: &'static [u8], chunk: usize) -> io::Result<Vec<u8>> {
-        let (mut client, server) = tokio::io::duplex(64);
-        tokio::spawn(async move {
-            use tokio::io::AsyncWriteExt;
-            for part in input.chunks(chunk) {
-                let _ = client.write_all(part).await;
-                let _ = client.flush().await;
-                tokio::task::yield_now().await;
-            }
-        });
-        let mut io = Http1Only::new(server);
-        let mut out = Vec::new();
-        io.read_to_end(&mut out).await.map(|_| out)
-    }
-
-    #[tokio::test]
-    async fn the_http2_preface_fails_whole_or_in_pieces() {
-        for chunk in [1, 5, 24, 64] {
-            let err = read_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04", chunk)
-                .await
-                .unwrap_err();
-            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "chunk {chunk}");
-        }
-    }
-
-    #[tokio::test]
-    async fn http1_passes_even_when_it_starts_like_the_preface() {
-        for input in [
-            &b"GET / HTTP/1.1\r\n\r\n"[..],
-            b"PRI * HTTP/1.1\r\n\r\n",
-            b"PR",
-        ] {
-            for chunk in [1, 3, 64] {
-                assert_eq!(read_all(input, chunk).await.unwrap(), input);
-            }
-        }
-    }
 }

@@ -13,14 +13,12 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tower::Service;
-use tower_keepalive::serve::{Listener, TcpKeepalive};
+use tower_keepalive::serve::{HttpBuilder, Listener, TcpKeepalive};
 use tower_keepalive::{CloseReason, ConnectionHandle, KeepAliveLayer};
 
 use super::apps::{self, BoxError};
@@ -62,8 +60,32 @@ pub struct Builder<L> {
     options: Options,
 }
 
+/// The hibernation delay every server of this test binary gets unless its test sets one: 1 ms in
+/// `tests/hibernated.rs`, which runs the lifecycle's tests again with each idle HTTP/1 connection
+/// hibernating right after each response; the serve path's default elsewhere.
+pub const FORCED_HIBERNATION: Option<Duration> =
+    if bytes_eq(env!("CARGO_CRATE_NAME").as_bytes(), b"hibernated") {
+        Some(Duration::from_millis(1))
+    } else {
+        None
+    };
+
+const fn bytes_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 /// A change to hyper's own settings (`Serve::http_builder`).
-type HttpSettings = Box<dyn FnOnce(&mut auto::Builder<TokioExecutor>)>;
+type HttpSettings = Box<dyn FnOnce(&mut HttpBuilder)>;
 
 /// The serve path's settings a test may give, each left at the serve path's default unless set.
 struct Options {
@@ -75,6 +97,8 @@ struct Options {
     peer_addr: Option<bool>,
     tcp_keepalive: Option<TcpKeepalive>,
     http: Vec<HttpSettings>,
+    /// `Some(None)`: no hibernation; `None`: the serve path's default, or [`FORCED_HIBERNATION`].
+    hibernate_after: Option<Option<Duration>>,
     #[cfg(feature = "tls")]
     tls: Option<rustls::ServerConfig>,
     #[cfg(feature = "tls")]
@@ -127,11 +151,20 @@ impl<L: Listener> Builder<L> {
     }
 
     /// hyper's own settings (`Serve::http_builder`).
-    pub fn http_builder(
-        mut self,
-        configure: impl FnOnce(&mut auto::Builder<TokioExecutor>) + 'static,
-    ) -> Self {
+    pub fn http_builder(mut self, configure: impl FnOnce(&mut HttpBuilder) + 'static) -> Self {
         self.options.http.push(Box::new(configure));
+        self
+    }
+
+    /// HTTP/1 hibernation after `after` idle (`Serve::hibernate_after`).
+    pub fn hibernate_after(mut self, after: Duration) -> Self {
+        self.options.hibernate_after = Some(Some(after));
+        self
+    }
+
+    /// No hibernation (`Serve::no_hibernation`).
+    pub fn no_hibernation(mut self) -> Self {
+        self.options.hibernate_after = Some(None);
         self
     }
 
@@ -211,6 +244,11 @@ impl<L: Listener> Builder<L> {
         }
         for configure in options.http {
             server = server.http_builder(configure);
+        }
+        match options.hibernate_after.or(FORCED_HIBERNATION.map(Some)) {
+            Some(Some(after)) => server = server.hibernate_after(after),
+            Some(None) => server = server.no_hibernation(),
+            None => {}
         }
         #[cfg(feature = "tls")]
         {
@@ -295,6 +333,7 @@ impl TestServer {
                 peer_addr: None,
                 tcp_keepalive: None,
                 http: Vec::new(),
+                hibernate_after: None,
                 #[cfg(feature = "tls")]
                 tls: None,
                 #[cfg(feature = "tls")]
