@@ -27,6 +27,10 @@
 //! Once a connection is upgraded (a WebSocket), its IO belongs to the upgraded protocol and is left
 //! alone; it counts as open in the stats until that IO is dropped.
 //!
+//! Idle connections do not hibernate on this path ([`Serve::hibernate_after`](crate::serve::Serve::hibernate_after)):
+//! `axum::serve` makes and drives hyper's connection itself, so nothing here can take it apart while
+//! idle, and each idle HTTP/1 connection keeps hyper's buffers and state (about 17 KB) until it closes.
+//!
 //! Compared with the crate's own [`serve`](crate::serve()), an idle HTTP/2 connection is closed without
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. There is no connection budget here (axum's accept loop takes what the listener gives), so

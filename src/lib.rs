@@ -117,8 +117,8 @@
 //! | connection budget | [`connection_limits`](serve::Serve::connection_limits) | no | no |
 //! | `tracing` span per connection | yes | no | yours |
 //!
-//! - **The serve path**, [`serve()`]: an accept loop over hyper-util's auto builder (HTTP/1.x and h2c on
-//!   one port, HTTPS with the `tls` feature) that applies the layer to the whole service itself, so every
+//! - **The serve path**, [`serve()`]: an accept loop over hyper's connection builders (HTTP/1.x and h2c
+//!   on one port, HTTPS with the `tls` feature, idle HTTP/1 connections hibernating at nginx's memory cost) that applies the layer to the whole service itself, so every
 //!   request is tracked. Takes an axum `Router` or any tower `Service`. See the [`serve` module](mod@serve)
 //!   for the lifecycle and a full example.
 //! - **Keeping `axum::serve`**: [`axum::KeepAliveListener`] wraps the listener and

@@ -39,7 +39,7 @@
 //!   a failed TLS handshake).
 //!
 //! The open-connections gauge has no `protocol` label: a connection is counted at accept, before
-//! anything tells HTTP/1 from HTTP/2 (hyper-util's auto builder reads the preface later), and moving it
+//! anything tells HTTP/1 from HTTP/2 (the preface is read later), and moving it
 //! to a protocol at its first request would add a check to every request's path. The protocol is known
 //! at close, so it labels the duration histogram, the requests histogram and the closes counter.
 //!

@@ -255,8 +255,8 @@ impl<L, S, F> Serve<L, S, F> {
     ///
     /// It is the crate's own timer, not hyper's `header_read_timeout`: hyper 1.12 starts that one
     /// when it begins to wait for the next head, at the end of the previous response, so it would close
-    /// idle connections at the header timeout; and it runs no timer while hyper-util's auto builder is
-    /// still detecting the protocol. Here the first bytes read in an idle period start the head.
+    /// idle connections at the header timeout; and it runs no timer before hyper's connection is made,
+    /// on the connection's first bytes. Here the first bytes read in an idle period start the head.
     ///
     /// HTTP/2 connections are held to it until their first request (the preface and settings must be
     /// followed by a request's HEADERS within it); after that, the idle timeout alone applies to them,
