@@ -111,6 +111,28 @@ where
 // service are moved between states.
 impl<I, S> Unpin for HttpConnection<'_, I, S> where S: HttpService<Incoming> {}
 
+impl<I, S> HttpConnection<'_, I, S>
+where
+    S: HttpService<Incoming>,
+{
+    /// Takes the socket and the service out of a waiting connection (leaving it `Done` until the caller
+    /// gives it its next state), counting a hibernating one awake.
+    fn take_waiting(&mut self) -> Option<Parked<I, S>> {
+        match std::mem::replace(&mut self.state, State::Done) {
+            State::Waiting(parked, next) => {
+                if next == Next::Resume {
+                    self.handle.config().stats.hibernating(false);
+                }
+                Some(parked)
+            }
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+}
+
 impl<I, S> Drop for HttpConnection<'_, I, S>
 where
     S: HttpService<Incoming>,
@@ -226,8 +248,12 @@ where
                 return Poll::Pending;
             }
         }
-        let State::Http1(conn) = std::mem::replace(&mut self.state, State::Done) else {
-            unreachable!("matched above");
+        let conn = match std::mem::replace(&mut self.state, State::Done) {
+            State::Http1(conn) => conn,
+            other => {
+                self.state = other;
+                return Poll::Ready(None);
+            }
         };
         // `None`: upgraded in that poll, which an idle connection is not; it is over for HTTP.
         let Some(parts) = Pin::into_inner(conn).into_parts() else {
@@ -286,26 +312,18 @@ where
                         // The client closed (or reset) the connection between requests; with part of
                         // a head read, hyper says what it thinks of that.
                         Ok(None) if parked.io.prefix.is_empty() => {
-                            let State::Waiting(parked, _) =
-                                std::mem::replace(&mut this.state, State::Done)
-                            else {
-                                unreachable!("matched above");
-                            };
-                            if next == Next::Resume {
-                                this.handle.config().stats.hibernating(false);
+                            if let Some(parked) = this.take_waiting() {
+                                this.state = State::Closing(parked.io);
                             }
-                            this.state = State::Closing(parked.io);
                             continue;
                         }
                         Ok(None) => Start::Http1,
                         Err(err) => return Poll::Ready(Err(err.into())),
                     };
-                    let State::Waiting(parked, _) = std::mem::replace(&mut this.state, State::Done)
-                    else {
-                        unreachable!("matched above");
+                    let Some(parked) = this.take_waiting() else {
+                        continue;
                     };
                     if next == Next::Resume {
-                        this.handle.config().stats.hibernating(false);
                         tracing::trace!("hibernating connection woken");
                     }
                     if protocol == Start::Http2 {
@@ -347,15 +365,10 @@ where
             State::Http2(conn) => conn.as_mut().graceful_shutdown(),
             // Part of a head read: hyper gets it, and closes after that request (or the lifecycle's
             // grace period ends a head that never completes), as for a head begun before the close.
-            State::Waiting(parked, next) if !parked.io.prefix.is_empty() => {
-                let next = *next;
-                let State::Waiting(parked, _) = std::mem::replace(&mut this.state, State::Done)
-                else {
-                    unreachable!("matched above");
+            State::Waiting(parked, _) if !parked.io.prefix.is_empty() => {
+                let Some(parked) = this.take_waiting() else {
+                    return;
                 };
-                if next == Next::Resume {
-                    this.handle.config().stats.hibernating(false);
-                }
                 this.start_http1(parked);
                 // Closing: not to hibernate.
                 this.http1_started = false;
@@ -364,14 +377,9 @@ where
                 }
             }
             State::Waiting(..) => {
-                let State::Waiting(parked, next) = std::mem::replace(&mut this.state, State::Done)
-                else {
-                    unreachable!("matched above");
-                };
-                if next == Next::Resume {
-                    this.handle.config().stats.hibernating(false);
+                if let Some(parked) = this.take_waiting() {
+                    this.state = State::Closing(parked.io);
                 }
-                this.state = State::Closing(parked.io);
             }
             State::Closing(_) | State::Done => {}
         }
