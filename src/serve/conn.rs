@@ -24,6 +24,7 @@ use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -33,8 +34,8 @@ use hyper::service::HttpService;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::builder::HttpBuilder;
 use super::lifecycle::{BoxError, Driven};
+use super::ConnectionsShared;
 use crate::{CloseReason, ConnectionHandle};
 
 /// The HTTP/2 connection preface (RFC 9113 section 3.4).
@@ -91,12 +92,12 @@ where
 /// One connection of the serve path, plain or TLS, as the lifecycle drives it: hyper's HTTP/1 or HTTP/2
 /// connection, made once the first bytes tell which, and taken apart and made again around idle
 /// periods of HTTP/1 (see the [module docs](self)).
-pub(super) struct HttpConnection<'a, I, S>
+pub(super) struct HttpConnection<I, S>
 where
     S: HttpService<Incoming>,
 {
-    builder: &'a HttpBuilder,
-    handle: &'a ConnectionHandle,
+    shared: Arc<ConnectionsShared>,
+    handle: ConnectionHandle,
     state: State<I, S>,
     /// hyper's HTTP/1 connection was made since the lifecycle last asked, or may hibernate from now on.
     http1_started: bool,
@@ -109,9 +110,9 @@ where
 
 // Nothing of the connection is ever pinned in place: hyper's connections are boxed, the IO and the
 // service are moved between states.
-impl<I, S> Unpin for HttpConnection<'_, I, S> where S: HttpService<Incoming> {}
+impl<I, S> Unpin for HttpConnection<I, S> where S: HttpService<Incoming> {}
 
-impl<I, S> HttpConnection<'_, I, S>
+impl<I, S> HttpConnection<I, S>
 where
     S: HttpService<Incoming>,
 {
@@ -133,7 +134,7 @@ where
     }
 }
 
-impl<I, S> Drop for HttpConnection<'_, I, S>
+impl<I, S> Drop for HttpConnection<I, S>
 where
     S: HttpService<Incoming>,
 {
@@ -144,7 +145,7 @@ where
     }
 }
 
-impl<'a, I, S, B> HttpConnection<'a, I, S>
+impl<I, S, B> HttpConnection<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Send + 'static,
@@ -155,8 +156,8 @@ where
 {
     /// A connection on `io` (the connection's [`WatchedIo`](super::WatchedIo)), serving `service`.
     pub(super) fn new(
-        builder: &'a HttpBuilder,
-        handle: &'a ConnectionHandle,
+        shared: Arc<ConnectionsShared>,
+        handle: ConnectionHandle,
         io: I,
         service: S,
         start: Start,
@@ -169,13 +170,14 @@ where
             Start::Detect => State::Waiting(parked, Next::Detect),
             Start::Http1 => State::Waiting(parked, Next::Http1),
             Start::Http2 => State::Http2(Box::pin(
-                builder
+                shared
+                    .builder
                     .h2()
                     .serve_connection(TokioIo::new(parked.io), parked.service),
             )),
         };
         HttpConnection {
-            builder,
+            shared,
             handle,
             state,
             http1_started: false,
@@ -183,23 +185,14 @@ where
             rearm: false,
         }
     }
-}
 
-impl<I, S, B> HttpConnection<'_, I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
     /// Makes hyper's HTTP/1 connection on what a waiting connection has read.
     fn start_http1(&mut self, parked: Parked<I, S>) {
         self.http1_started = true;
         self.requests_at_start = self.handle.requests();
         self.rearm = false;
         let conn = self
+            .shared
             .builder
             .h1()
             .serve_connection(TokioIo::new(parked.io), parked.service)
@@ -211,7 +204,7 @@ where
     /// but not parsed. `Ready(None)` when it hibernated; `Pending` when hyper was not idle (it now closes
     /// after the exchange in progress); `Ready(Some(result))` when the connection ended.
     fn hibernate(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<(), BoxError>>> {
-        let handle = self.handle;
+        let handle = &self.handle;
         let State::Http1(conn) = &mut self.state else {
             return Poll::Ready(None);
         };
@@ -276,7 +269,7 @@ where
     }
 }
 
-impl<I, S, B> Future for HttpConnection<'_, I, S>
+impl<I, S, B> Future for HttpConnection<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Send + 'static,
@@ -328,7 +321,8 @@ where
                     }
                     if protocol == Start::Http2 {
                         this.state = State::Http2(Box::pin(
-                            this.builder
+                            this.shared
+                                .builder
                                 .h2()
                                 .serve_connection(TokioIo::new(parked.io), parked.service),
                         ));
@@ -347,7 +341,7 @@ where
     }
 }
 
-impl<I, S, B> Driven for HttpConnection<'_, I, S>
+impl<I, S, B> Driven for HttpConnection<I, S>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: HttpService<Incoming, ResBody = B> + Send + 'static,

@@ -218,6 +218,11 @@ impl DrainWatcher {
         async move { self.drive_pinned(&handle, conn.as_mut()).await }
     }
 
+    /// The drain's timers, which the connection's lifecycle uses as its timer.
+    pub(crate) fn timers(&self) -> &Arc<Timers> {
+        &self.timers
+    }
+
     /// Hands the connection to the drain's timers before it is driven (during a TLS handshake), so that
     /// its idle timeout, the budget's shedding and a drain reach it as they reach a connection that has
     /// not sent a request yet: each decides a close through the handle, which wakes its task.

@@ -286,10 +286,7 @@ pin_project! {
         handle: &'a ConnectionHandle,
         #[pin]
         timer: T,
-        // The waker registered with the handle; a flag's wake-up takes it.
-        waker: Option<Waker>,
-        started: bool,
-        shutting_down: bool,
+        driver: Driver,
     }
 
     impl<'a, C, T> PinnedDrop for Lifecycle<'a, C, T> {
@@ -307,9 +304,7 @@ impl<'a, C, T> Lifecycle<'a, C, T> {
             conn,
             handle,
             timer,
-            waker: None,
-            started: false,
-            shutting_down: false,
+            driver: Driver::default(),
         }
     }
 }
@@ -322,14 +317,38 @@ where
     type Output = CloseReason;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        let mut this = self.project();
-        let handle = *this.handle;
-        if !*this.started {
-            *this.started = true;
-            this.timer.as_mut().start(handle);
+        let this = self.project();
+        this.driver
+            .poll_drive(this.conn.as_mut(), this.handle, this.timer, cx)
+    }
+}
+
+/// What a lifecycle keeps between two polls of its connection: the [`Lifecycle`] future's, or the serve
+/// path's connection task's (`super::task`), which holds the connection and the handle itself. Whoever
+/// holds it marks the handle undriven when dropped ([`ConnectionHandle::mark_undriven`]).
+#[derive(Default)]
+pub(crate) struct Driver {
+    // The waker registered with the handle; a flag's wake-up takes it.
+    waker: Option<Waker>,
+    started: bool,
+    shutting_down: bool,
+}
+
+impl Driver {
+    /// Drives `conn`, the connection of `handle`, with `timer`: resolves with the reason it closed.
+    pub(crate) fn poll_drive<C: Driven, T: Timer>(
+        &mut self,
+        mut conn: Pin<&mut C>,
+        handle: &ConnectionHandle,
+        mut timer: Pin<&mut T>,
+        cx: &mut Context<'_>,
+    ) -> Poll<CloseReason> {
+        if !self.started {
+            self.started = true;
+            timer.as_mut().start(handle);
         }
         loop {
-            if let Poll::Ready(result) = this.conn.as_mut().poll(cx) {
+            if let Poll::Ready(result) = conn.as_mut().poll(cx) {
                 let reason = finished(handle, result);
                 handle.mark_undriven();
                 // An upgraded connection is still open: it is counted closed when the last clone of its
@@ -339,7 +358,7 @@ where
                 }
                 return Poll::Ready(reason);
             }
-            if this.conn.as_mut().take_http1_started() {
+            if conn.as_mut().take_http1_started() {
                 if let Some(after) = handle.config().hibernate_after {
                     // Looked at once idle for that long, which the timer would not know to do: its
                     // next look may be as far as the idle timeout, and nothing tells it when the
@@ -347,13 +366,13 @@ where
                     // woken connection's leftover bytes may be.
                     let at = handle.next_check().min(Instant::now() + after);
                     handle.set_hibernates(true);
-                    this.timer.as_mut().schedule(handle, at);
+                    timer.as_mut().schedule(handle, at);
                 }
             }
             // Registered before the flags are read: a flag set after this read wakes the task.
-            if !this.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            if !self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 handle.register_driver(cx.waker());
-                *this.waker = Some(cx.waker().clone());
+                self.waker = Some(cx.waker().clone());
             }
             let (requested, drop_now) = handle.driver_flags();
             if drop_now {
@@ -362,17 +381,17 @@ where
                 handle.report_closed(reason);
                 return Poll::Ready(reason);
             }
-            if requested && !*this.shutting_down {
-                this.conn.as_mut().shut_down_gracefully();
-                *this.shutting_down = true;
+            if requested && !self.shutting_down {
+                conn.as_mut().shut_down_gracefully();
+                self.shutting_down = true;
                 let now = Instant::now();
                 handle.start_grace(clock::ns_of(now));
-                this.timer.as_mut().schedule(handle, now + GRACE);
+                timer.as_mut().schedule(handle, now + GRACE);
                 // The wake-up for this flag took the registration: register again for the next one.
-                *this.waker = None;
+                self.waker = None;
                 continue;
             }
-            match this.timer.as_mut().poll_check(cx, handle) {
+            match timer.as_mut().poll_check(cx, handle) {
                 Poll::Ready(()) => continue,
                 Poll::Pending => return Poll::Pending,
             }

@@ -95,6 +95,7 @@ mod lame_duck;
 mod lifecycle;
 mod listener;
 mod peer;
+mod task;
 mod tcp;
 mod timers;
 #[cfg(feature = "tls")]
@@ -104,7 +105,6 @@ mod upgrade;
 
 use std::fmt;
 use std::future::{Future, IntoFuture};
-use std::panic::AssertUnwindSafe;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,11 +129,11 @@ pub(crate) use timers::Timers;
 
 use budget::{Admission, Budget, Held, Limits};
 use conn::HttpConnection;
-use lifecycle::Driven;
 use listener::Accepting;
 #[cfg(feature = "tonic")]
 pub(crate) use peer::LocalAddr;
 pub(crate) use peer::WithPeer;
+use task::ConnectionTask;
 use upgrade::{Gate, UpgradeOf};
 
 use crate::future::RefusingFuture;
@@ -837,24 +837,21 @@ where
                     spawn_connection(accepted.serve(io, svc), span);
                     return;
                 }
-                let shared = shared.clone();
-                let task = async move {
-                    let start = if !shared.builder.is_http2_available() {
-                        conn::Start::Http1
-                    } else if !shared.builder.is_http1_available() {
-                        conn::Start::Http2
-                    } else {
-                        conn::Start::Detect
-                    };
-                    let conn = pin!(HttpConnection::new(
-                        &shared.builder,
-                        &handle,
-                        WatchedIo::new(io, handle.clone()),
-                        TowerToHyperService::new(ConnectionService { inner: svc }),
-                        start,
-                    ));
-                    handle_connection(conn, &handle, watcher, None, &shared).await;
+                let start = if !shared.builder.is_http2_available() {
+                    conn::Start::Http1
+                } else if !shared.builder.is_http1_available() {
+                    conn::Start::Http2
+                } else {
+                    conn::Start::Detect
                 };
+                let conn = HttpConnection::new(
+                    shared.clone(),
+                    handle.clone(),
+                    WatchedIo::new(io, handle.clone()),
+                    TowerToHyperService::new(ConnectionService { inner: svc }),
+                    start,
+                );
+                let task = ConnectionTask::new(conn, handle, watcher, None, shared.clone());
                 spawn_connection(task, span);
             }
         };
@@ -1017,37 +1014,6 @@ fn spawn_connection<T: Future<Output = ()> + Send + 'static>(task: T, span: trac
         tokio::spawn(task);
     } else {
         tokio::spawn(tracing::Instrument::instrument(task, span));
-    }
-}
-
-/// Drives one accepted connection's hyper connection through its lifecycle, then reports its close
-/// ([`closed`]). Plain and TLS connections alike.
-async fn handle_connection<C>(
-    conn: Pin<&mut C>,
-    handle: &ConnectionHandle,
-    watcher: DrainWatcher,
-    permit: Option<Admission>,
-    shared: &ConnectionsShared,
-) where
-    C: Driven,
-{
-    // A handler that panics (no `CatchPanic` in the stack) unwinds through the connection: its close
-    // is still reported and counted, then the panic goes on.
-    let (reason, panic) = match AssertUnwindSafe(watcher.drive_pinned(handle, conn))
-        .catch_unwind()
-        .await
-    {
-        Ok(reason) => (reason, None),
-        Err(panic) => {
-            handle.mark_closing(CloseReason::Error);
-            let reason = handle.close_reason().unwrap_or(CloseReason::Error);
-            handle.report_closed(reason);
-            (reason, Some(panic))
-        }
-    };
-    closed(shared, handle, reason, watcher, permit);
-    if let Some(panic) = panic {
-        std::panic::resume_unwind(panic);
     }
 }
 

@@ -22,7 +22,6 @@
 use std::future::Future;
 use std::io;
 use std::path::Path;
-use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -39,9 +38,8 @@ use tokio_rustls::TlsAcceptor;
 use tower_service::Service;
 
 use super::conn::{HttpConnection, Start};
-use super::{
-    closed, handle_connection, Admission, BoxError, ConnectionsShared, HttpBuilder, WatchedIo,
-};
+use super::task::ConnectionTask;
+use super::{closed, Admission, BoxError, ConnectionsShared, HttpBuilder, WatchedIo};
 use crate::serve::DrainWatcher;
 use crate::{CloseReason, ConnectionHandle, KeepAlive};
 
@@ -307,14 +305,14 @@ impl Accepted {
         } else {
             Start::Http1
         };
-        let conn = pin!(HttpConnection::new(
-            &shared.builder,
-            &handle,
+        let conn = HttpConnection::new(
+            shared.clone(),
+            handle.clone(),
             WatchedIo::new(stream, handle.clone()),
             svc,
             start,
-        ));
-        handle_connection(conn, &handle, watcher, permit, &shared).await;
+        );
+        ConnectionTask::new(conn, handle, watcher, permit, shared).await;
     }
 }
 
