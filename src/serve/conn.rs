@@ -256,13 +256,17 @@ where
         // hyper's read buffer (8 KB) goes; what it held and had not parsed does not.
         io.unread(&parts.read_buf);
         drop(parts.read_buf);
-        self.state = State::Waiting(
-            Parked {
-                io,
-                service: parts.service,
-            },
-            Next::Resume,
-        );
+        let parked = Parked {
+            io,
+            service: parts.service,
+        };
+        if holds_a_whole_head(&parked.io.prefix) {
+            // A request hyper had read and not yet parsed (it yields to the runtime between pipelined
+            // requests): no byte may be coming to wake the connection for it.
+            self.start_http1(parked);
+            return Poll::Ready(None);
+        }
+        self.state = State::Waiting(parked, Next::Resume);
         handle.config().stats.hibernating(true);
         tracing::trace!("connection hibernating");
         Poll::Ready(None)
@@ -382,6 +386,12 @@ where
     fn take_http1_started(self: Pin<&mut Self>) -> bool {
         std::mem::take(&mut self.get_mut().http1_started)
     }
+}
+
+/// Whether `bytes` hold the end of a request head (RFC 9112 section 2.1: the empty line; hyper takes a
+/// bare LF for a line end too).
+fn holds_a_whole_head(bytes: &[u8]) -> bool {
+    bytes.windows(2).any(|pair| pair == b"\n\n") || bytes.windows(3).any(|three| three == b"\n\r\n")
 }
 
 /// Reads a waiting connection's first bytes into its IO's rewind buffer, and says what they start
@@ -525,6 +535,14 @@ mod tests {
             .await
             .unwrap();
         (start, parked.io.prefix.to_vec())
+    }
+
+    #[test]
+    fn a_whole_head_is_told_from_part_of_one() {
+        assert!(holds_a_whole_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(holds_a_whole_head(b"GET / HTTP/1.1\nHost: x\n\nGET"));
+        assert!(!holds_a_whole_head(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!holds_a_whole_head(b""));
     }
 
     #[tokio::test]
