@@ -279,5 +279,26 @@ async fn connections_are_recorded_at_their_events() {
         1.0,
         "{text}"
     );
+    assert_eq!(
+        s.get("tower_keepalive_hibernating_connections", ""),
+        0.0,
+        "{text}"
+    );
+    // Idle past the serve path's hibernation delay, G hibernates, and the gauge says so.
+    within("G to hibernate", async {
+        while stats.snapshot().connections_hibernating() != 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    tower_keepalive::metrics::record_snapshot(&stats.snapshot());
+    let s = Scrape::new(&metrics);
+    let text = &s.text;
+    assert_eq!(
+        s.get("tower_keepalive_hibernating_connections", ""),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(s.get("tower_keepalive_idle_connections", ""), 1.0, "{text}");
     drop(budget_server);
 }
