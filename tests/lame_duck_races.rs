@@ -4,7 +4,9 @@
 //! - a connection accepted shortly before the drain, whose first request arrives a little after the
 //!   drain began, is served (with `Connection: close`), not closed under the request;
 //! - clients still in the listener's accept queue when the lame-duck period ends are accepted and
-//!   served, not reset when the listener closes.
+//!   served, not reset when the listener closes; also when the runtime, busy, has not seen them yet;
+//! - a client that connects once the period is over is refused, never queued (and then reset) while
+//!   the server empties its queue.
 //!
 //! Every wait is bounded.
 
@@ -197,5 +199,136 @@ async fn clients_queued_when_the_lame_duck_period_ends_are_served_not_reset() {
         assert_eq!((res.status, res.body_str()), (200, "hello"), "client {i}");
         assert_eq!(res.header("connection"), Some("close"));
     }
+    server.finished().await;
+}
+
+/// A server on a runtime of its own, one thread, that turns its IO driver only when it has nothing to
+/// run (`event_interval` at its maximum): what a busy runtime does, deterministically. `/block`
+/// blocks that thread for `ms` (a handler doing CPU work), after saying so on `blocking`.
+fn start_on_busy_runtime(
+    lame_duck: Duration,
+    blocking: tokio::sync::mpsc::UnboundedSender<&'static str>,
+) -> (SocketAddr, oneshot::Sender<()>, std::thread::JoinHandle<()>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .event_interval(u32::MAX)
+        .build()
+        .unwrap();
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let thread = std::thread::spawn(move || {
+        runtime.block_on(async move {
+            let block = |name: &'static str, ms: u64| {
+                let blocking = blocking.clone();
+                get(move || async move {
+                    let _ = blocking.send(name);
+                    std::thread::sleep(Duration::from_millis(ms));
+                    name
+                })
+            };
+            let app = Router::new()
+                .route("/", get(|| async { "hello" }))
+                .route("/block-long", block("long", 800))
+                .route("/block-short", block("short", 500));
+            let listener = TcpListener::from_std(std_listener).unwrap();
+            let server = tower_keepalive::serve(listener, app)
+                .keep_alive(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30)))
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .lame_duck(lame_duck)
+                .drain_timeout(WAIT);
+            // A task, as the serve loop usually is: `block_on` would poll it ahead of every task.
+            tokio::spawn(server.into_future()).await.unwrap().unwrap();
+        });
+    });
+    (addr, tx, thread)
+}
+
+#[tokio::test]
+async fn a_client_queued_while_the_runtime_is_busy_at_the_end_of_the_period_is_served() {
+    // The runtime's view of the listener lags the kernel's while it is busy: a client the kernel
+    // queued then was reset when the listener closed (the bench behind nginx lost requests so).
+    let period = Duration::from_millis(600);
+    let (blocking_tx, mut blocking) = tokio::sync::mpsc::unbounded_channel();
+    let (addr, shutdown, thread) = start_on_busy_runtime(period, blocking_tx);
+    let mut first = RawClient::connect(addr).await;
+    let mut second = RawClient::connect(addr).await;
+    // Both accepted (served below), before the signal.
+    let res = RawClient::connect(addr).await.request(GET_CLOSE).await;
+    assert_eq!(res.body_str(), "hello");
+    let _ = shutdown.send(());
+    // The first blocks the server's thread from before the period's end until after it. (The delay
+    // is the point: nothing tells the period's progress.)
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    first
+        .send("GET /block-long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(within("the first block", WAIT, blocking.recv()).await, Some("long"));
+    // The second's request waits in its socket; once the thread is free, the runtime reads it in the
+    // same turn of its driver as it sees the period's end, and runs it first: it blocks the thread
+    // again, before the accept loop has looked at its listener.
+    second
+        .send("GET /block-short HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    assert_eq!(within("the second block", WAIT, blocking.recv()).await, Some("short"));
+    // Queued by the kernel now, while the runtime cannot see it.
+    let mut queued = RawClient::connect(addr).await;
+    queued.send(GET_CLOSE).await;
+    let res = within("the queued client's response", WAIT, queued.try_read_response())
+        .await
+        .expect("the queued client was reset unserved");
+    assert_eq!((res.status, res.body_str()), (200, "hello"));
+    assert_eq!(res.header("connection"), Some("close"));
+    for (mut client, body) in [(first, "long"), (second, "short")] {
+        let res = within("a blocked response", WAIT, client.read_response()).await;
+        assert_eq!(res.body_str(), body);
+    }
+    within("the server to finish", WAIT, tokio::task::spawn_blocking(move || thread.join()))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[cfg(any(target_os = "linux", target_os = "android"))]
+#[tokio::test]
+async fn a_client_connecting_while_the_queue_is_emptied_is_refused_not_queued() {
+    // Once the period is over, the listener's queue takes nobody new: a client that joined it while
+    // the server emptied it could come after the last look and be reset with the listener. Its connect
+    // is left unanswered, then refused once the listener has closed, its request unsent.
+    let period = Duration::from_millis(300);
+    let release = Arc::new(Notify::new());
+    let mut server = start(period, Some(1), release.clone()).await;
+    let mut busy = RawClient::connect(server.addr).await;
+    busy.send("GET /hold HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await;
+    // Sent, and held by the handler. Then one client waits for room.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut queued = RawClient::connect(server.addr).await;
+    queued.send(GET_CLOSE).await;
+    server.shutdown();
+    // The period ends while the server waits for room for the queued client. (No signal from outside
+    // tells the period's end: waited for, with a margin.)
+    tokio::time::sleep(period + Duration::from_millis(400)).await;
+    let late = tokio::spawn(TcpStream::connect(server.addr));
+    // The late connect is still unanswered while the queue is emptied...
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!late.is_finished(), "a client joined the queue after the period: {late:?}");
+    release.notify_one();
+    let res = within("the held response", WAIT, busy.read_response()).await;
+    assert_eq!(res.body_str(), "released");
+    drop(busy);
+    let res = within("the queued client's response", WAIT, queued.read_response()).await;
+    assert_eq!((res.status, res.body_str()), (200, "hello"));
+    drop(queued);
+    // ...and refused once the listener has closed (at its SYN retry, a second or three later).
+    let late = within("the late connect", WAIT, late).await.unwrap();
+    assert_eq!(
+        late.map(|_| ()).map_err(|err| err.kind()),
+        Err(std::io::ErrorKind::ConnectionRefused),
+        "a client joined the queue after the period"
+    );
     server.finished().await;
 }
