@@ -191,8 +191,9 @@ impl<L> KeepAliveListener<L> {
     /// of `period` first: give the future it returns to axum's `with_graceful_shutdown`. axum keeps
     /// accepting until the future resolves, `period` after the signal; meanwhile no connection of this
     /// listener is kept alive: every HTTP/1 response says `Connection: close` (RFC 9112 section 9.6),
-    /// idle connections that have served a request are closed, and new connections are served, then
-    /// closed. Close reason [`CloseReason::LameDuck`]. Then axum stops accepting and drains (see
+    /// idle HTTP/1 connections that have served a request are closed a second after the signal (a
+    /// request a balancer sent on one meanwhile is answered, with `close`), and new connections are
+    /// served, then closed. Close reason [`CloseReason::LameDuck`]. Then axum stops accepting and drains (see
     /// [`Serve::lame_duck`](crate::serve::Serve::lame_duck) for why a server behind a load balancer
     /// wants this).
     ///
@@ -224,7 +225,7 @@ impl<L> KeepAliveListener<L> {
         let timers = self.timers.clone();
         async move {
             signal.await;
-            crate::serve::lame_duck_begin(&state, &timers, false);
+            crate::serve::lame_duck_begin(&state, &timers);
             tokio::time::sleep(period).await;
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.
@@ -367,6 +368,7 @@ impl<I> KeepAliveIo<I> {
         if handle.idle_since().is_some()
             && handle.pending_close().is_some()
             && handle.may_close_idle(std::time::Instant::now())
+            && !spared_by_lame_duck(handle)
         {
             // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
@@ -374,6 +376,16 @@ impl<I> KeepAliveIo<I> {
         }
         false
     }
+}
+
+/// Whether an idle HTTP/1 connection is in the lame-duck period's idle grace: marked to close, its
+/// close not requested yet (the timers request it when the grace ends, `LAME_DUCK_IDLE_GRACE`). A
+/// balancer's request may be on its way: it is read and answered with `Connection: close`, as on the
+/// serve path, rather than met with end-of-file.
+fn spared_by_lame_duck(handle: &ConnectionHandle) -> bool {
+    handle.close_reason() == Some(CloseReason::LameDuck)
+        && !handle.is_http2()
+        && !handle.driver_flags().0
 }
 
 /// The error every read and write gives once the timers have decided to drop the connection (the send

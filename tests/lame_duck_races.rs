@@ -332,3 +332,52 @@ async fn a_client_connecting_while_the_queue_is_emptied_is_refused_not_queued() 
     );
     server.finished().await;
 }
+
+#[cfg(feature = "axum")]
+mod both_paths {
+    use super::*;
+    use support::both::{serve_on_lame_duck, Path};
+
+    /// On either serve path: an idle HTTP/1 connection a balancer reuses just after the signal has its
+    /// request served (with `Connection: close`), not closed under it; one left idle is closed a
+    /// second after the signal.
+    async fn idle_connection_reused_just_after_the_signal(path: Path) {
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(30));
+        let mut server = serve_on_lame_duck(path, layer, app, Duration::from_secs(6)).await;
+        let mut pooled = RawClient::connect(server.addr).await;
+        let mut unused = RawClient::connect(server.addr).await;
+        for client in [&mut pooled, &mut unused] {
+            let res = client.get("/").await;
+            assert_eq!(res.header("connection"), Some("keep-alive"), "{path:?}");
+        }
+        server.shutdown();
+        let signalled = std::time::Instant::now();
+        // The request is on its way as the signal comes. (The delay is the point: no signal.)
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        pooled.send(support::http1::get_request("/")).await;
+        let res = within("the reused connection's response", WAIT, pooled.try_read_response())
+            .await
+            .unwrap_or_else(|| panic!("{path:?}: the idle connection was closed under the request"));
+        assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
+        assert_eq!(res.header("connection"), Some("close"), "{path:?}");
+        pooled.expect_eof().await;
+        // The one nobody reused is closed once the grace (1 s) is over, well within the period.
+        let closed = within("the unused connection's close", WAIT, unused.eof()).await;
+        let after = closed.duration_since(signalled);
+        assert!(
+            after >= Duration::from_millis(900) && after < Duration::from_millis(4500),
+            "{path:?}: unused idle connection closed {after:?} after the signal"
+        );
+    }
+
+    #[tokio::test]
+    async fn serve_idle_connection_reused_just_after_the_signal() {
+        idle_connection_reused_just_after_the_signal(Path::Serve).await;
+    }
+
+    #[tokio::test]
+    async fn axum_idle_connection_reused_just_after_the_signal() {
+        idle_connection_reused_just_after_the_signal(Path::Axum).await;
+    }
+}
