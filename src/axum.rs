@@ -31,9 +31,11 @@
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. There is no connection budget here (axum's accept loop takes what the listener gives), so
 //! no share of it kept from WebSockets (`Serve::max_upgraded`) either: bound descriptors with the
-//! process's limit. Nor, at the end of a lame-duck period, is the listener's accept queue taken in
-//! (axum drops the listener, resetting the clients queued in it) or a connection that has not sent its
-//! first request yet given time to send it, as the serve path does. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//! process's limit. At the end of a lame-duck period ([`KeepAliveListener::lame_duck`]) the
+//! listener's accept queue is taken in, and a connection accepted in the last second is given time to
+//! send its first request, as on the serve path, but for tokio's `TcpListener` only (the period's
+//! future has to see its queue), and that time comes before axum stops accepting, not after. Prefer
+//! [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
 //! # axum versions
 //!
@@ -95,7 +97,7 @@ use std::sync::Arc;
 use crate::body::RefusedStream;
 #[cfg(feature = "tonic")]
 use crate::serve::LocalAddr;
-use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
+use crate::serve::{Queue, TcpKeepalive, Timers, WatchedIo, WithPeer, FIRST_REQUEST_GRACE};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -116,6 +118,8 @@ pub struct KeepAliveListener<L> {
     layer: KeepAliveLayer,
     timers: Arc<Timers>,
     tcp_keepalive: Option<TcpKeepalive>,
+    /// Told of every accept: the end of a lame-duck period waits for the listener's queue to empty.
+    accepted: Arc<tokio::sync::Notify>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -138,6 +142,7 @@ impl<L> KeepAliveListener<L> {
             },
             timers: Arc::new(Timers::new()),
             tcp_keepalive: None,
+            accepted: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -197,6 +202,13 @@ impl<L> KeepAliveListener<L> {
     /// [`Serve::lame_duck`](crate::serve::Serve::lame_duck) for why a server behind a load balancer
     /// wants this).
     ///
+    /// When `inner` is tokio's `TcpListener`, the end of the period, as on the serve path, takes in the
+    /// clients in the listener's accept queue (no new one joins it from then on, on Linux: a client
+    /// connecting then is refused once the listener has closed), and waits for a connection accepted
+    /// in the last second to begin its first request (for at most a second), before the future
+    /// resolves: axum would reset the first and close the second at once. So the future can resolve
+    /// up to a second after `period`.
+    ///
     /// What this path cannot do, where [`serve`](crate::serve()) can: send GOAWAY (RFC 9113 section
     /// 6.8). An HTTP/2 connection is closed by end-of-file once it has no stream open (a client that
     /// sends a stream at that moment sees the connection close under it); axum's own drain sends GOAWAY
@@ -220,13 +232,28 @@ impl<L> KeepAliveListener<L> {
     ) -> impl Future<Output = ()> + Send + 'static
     where
         F: Future<Output = ()> + Send + 'static,
+        L: 'static,
     {
         let state = self.layer.config.control.clone();
         let timers = self.timers.clone();
+        let queue = Queue::of(&self.inner);
+        let accepted = self.accepted.clone();
         async move {
             signal.await;
             crate::serve::lame_duck_begin(&state, &timers);
             tokio::time::sleep(period).await;
+            // axum accepts while this future is pending: the clients the balancer queued until now are
+            // taken in, not reset when axum drops the listener.
+            if let Some(queue) = queue {
+                queue.empty(&accepted).await;
+            }
+            // axum's drain ends a connection that has not begun a request at once: one accepted just
+            // now has its first request on the way. Looked at every 10 ms, for at most the grace the
+            // serve path's drain gives it.
+            let until = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+            while timers.awaiting_first_request() && tokio::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.
             timers.begin_drain();
@@ -255,6 +282,7 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
         let handle = self.layer.connection();
         self.timers.live.fetch_add(1, Ordering::Relaxed);
         self.timers.start(&handle);
+        self.accepted.notify_waiters();
         (KeepAliveIo::new(io, handle, self.timers.clone()), addr)
     }
 

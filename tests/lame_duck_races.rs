@@ -6,7 +6,10 @@
 //! - clients still in the listener's accept queue when the lame-duck period ends are accepted and
 //!   served, not reset when the listener closes; also when the runtime, busy, has not seen them yet;
 //! - a client that connects once the period is over is refused, never queued (and then reset) while
-//!   the server empties its queue.
+//!   the server empties its queue;
+//! - on both serve paths (`axum::serve` with `KeepAliveListener::lame_duck` too): an idle connection
+//!   reused just after the signal, a first request just after the period, and a client queued while
+//!   the runtime is busy are all served.
 //!
 //! Every wait is bounded.
 
@@ -208,6 +211,7 @@ async fn clients_queued_when_the_lame_duck_period_ends_are_served_not_reset() {
 fn start_on_busy_runtime(
     lame_duck: Duration,
     blocking: tokio::sync::mpsc::UnboundedSender<&'static str>,
+    on_axum: bool,
 ) -> (SocketAddr, oneshot::Sender<()>, std::thread::JoinHandle<()>) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -233,8 +237,26 @@ fn start_on_busy_runtime(
                 .route("/block-long", block("long", 800))
                 .route("/block-short", block("short", 500));
             let listener = TcpListener::from_std(std_listener).unwrap();
+            let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(30));
+            #[cfg(feature = "axum")]
+            if on_axum {
+                use tower_keepalive::axum::{into_make_service, KeepAliveListener};
+                let listener = KeepAliveListener::new(listener, layer);
+                let signal = listener.lame_duck(
+                    async {
+                        let _ = rx.await;
+                    },
+                    lame_duck,
+                );
+                let server = axum::serve(listener, into_make_service(app))
+                    .with_graceful_shutdown(signal)
+                    .into_future();
+                tokio::spawn(server).await.unwrap().unwrap();
+                return;
+            }
+            assert!(!on_axum, "the axum path needs feature axum");
             let server = tower_keepalive::serve(listener, app)
-                .keep_alive(KeepAliveLayer::new().idle_timeout(Duration::from_secs(30)))
+                .keep_alive(layer)
                 .with_graceful_shutdown(async {
                     let _ = rx.await;
                 })
@@ -249,11 +271,21 @@ fn start_on_busy_runtime(
 
 #[tokio::test]
 async fn a_client_queued_while_the_runtime_is_busy_at_the_end_of_the_period_is_served() {
-    // The runtime's view of the listener lags the kernel's while it is busy: a client the kernel
-    // queued then was reset when the listener closed (the bench behind nginx lost requests so).
+    client_queued_while_the_runtime_is_busy(false).await;
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn axum_a_client_queued_while_the_runtime_is_busy_at_the_end_of_the_period_is_served() {
+    client_queued_while_the_runtime_is_busy(true).await;
+}
+
+/// The runtime's view of the listener lags the kernel's while it is busy: a client the kernel queued
+/// then was reset when the listener closed (the bench behind nginx lost requests so).
+async fn client_queued_while_the_runtime_is_busy(on_axum: bool) {
     let period = Duration::from_millis(600);
     let (blocking_tx, mut blocking) = tokio::sync::mpsc::unbounded_channel();
-    let (addr, shutdown, thread) = start_on_busy_runtime(period, blocking_tx);
+    let (addr, shutdown, thread) = start_on_busy_runtime(period, blocking_tx, on_axum);
     let mut first = RawClient::connect(addr).await;
     let mut second = RawClient::connect(addr).await;
     // Both accepted (served below), before the signal.
@@ -369,6 +401,37 @@ mod both_paths {
             after >= Duration::from_millis(900) && after < Duration::from_millis(4500),
             "{path:?}: unused idle connection closed {after:?} after the signal"
         );
+    }
+
+    /// On either serve path: a connection accepted just before the period's end, its first request
+    /// arriving just after it, is served (with `Connection: close`), not closed by the drain.
+    async fn first_request_just_after_the_period(path: Path) {
+        let app = Router::new().route("/", get(|| async { "hello" }));
+        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(30));
+        let period = Duration::from_millis(500);
+        let mut server = serve_on_lame_duck(path, layer, app, period).await;
+        server.shutdown();
+        // (The delays are the point: nothing tells the period's progress.)
+        tokio::time::sleep(period - Duration::from_millis(100)).await;
+        let mut late = RawClient::connect(server.addr).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        late.send(support::http1::get_request("/")).await;
+        let res = within("the late request's response", WAIT, late.try_read_response())
+            .await
+            .unwrap_or_else(|| panic!("{path:?}: the connection was closed under its first request"));
+        assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
+        assert_eq!(res.header("connection"), Some("close"), "{path:?}");
+        late.expect_eof().await;
+    }
+
+    #[tokio::test]
+    async fn serve_first_request_just_after_the_period() {
+        first_request_just_after_the_period(Path::Serve).await;
+    }
+
+    #[tokio::test]
+    async fn axum_first_request_just_after_the_period() {
+        first_request_just_after_the_period(Path::Axum).await;
     }
 
     #[tokio::test]

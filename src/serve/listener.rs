@@ -82,8 +82,19 @@ impl Listener for tokio::net::UnixListener {
 /// balancer takes as a sign to use another server (nginx's `proxy_next_upstream error`), its request
 /// unsent. Handshakes already under way complete, and join the queue.
 pub(crate) fn freeze_queue<L: Any>(listener: &L) -> bool {
-    #[cfg(any(target_os = "linux", target_os = "android"))]
+    #[cfg(unix)]
     if let Some(tcp) = (listener as &dyn Any).downcast_ref::<tokio::net::TcpListener>() {
+        return freeze(std::os::fd::AsFd::as_fd(tcp));
+    }
+    let _ = listener;
+    false
+}
+
+/// [`freeze_queue`] on a TCP listener's socket.
+#[cfg(unix)]
+fn freeze(socket: std::os::fd::BorrowedFd<'_>) -> bool {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
         use socket2::SockFilter;
         // Classic BPF over the TCP header: drop a segment with SYN set, keep any other whole.
         const DROP_SYN: [SockFilter; 4] = [
@@ -96,10 +107,13 @@ pub(crate) fn freeze_queue<L: Any>(listener: &L) -> bool {
             // BPF_RET | BPF_K: keep the whole segment.
             SockFilter::new(0x06, 0, 0, u32::MAX),
         ];
-        return socket2::SockRef::from(tcp).attach_filter(&DROP_SYN).is_ok();
+        socket2::SockRef::from(&socket).attach_filter(&DROP_SYN).is_ok()
     }
-    let _ = listener;
-    false
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    {
+        let _ = socket;
+        false
+    }
 }
 
 /// The next client in the listener's accept queue, without waiting for new ones; `None` when the
@@ -127,32 +141,84 @@ pub(crate) async fn accept_queued<L: Listener>(listener: &mut L) -> Option<(L::I
     }
 }
 
-/// How long [`accept_queued`] waits for a client the kernel holds to reach the runtime: a generous
-/// bound on a turn of a busy runtime's IO driver.
-const QUEUED_WAIT: Duration = Duration::from_secs(1);
+/// How long the end of a lame-duck period waits for a client the kernel holds to reach the runtime
+/// (and be accepted): a generous bound on a turn of a busy runtime's IO driver.
+pub(crate) const QUEUED_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether the kernel holds a client in the queue of tokio's TCP or Unix listener (`None`: another
-/// listener, or not unix). `poll(2)` reports a listening socket readable while its queue is not empty.
+/// listener, or not unix).
 fn kernel_queue<L: Any>(listener: &L) -> Option<bool> {
     #[cfg(unix)]
     {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         use std::os::fd::AsFd;
         let listener = listener as &dyn Any;
-        let fd = if let Some(tcp) = listener.downcast_ref::<tokio::net::TcpListener>() {
-            tcp.as_fd()
-        } else if let Some(unix) = listener.downcast_ref::<tokio::net::UnixListener>() {
-            unix.as_fd()
-        } else {
-            return None;
-        };
-        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
-        poll(&mut fds, PollTimeout::ZERO).ok().map(|ready| ready > 0)
+        if let Some(tcp) = listener.downcast_ref::<tokio::net::TcpListener>() {
+            return Some(holds_clients(tcp.as_fd()));
+        }
+        if let Some(unix) = listener.downcast_ref::<tokio::net::UnixListener>() {
+            return Some(holds_clients(unix.as_fd()));
+        }
+        None
     }
     #[cfg(not(unix))]
     {
         let _ = listener;
         None
+    }
+}
+
+/// Whether a listening socket's accept queue holds a client: `poll(2)` reports it readable then.
+#[cfg(unix)]
+fn holds_clients(socket: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(socket, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok_and(|ready| ready > 0)
+}
+
+/// The `axum::serve` path's hold on its TCP listener's accept queue, for the end of a lame-duck
+/// period: a second descriptor of the listening socket (axum owns the listener, and keeps accepting
+/// while the period's future is pending). Dropped, it leaves the socket to the listener alone.
+#[cfg(feature = "axum")]
+#[derive(Debug)]
+pub(crate) struct Queue {
+    #[cfg(unix)]
+    socket: std::os::fd::OwnedFd,
+}
+
+#[cfg(feature = "axum")]
+impl Queue {
+    /// The queue of `listener`, if it is tokio's TCP listener (on unix).
+    pub(crate) fn of<L: Any>(listener: &L) -> Option<Queue> {
+        #[cfg(unix)]
+        if let Some(tcp) = (listener as &dyn Any).downcast_ref::<tokio::net::TcpListener>() {
+            let socket = std::os::fd::AsFd::as_fd(tcp).try_clone_to_owned().ok()?;
+            return Some(Queue { socket });
+        }
+        let _ = listener;
+        None
+    }
+
+    /// Freezes the queue ([`freeze_queue`]), then waits until whoever accepts from the listener has
+    /// taken every client it holds: `accepted` is told of each accept. At most [`QUEUED_WAIT`] without
+    /// an accept.
+    pub(crate) async fn empty(self, accepted: &tokio::sync::Notify) {
+        #[cfg(unix)]
+        {
+            use std::os::fd::AsFd;
+            freeze(self.socket.as_fd());
+            loop {
+                let mut next = std::pin::pin!(accepted.notified());
+                next.as_mut().enable();
+                if !holds_clients(self.socket.as_fd()) {
+                    return;
+                }
+                if tokio::time::timeout(QUEUED_WAIT, next).await.is_err() {
+                    return;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = accepted;
     }
 }
 

@@ -115,10 +115,12 @@ pub use io::WatchedIo;
 pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use lifecycle::GracefulConnection;
 pub use listener::Listener;
+#[cfg(feature = "axum")]
+pub(crate) use listener::Queue;
 pub use peer::PeerAddr;
 pub use tcp::TcpKeepalive;
 #[cfg(feature = "axum")]
-pub(crate) use timers::Timers;
+pub(crate) use timers::{Timers, FIRST_REQUEST_GRACE};
 
 use budget::{Admission, Budget, Held, Limits};
 use listener::Accepting;

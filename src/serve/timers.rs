@@ -376,6 +376,23 @@ impl Timers {
         true
     }
 
+    /// Whether a watched connection accepted under [`FIRST_REQUEST_GRACE`] ago has not begun its first
+    /// request, nor been told to close: the `axum::serve` path's drain would end it at once (hyper
+    /// closes a connection that has not begun a request), where the serve path leaves it that grace.
+    /// Looks at every connection: for the end of a lame-duck period only.
+    #[cfg(feature = "axum")]
+    pub(crate) fn awaiting_first_request(&self) -> bool {
+        let heap = self.lock();
+        let now = Instant::now();
+        heap.entries.iter().filter_map(Entry::current).any(|handle| {
+            handle.requests() == 0
+                && !handle.is_closing()
+                && handle
+                    .idle_since()
+                    .is_some_and(|since| since + FIRST_REQUEST_GRACE > now)
+        })
+    }
+
     pub(crate) async fn all_gone(&self) {
         loop {
             let mut gone = pin!(self.gone.notified());
