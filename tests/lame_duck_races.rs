@@ -298,30 +298,44 @@ async fn client_queued_while_the_runtime_is_busy(on_axum: bool) {
     first
         .send("GET /block-long HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await;
-    assert_eq!(within("the first block", WAIT, blocking.recv()).await, Some("long"));
+    assert_eq!(
+        within("the first block", WAIT, blocking.recv()).await,
+        Some("long")
+    );
     // The second's request waits in its socket; once the thread is free, the runtime reads it in the
     // same turn of its driver as it sees the period's end, and runs it first: it blocks the thread
     // again, before the accept loop has looked at its listener.
     second
         .send("GET /block-short HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await;
-    assert_eq!(within("the second block", WAIT, blocking.recv()).await, Some("short"));
+    assert_eq!(
+        within("the second block", WAIT, blocking.recv()).await,
+        Some("short")
+    );
     // Queued by the kernel now, while the runtime cannot see it.
     let mut queued = RawClient::connect(addr).await;
     queued.send(GET_CLOSE).await;
-    let res = within("the queued client's response", WAIT, queued.try_read_response())
-        .await
-        .expect("the queued client was reset unserved");
+    let res = within(
+        "the queued client's response",
+        WAIT,
+        queued.try_read_response(),
+    )
+    .await
+    .expect("the queued client was reset unserved");
     assert_eq!((res.status, res.body_str()), (200, "hello"));
     assert_eq!(res.header("connection"), Some("close"));
     for (mut client, body) in [(first, "long"), (second, "short")] {
         let res = within("a blocked response", WAIT, client.read_response()).await;
         assert_eq!(res.body_str(), body);
     }
-    within("the server to finish", WAIT, tokio::task::spawn_blocking(move || thread.join()))
-        .await
-        .unwrap()
-        .unwrap();
+    within(
+        "the server to finish",
+        WAIT,
+        tokio::task::spawn_blocking(move || thread.join()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
 }
 
 #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -347,7 +361,10 @@ async fn a_client_connecting_while_the_queue_is_emptied_is_refused_not_queued() 
     let late = tokio::spawn(TcpStream::connect(server.addr));
     // The late connect is still unanswered while the queue is emptied...
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!late.is_finished(), "a client joined the queue after the period: {late:?}");
+    assert!(
+        !late.is_finished(),
+        "a client joined the queue after the period: {late:?}"
+    );
     release.notify_one();
     let res = within("the held response", WAIT, busy.read_response()).await;
     assert_eq!(res.body_str(), "released");
@@ -388,9 +405,13 @@ mod both_paths {
         // The request is on its way as the signal comes. (The delay is the point: no signal.)
         tokio::time::sleep(Duration::from_millis(100)).await;
         pooled.send(support::http1::get_request("/")).await;
-        let res = within("the reused connection's response", WAIT, pooled.try_read_response())
-            .await
-            .unwrap_or_else(|| panic!("{path:?}: the idle connection was closed under the request"));
+        let res = within(
+            "the reused connection's response",
+            WAIT,
+            pooled.try_read_response(),
+        )
+        .await
+        .unwrap_or_else(|| panic!("{path:?}: the idle connection was closed under the request"));
         assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
         assert_eq!(res.header("connection"), Some("close"), "{path:?}");
         pooled.expect_eof().await;
@@ -416,9 +437,13 @@ mod both_paths {
         let mut late = RawClient::connect(server.addr).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         late.send(support::http1::get_request("/")).await;
-        let res = within("the late request's response", WAIT, late.try_read_response())
-            .await
-            .unwrap_or_else(|| panic!("{path:?}: the connection was closed under its first request"));
+        let res = within(
+            "the late request's response",
+            WAIT,
+            late.try_read_response(),
+        )
+        .await
+        .unwrap_or_else(|| panic!("{path:?}: the connection was closed under its first request"));
         assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
         assert_eq!(res.header("connection"), Some("close"), "{path:?}");
         late.expect_eof().await;

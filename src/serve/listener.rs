@@ -107,7 +107,9 @@ fn freeze(socket: std::os::fd::BorrowedFd<'_>) -> bool {
             // BPF_RET | BPF_K: keep the whole segment.
             SockFilter::new(0x06, 0, 0, u32::MAX),
         ];
-        socket2::SockRef::from(&socket).attach_filter(&DROP_SYN).is_ok()
+        socket2::SockRef::from(&socket)
+            .attach_filter(&DROP_SYN)
+            .is_ok()
     }
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     {

@@ -384,13 +384,16 @@ impl Timers {
     pub(crate) fn awaiting_first_request(&self) -> bool {
         let heap = self.lock();
         let now = Instant::now();
-        heap.entries.iter().filter_map(Entry::current).any(|handle| {
-            handle.requests() == 0
-                && !handle.is_closing()
-                && handle
-                    .idle_since()
-                    .is_some_and(|since| since + FIRST_REQUEST_GRACE > now)
-        })
+        heap.entries
+            .iter()
+            .filter_map(Entry::current)
+            .any(|handle| {
+                handle.requests() == 0
+                    && !handle.is_closing()
+                    && handle
+                        .idle_since()
+                        .is_some_and(|since| since + FIRST_REQUEST_GRACE > now)
+            })
     }
 
     pub(crate) async fn all_gone(&self) {
