@@ -242,17 +242,15 @@ impl<L> KeepAliveListener<L> {
             signal.await;
             crate::serve::lame_duck_begin(&state, &timers);
             tokio::time::sleep(period).await;
+            // axum's drain ends a connection that has not begun a request at once: one accepted just
+            // now has its first request on the way. Waited for while axum still accepts (new clients
+            // are served as lame-duck connections meanwhile).
+            first_requests(&timers).await;
             // axum accepts while this future is pending: the clients the balancer queued until now are
-            // taken in, not reset when axum drops the listener.
+            // taken in, not reset when axum drops the listener; their requests are on the way too.
             if let Some(queue) = queue {
                 queue.empty(&accepted).await;
-            }
-            // axum's drain ends a connection that has not begun a request at once: one accepted just
-            // now has its first request on the way. Looked at every 10 ms, for at most the grace the
-            // serve path's drain gives it.
-            let until = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
-            while timers.awaiting_first_request() && tokio::time::Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                first_requests(&timers).await;
             }
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.
@@ -403,6 +401,16 @@ impl<I> KeepAliveIo<I> {
             return true;
         }
         false
+    }
+}
+
+/// Waits until no connection accepted in the last second is still silent (it has begun its first
+/// request, or closed), at most [`FIRST_REQUEST_GRACE`]: the serve path's drain gives such a connection
+/// that grace, axum's closes it at once. Looked at every 10 ms: for the end of a lame-duck period only.
+async fn first_requests(timers: &Timers) {
+    let until = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+    while timers.awaiting_first_request() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
