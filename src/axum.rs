@@ -280,7 +280,10 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
         let handle = self.layer.connection();
         self.timers.live.fetch_add(1, Ordering::Relaxed);
         self.timers.start(&handle);
-        self.accepted.notify_waiters();
+        // Only once shutting down: notifying takes a lock.
+        if self.layer.config.control.shutdown_reason().is_some() {
+            self.accepted.notify_waiters();
+        }
         (KeepAliveIo::new(io, handle, self.timers.clone()), addr)
     }
 
