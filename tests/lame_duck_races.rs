@@ -234,7 +234,7 @@ fn start_on_busy_runtime(
             };
             let app = Router::new()
                 .route("/", get(|| async { "hello" }))
-                .route("/block-long", block("long", 800))
+                .route("/block-long", block("long", 1200))
                 .route("/block-short", block("short", 500));
             let listener = TcpListener::from_std(std_listener).unwrap();
             let layer = KeepAliveLayer::new().idle_timeout(Duration::from_secs(30));
@@ -283,7 +283,7 @@ async fn axum_a_client_queued_while_the_runtime_is_busy_at_the_end_of_the_period
 /// The runtime's view of the listener lags the kernel's while it is busy: a client the kernel queued
 /// then was reset when the listener closed (the bench behind nginx lost requests so).
 async fn client_queued_while_the_runtime_is_busy(on_axum: bool) {
-    let period = Duration::from_millis(600);
+    let period = Duration::from_millis(1000);
     let (blocking_tx, mut blocking) = tokio::sync::mpsc::unbounded_channel();
     let (addr, shutdown, thread) = start_on_busy_runtime(period, blocking_tx, on_axum);
     let mut first = RawClient::connect(addr).await;
@@ -357,7 +357,7 @@ async fn a_client_connecting_while_the_queue_is_emptied_is_refused_not_queued() 
     server.shutdown();
     // The period ends while the server waits for room for the queued client. (No signal from outside
     // tells the period's end: waited for, with a margin.)
-    tokio::time::sleep(period + Duration::from_millis(400)).await;
+    tokio::time::sleep(period + Duration::from_millis(900)).await;
     let late = tokio::spawn(TcpStream::connect(server.addr));
     // The late connect is still unanswered while the queue is emptied...
     tokio::time::sleep(Duration::from_millis(200)).await;
