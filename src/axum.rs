@@ -206,8 +206,9 @@ impl<L> KeepAliveListener<L> {
     /// clients in the listener's accept queue (no new one joins it from then on, on Linux: a client
     /// connecting then is refused once the listener has closed), and waits for a connection accepted
     /// in the last second to begin its first request (for at most a second), before the future
-    /// resolves: axum would reset the first and close the second at once. So the future can resolve
-    /// up to a second after `period`.
+    /// resolves: axum would reset the first and close the second at once. So the future resolves a
+    /// little after `period`: milliseconds as a rule, a few seconds at the very most (each wait is
+    /// bounded).
     ///
     /// What this path cannot do, where [`serve`](crate::serve()) can: send GOAWAY (RFC 9113 section
     /// 6.8). An HTTP/2 connection is closed by end-of-file once it has no stream open (a client that

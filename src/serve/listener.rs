@@ -145,7 +145,7 @@ pub(crate) async fn accept_queued<L: Listener>(listener: &mut L) -> Option<(L::I
 
 /// How long the end of a lame-duck period waits for a client the kernel holds to reach the runtime
 /// (and be accepted): a generous bound on a turn of a busy runtime's IO driver.
-pub(crate) const QUEUED_WAIT: Duration = Duration::from_secs(1);
+const QUEUED_WAIT: Duration = Duration::from_secs(1);
 
 /// Whether the kernel holds a client in the queue of tokio's TCP or Unix listener (`None`: another
 /// listener, or not unix).
