@@ -206,8 +206,9 @@ async fn clients_queued_when_the_lame_duck_period_ends_are_served_not_reset() {
 }
 
 /// A server on a runtime of its own, one thread, that turns its IO driver only when it has nothing to
-/// run (`event_interval` at its maximum): what a busy runtime does, deterministically. `/block`
-/// blocks that thread for `ms` (a handler doing CPU work), after saying so on `blocking`.
+/// run (`event_interval` at its maximum): what a busy runtime does, deterministically. `/block-long`
+/// and `/block-short` block that thread for 1.2 s and 0.5 s (a handler doing CPU work), after saying
+/// so on `blocking`. On the serve path, or on `axum::serve` with `KeepAliveListener::lame_duck`.
 fn start_on_busy_runtime(
     lame_duck: Duration,
     blocking: tokio::sync::mpsc::UnboundedSender<&'static str>,
