@@ -24,7 +24,8 @@
 //! and has no connection budget; closes are not logged either.
 //!
 //! `--lame-duck SECS`: on the shutdown signal, keep accepting and serving for that long, keeping no
-//! connection alive, before the drain (for a load balancer to take the server out of rotation).
+//! connection alive, before the drain (for a load balancer to take the server out of rotation); with
+//! `--axum-serve` too (`KeepAliveListener::lame_duck`).
 //! `--behind-lb SECS`: the policy for a server behind a balancer whose idle timeout is SECS
 //! (`KeepAliveLayer::behind_load_balancer`; give it before the other policy flags, which then apply on top).
 //! `--max-age-grace SECS`: streams still open at the maximum age get that long, then are cut.
@@ -295,7 +296,7 @@ async fn main() -> std::io::Result<()> {
     tracing::info!(policy = ?args.layer, "serving");
     let tcp_keepalive = args.tcp_keepalive.map(TcpKeepalive::new);
     if args.axum_serve {
-        return serve_with_axum(listener, args.layer, tcp_keepalive).await;
+        return serve_with_axum(listener, args.layer, tcp_keepalive, args.lame_duck).await;
     }
 
     let mut server = tower_keepalive::serve(listener, app()).keep_alive(args.layer);
@@ -375,14 +376,20 @@ async fn serve_with_axum(
     listener: tokio::net::TcpListener,
     layer: KeepAliveLayer,
     tcp_keepalive: Option<TcpKeepalive>,
+    lame_duck: Option<Duration>,
 ) -> std::io::Result<()> {
+    use std::future::Future;
+    use std::pin::Pin;
     use tower_keepalive::axum::{into_make_service, KeepAliveListener};
 
     let mut listener = KeepAliveListener::new(listener, layer);
     if let Some(keepalive) = tcp_keepalive {
         listener = listener.tcp_keepalive(keepalive);
     }
-    let shutdown = listener.on_shutdown(shutdown_signal());
+    let shutdown: Pin<Box<dyn Future<Output = ()> + Send>> = match lame_duck {
+        Some(period) => Box::pin(listener.lame_duck(shutdown_signal(), period)),
+        None => Box::pin(listener.on_shutdown(shutdown_signal())),
+    };
     axum::serve(listener, into_make_service(app()))
         .with_graceful_shutdown(shutdown)
         .await?;
@@ -395,6 +402,7 @@ async fn serve_with_axum(
     _: tokio::net::TcpListener,
     _: KeepAliveLayer,
     _: Option<TcpKeepalive>,
+    _: Option<Duration>,
 ) -> std::io::Result<()> {
     eprintln!("--axum-serve needs the axum feature: cargo run --example server --features axum");
     std::process::exit(2)

@@ -35,9 +35,11 @@
 //! a GOAWAY frame (the IO cannot send one), and the response body is boxed into axum's `Body` on each
 //! request. There is no connection budget here (axum's accept loop takes what the listener gives), so
 //! no share of it kept from WebSockets (`Serve::max_upgraded`) either: bound descriptors with the
-//! process's limit. Nor, at the end of a lame-duck period, is the listener's accept queue taken in
-//! (axum drops the listener, resetting the clients queued in it) or a connection that has not sent its
-//! first request yet given time to send it, as the serve path does. Prefer [`serve`](crate::serve()) where you can: it takes the same `Router`.
+//! process's limit. At the end of a lame-duck period ([`KeepAliveListener::lame_duck`]) the
+//! listener's accept queue is taken in, and a connection accepted in the last second is given time to
+//! send its first request, as on the serve path, but for tokio's `TcpListener` only (the period's
+//! future has to see its queue), and that time comes before axum stops accepting, not after. Prefer
+//! [`serve`](crate::serve()) where you can: it takes the same `Router`.
 //!
 //! # axum versions
 //!
@@ -99,7 +101,7 @@ use std::sync::Arc;
 use crate::body::RefusedStream;
 #[cfg(feature = "tonic")]
 use crate::serve::LocalAddr;
-use crate::serve::{TcpKeepalive, Timers, WatchedIo, WithPeer};
+use crate::serve::{Queue, TcpKeepalive, Timers, WatchedIo, WithPeer, FIRST_REQUEST_GRACE};
 use crate::{CloseReason, ConnectionHandle, KeepAlive, KeepAliveLayer};
 
 /// An axum [`Listener`] whose connections carry their keep-alive state and enforce the idle timeout.
@@ -120,6 +122,8 @@ pub struct KeepAliveListener<L> {
     layer: KeepAliveLayer,
     timers: Arc<Timers>,
     tcp_keepalive: Option<TcpKeepalive>,
+    /// Told of every accept: the end of a lame-duck period waits for the listener's queue to empty.
+    accepted: Arc<tokio::sync::Notify>,
 }
 
 impl<L> KeepAliveListener<L> {
@@ -142,6 +146,7 @@ impl<L> KeepAliveListener<L> {
             },
             timers: Arc::new(Timers::new()),
             tcp_keepalive: None,
+            accepted: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
@@ -195,10 +200,19 @@ impl<L> KeepAliveListener<L> {
     /// of `period` first: give the future it returns to axum's `with_graceful_shutdown`. axum keeps
     /// accepting until the future resolves, `period` after the signal; meanwhile no connection of this
     /// listener is kept alive: every HTTP/1 response says `Connection: close` (RFC 9112 section 9.6),
-    /// idle connections that have served a request are closed, and new connections are served, then
-    /// closed. Close reason [`CloseReason::LameDuck`]. Then axum stops accepting and drains (see
+    /// idle HTTP/1 connections that have served a request are closed a second after the signal (a
+    /// request a balancer sent on one meanwhile is answered, with `close`), and new connections are
+    /// served, then closed. Close reason [`CloseReason::LameDuck`]. Then axum stops accepting and drains (see
     /// [`Serve::lame_duck`](crate::serve::Serve::lame_duck) for why a server behind a load balancer
     /// wants this).
+    ///
+    /// When `inner` is tokio's `TcpListener`, the end of the period, as on the serve path, takes in the
+    /// clients in the listener's accept queue (no new one joins it from then on, on Linux: a client
+    /// connecting then is refused once the listener has closed), and waits for a connection accepted
+    /// in the last second to begin its first request (for at most a second), before the future
+    /// resolves: axum would reset the first and close the second at once. So the future resolves a
+    /// little after `period`: milliseconds as a rule, a few seconds at the very most (each wait is
+    /// bounded).
     ///
     /// What this path cannot do, where [`serve`](crate::serve()) can: send GOAWAY (RFC 9113 section
     /// 6.8). An HTTP/2 connection is closed by end-of-file once it has no stream open (a client that
@@ -223,13 +237,26 @@ impl<L> KeepAliveListener<L> {
     ) -> impl Future<Output = ()> + Send + 'static
     where
         F: Future<Output = ()> + Send + 'static,
+        L: 'static,
     {
         let state = self.layer.config.control.clone();
         let timers = self.timers.clone();
+        let queue = Queue::of(&self.inner);
+        let accepted = self.accepted.clone();
         async move {
             signal.await;
-            crate::serve::lame_duck_begin(&state, &timers, false);
+            crate::serve::lame_duck_begin(&state, &timers);
             tokio::time::sleep(period).await;
+            // axum's drain ends a connection that has not begun a request at once: one accepted just
+            // now has its first request on the way. Waited for while axum still accepts (new clients
+            // are served as lame-duck connections meanwhile).
+            first_requests(&timers).await;
+            // axum accepts while this future is pending: the clients the balancer queued until now are
+            // taken in, not reset when axum drops the listener; their requests are on the way too.
+            if let Some(queue) = queue {
+                queue.empty(&accepted).await;
+                first_requests(&timers).await;
+            }
             state.set_shutdown(Some(CloseReason::Drain));
             // Silent connections accepted meanwhile close now too, as on the serve path's drain.
             timers.begin_drain();
@@ -258,6 +285,10 @@ impl<L: Listener> Listener for KeepAliveListener<L> {
         let handle = self.layer.connection();
         self.timers.live.fetch_add(1, Ordering::Relaxed);
         self.timers.start(&handle);
+        // Only once shutting down: notifying takes a lock.
+        if self.layer.config.control.shutdown_reason().is_some() {
+            self.accepted.notify_waiters();
+        }
         (KeepAliveIo::new(io, handle, self.timers.clone()), addr)
     }
 
@@ -371,6 +402,7 @@ impl<I> KeepAliveIo<I> {
         if handle.idle_since().is_some()
             && handle.pending_close().is_some()
             && handle.may_close_idle(std::time::Instant::now())
+            && !spared_by_lame_duck(handle)
         {
             // Past its age but busy, the layer says `close` on the next response instead.
             handle.close(CloseReason::Drain);
@@ -378,6 +410,26 @@ impl<I> KeepAliveIo<I> {
         }
         false
     }
+}
+
+/// Waits until no connection accepted in the last second is still silent (it has begun its first
+/// request, or closed), at most [`FIRST_REQUEST_GRACE`]: the serve path's drain gives such a connection
+/// that grace, axum's closes it at once. Looked at every 10 ms: for the end of a lame-duck period only.
+async fn first_requests(timers: &Timers) {
+    let until = tokio::time::Instant::now() + FIRST_REQUEST_GRACE;
+    while timers.awaiting_first_request() && tokio::time::Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Whether an idle HTTP/1 connection is in the lame-duck period's idle grace: marked to close, its
+/// close not requested yet (the timers request it when the grace ends, `LAME_DUCK_IDLE_GRACE`). A
+/// balancer's request may be on its way: it is read and answered with `Connection: close`, as on the
+/// serve path, rather than met with end-of-file.
+fn spared_by_lame_duck(handle: &ConnectionHandle) -> bool {
+    handle.close_reason() == Some(CloseReason::LameDuck)
+        && !handle.is_http2()
+        && !handle.driver_flags().0
 }
 
 /// The error every read and write gives once the timers have decided to drop the connection (the send

@@ -24,15 +24,15 @@ pub(crate) async fn stop_accepting<F: Future<Output = ()>>(
         return;
     };
     tracing::debug!(?period, "lame duck: serving, keeping no connection alive");
-    begin(&control, &timers, true);
+    begin(&control, &timers);
     tokio::time::sleep(period).await;
 }
 
 /// The lame-duck period begins: responses decided from now on say `close` (the server-wide flag is
 /// set first, so that none goes out with keep-alive between the two), and every connection that has
-/// served a request is told to close; with `idle_grace` (the serve path, which drives its
-/// connections), an idle HTTP/1 one a second later, so as not to close it under a request on its way.
-pub(crate) fn begin(control: &Control, timers: &Timers, idle_grace: bool) {
+/// served a request is told to close; an idle HTTP/1 one a second later, so as not to close it under a
+/// request on its way. Both serve paths.
+pub(crate) fn begin(control: &Control, timers: &Timers) {
     control.set_shutdown(Some(CloseReason::LameDuck));
-    timers.begin_lame_duck(idle_grace);
+    timers.begin_lame_duck();
 }

@@ -122,10 +122,12 @@ pub use io::WatchedIo;
 pub(crate) use lame_duck::begin as lame_duck_begin;
 pub use lifecycle::GracefulConnection;
 pub use listener::Listener;
+#[cfg(feature = "axum")]
+pub(crate) use listener::Queue;
 pub use peer::PeerAddr;
 pub use tcp::TcpKeepalive;
 #[cfg(feature = "axum")]
-pub(crate) use timers::Timers;
+pub(crate) use timers::{Timers, FIRST_REQUEST_GRACE};
 
 use budget::{Admission, Budget, Held, Limits};
 use conn::HttpConnection;
@@ -897,21 +899,21 @@ where
         if lame_duck.is_some() {
             // The clients the balancer sent here until the end of the lame-duck period are served:
             // those already in the listener's accept queue would be reset when it closes, and with
-            // them the requests they have sent. Taken without waiting, as lame-duck connections (their
-            // first response says `close`); the drain leaves each its first request. At the hard
+            // them the requests they have sent. Taken without waiting for new ones (the kernel is
+            // asked what it holds: a busy runtime sees a queued client late), as lame-duck connections
+            // (their first response says `close`); the drain leaves each its first request. At the hard
             // limit they wait for room as any client does, for no longer than the drain may take.
             let room_until = drain_timeout.map(|timeout| tokio::time::Instant::now() + timeout);
             let mut backlog = 0usize;
             let mut next = waiting.take();
+            // From here new clients are refused (after a SYN retry), not queued and then reset.
+            listener::freeze_queue(&listener);
             loop {
-                let Some((io, addr)) =
-                    next.take()
-                        .or_else(|| match listener.accept().now_or_never() {
-                            Some(Ok(accepted)) => Some(accepted),
-                            // Empty, or failing (out of descriptors): what is left is refused.
-                            _ => None,
-                        })
-                else {
+                let accepted = match next.take() {
+                    Some(accepted) => Some(accepted),
+                    None => listener::accept_queued(&mut listener).await,
+                };
+                let Some((io, addr)) = accepted else {
                     break;
                 };
                 let permit = match (&budget, room_until) {

@@ -73,10 +73,6 @@ struct Heap {
     /// Until when (a `clock` reading; 0: not at all) a drain that follows a lame-duck period leaves
     /// a connection that has not sent its first request to send it (see [`FIRST_REQUEST_GRACE`]).
     first_request_until: u64,
-    /// Whether the lame-duck period leaves idle HTTP/1 connections [`LAME_DUCK_IDLE_GRACE`] before it
-    /// closes them: only where the connection is driven (the serve path); the `axum::serve` path ends
-    /// a connection told to close on its next read, which would lose the request it reads.
-    idle_grace: bool,
 }
 
 /// How long a drain that follows a lame-duck period leaves a connection accepted but silent, that has
@@ -157,7 +153,6 @@ impl Timers {
                 state: DrainState::Serving,
                 recompute: false,
                 first_request_until: 0,
-                idle_grace: false,
             }),
             wake: Arc::new(Notify::new()),
             running: AtomicBool::new(false),
@@ -235,9 +230,10 @@ impl Timers {
                 // way: closing it now could lose that request. It is served, then closed.
                 DrainState::LameDuck if handle.requests() == 0 => {}
                 // Its next response says `close`; closed if still idle once the grace is over.
+                // (The `axum::serve` path's IO leaves such a connection be until its close is
+                // requested: `KeepAliveIo::should_end`.)
                 DrainState::LameDuck
-                    if heap.idle_grace
-                        && !handle.is_http2()
+                    if !handle.is_http2()
                         && !handle.is_closing()
                         && handle.idle_since().is_some() =>
                 {
@@ -274,10 +270,9 @@ impl Timers {
     }
 
     /// The lame-duck period begins: no connection that has served a request is kept alive (see
-    /// `DrainState::LameDuck`). With `idle_grace` (the serve path), an idle HTTP/1 connection is left
-    /// [`LAME_DUCK_IDLE_GRACE`] for a request on its way, instead of being closed at once.
-    pub(crate) fn begin_lame_duck(&self, idle_grace: bool) {
-        self.lock().idle_grace = idle_grace;
+    /// `DrainState::LameDuck`). An idle HTTP/1 connection is left [`LAME_DUCK_IDLE_GRACE`] for a
+    /// request on its way, instead of being closed at once.
+    pub(crate) fn begin_lame_duck(&self) {
         self.set_state(DrainState::LameDuck);
     }
 
@@ -379,6 +374,26 @@ impl Timers {
             handle.drop_now();
         }
         true
+    }
+
+    /// Whether a watched connection accepted under [`FIRST_REQUEST_GRACE`] ago has not begun its first
+    /// request, nor been told to close: the `axum::serve` path's drain would end it at once (hyper
+    /// closes a connection that has not begun a request), where the serve path leaves it that grace.
+    /// Looks at every connection: for the end of a lame-duck period only.
+    #[cfg(feature = "axum")]
+    pub(crate) fn awaiting_first_request(&self) -> bool {
+        let heap = self.lock();
+        let now = Instant::now();
+        heap.entries
+            .iter()
+            .filter_map(Entry::current)
+            .any(|handle| {
+                handle.requests() == 0
+                    && !handle.is_closing()
+                    && handle
+                        .idle_since()
+                        .is_some_and(|since| since + FIRST_REQUEST_GRACE > now)
+            })
     }
 
     pub(crate) async fn all_gone(&self) {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use tower_keepalive::{CloseReason, KeepAliveLayer, Stats};
 
-use super::axum_serve::{serve_axum, AxumServer};
+use super::axum_serve::{serve_axum, serve_axum_lame_duck, AxumServer};
 use super::server::{serve, TestServer};
 use super::within_for;
 
@@ -51,7 +51,39 @@ pub async fn serve_on(path: Path, layer: KeepAliveLayer, app: Router) -> Server 
     }
 }
 
+/// Serves `app` with `layer` on `path`; the shutdown signal ([`Server::shutdown`]) starts a lame-duck
+/// `period`, then the drain.
+pub async fn serve_on_lame_duck(
+    path: Path,
+    layer: KeepAliveLayer,
+    app: Router,
+    period: Duration,
+) -> Server {
+    let stats = layer.stats();
+    let running = match path {
+        Path::Serve => Running::Serve(TestServer::builder(layer).lame_duck(period).serve(app)),
+        Path::Axum => Running::Axum(serve_axum_lame_duck(layer, app, period).await),
+    };
+    let addr = match &running {
+        Running::Serve(server) => server.addr,
+        Running::Axum(server) => server.addr,
+    };
+    Server {
+        addr,
+        stats,
+        _running: running,
+    }
+}
+
 impl Server {
+    /// Gives the server its shutdown signal, without waiting for what follows. Once only.
+    pub fn shutdown(&mut self) {
+        match &mut self._running {
+            Running::Serve(server) => server.shutdown(),
+            Running::Axum(server) => server.shutdown(),
+        }
+    }
+
     /// Connections closed so far for `reason`.
     pub fn closed(&self, reason: CloseReason) -> u64 {
         self.stats.snapshot().closed(reason)
