@@ -29,7 +29,8 @@
 //! `--hibernate-after SECS` and `--no-hibernation`: `serve`'s idle HTTP/1 connections hibernate after
 //! that long (`Serve::hibernate_after`; 1 s by default), or never (`Serve::no_hibernation`).
 //!
-//! **Reports.** On `SIGUSR1` the server prints one line to stdout: `REPORT live_bytes=B live_allocs=N
+//! **Reports.** On `SIGUSR1` (on `SIGUSR2`, after giving the allocator's free memory back to the
+//! system with glibc's `malloc_trim`) the server prints one line to stdout: `REPORT live_bytes=B live_allocs=N
 //! open=N idle=N hibernating=N` (the connection gauges of `KeepAliveLayer::stats`, which only `serve`
 //! keeps up), then `LIVE_SIZES size:count ...`, the sizes of which 50 or more allocations are live.
 //! The live heap is counted only in the `bench_server_heap` build of this same file
@@ -401,8 +402,14 @@ fn report_on_signal(stats: tower_keepalive::Stats) -> std::io::Result<()> {
     use std::io::Write;
     use tokio::signal::unix::{signal, SignalKind};
     let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
     tokio::spawn(async move {
-        while usr1.recv().await.is_some() {
+        loop {
+            tokio::select! {
+                Some(()) = usr1.recv() => {}
+                Some(()) = usr2.recv() => trim(),
+                else => break,
+            }
             let s = stats.snapshot();
             let mut out = std::io::stdout().lock();
             let _ = writeln!(
@@ -428,4 +435,19 @@ fn report_on_signal(stats: tower_keepalive::Stats) -> std::io::Result<()> {
         }
     });
     Ok(())
+}
+
+/// `SIGUSR2`: gives the allocator's free memory back to the system before the report (glibc's
+/// `malloc_trim`), to tell the memory connections hold from what the allocator keeps of what they
+/// freed.
+#[cfg(unix)]
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's `malloc_trim` takes any padding and only releases free memory.
+        unsafe { malloc_trim(0) };
+    }
 }

@@ -21,7 +21,10 @@
 //! it). Memory is read `--settle` seconds (0.2) after the last response. With `--report FILE` (the
 //! server's stdout, `bench_server` and `bench_server_heap`) it also sends the server `SIGUSR1` before
 //! the first connection and when it reads the memory, and takes the live heap and the connection gauges
-//! from the `REPORT` line the server prints (`heap_per_conn`, `allocs_per_conn`, `hibernating`).
+//! from the `REPORT` line the server prints (`heap_per_conn`, `allocs_per_conn`, `hibernating`); then,
+//! with `SIGUSR2`, has the server give its allocator's free memory back (glibc's `malloc_trim`) and reads
+//! its memory again (`rss_trimmed_per_conn`): what the connections hold, without what the allocator
+//! keeps of what earlier connections freed.
 //! `--tls` (feature `tls`): HTTPS, accepting any certificate (the bench server's is made at start).
 //!
 //! At most `--concurrency` connections are being set up at once (64: tokio's and std's listeners have a
@@ -290,7 +293,7 @@ fn main() {
 
 /// The server's `REPORT` line (see `bench_server`), asked for with `SIGUSR1`: its `key=value` pairs.
 /// `None` if the server did not answer within 5 s.
-async fn server_report(pid: u32, file: &std::path::Path) -> Option<Vec<(String, i64)>> {
+async fn server_report(pid: u32, file: &std::path::Path, signal: &str) -> Option<Vec<(String, i64)>> {
     let reports = || {
         std::fs::read_to_string(file)
             .ok()
@@ -304,7 +307,7 @@ async fn server_report(pid: u32, file: &std::path::Path) -> Option<Vec<(String, 
     };
     let seen = reports().len();
     let sent = std::process::Command::new("kill")
-        .args(["-USR1", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .ok()?;
     if !sent.success() {
@@ -399,7 +402,7 @@ fn tls_connector() -> tokio_rustls::TlsConnector {
 async fn run(args: Args) {
     // The report first: the server's first one touches pages of its own, which are not the connections'.
     let report_before = match (args.pid, &args.report) {
-        (Some(pid), Some(file)) => server_report(pid, file).await,
+        (Some(pid), Some(file)) => server_report(pid, file, "-USR1").await,
         _ => None,
     };
     let rss_before = args.pid.and_then(rss_bytes);
@@ -445,12 +448,17 @@ async fn run(args: Args) {
     // Memory and CPU of the server while every connection is idle.
     let mut rss_after = None;
     let mut report_after = None;
+    let mut rss_trimmed = None;
     let mut cpu = None;
     if let Some(pid) = args.pid {
         tokio::time::sleep(args.settle).await;
         rss_after = rss_bytes(pid);
         if let Some(file) = &args.report {
-            report_after = server_report(pid, file).await;
+            report_after = server_report(pid, file, "-USR1").await;
+            // Then what the process keeps once the allocator has given its free memory back.
+            if server_report(pid, file, "-USR2").await.is_some() {
+                rss_trimmed = rss_bytes(pid);
+            }
         }
         // The window must end before the first connection's idle timer is due; the first response came
         // at most `established` after the start, so the first timer is due no earlier than
@@ -516,6 +524,14 @@ async fn run(args: Args) {
             args.n
         );
         result += &format!(" rss_before={before} rss_after={after} rss_per_conn={per:.0}");
+        if let Some(trimmed) = rss_trimmed {
+            let per = (trimmed as f64 - before as f64) / args.n.max(1) as f64;
+            println!(
+                "server RSS after malloc_trim: {:.1} MiB: {per:.0} bytes each",
+                trimmed as f64 / 1048576.0
+            );
+            result += &format!(" rss_trimmed_per_conn={per:.0}");
+        }
     }
     if let (Some(before), Some(after)) = (
         field(&report_before, "live_bytes"),
