@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]
 //!     [--idle-timeout SECS] [--max-requests N] [--no-content-type] [--tls] [--no-peer-addr]
-//!     [--hibernate-after SECS] [--no-hibernation]
+//!     [--hibernate-after SECS] [--no-hibernation] [--header-timeout SECS]
 //! ```
 //!
 //! - `bare`: a hyper-util accept loop (auto builder: HTTP/1.1 and h2c on one port), no layer;
@@ -28,6 +28,7 @@
 //!
 //! `--hibernate-after SECS` and `--no-hibernation`: `serve`'s idle HTTP/1 connections hibernate after
 //! that long (`Serve::hibernate_after`; 1 s by default), or never (`Serve::no_hibernation`).
+//! `--header-timeout SECS`: `serve`'s `Serve::header_timeout` (10 s by default).
 //!
 //! **Reports.** On `SIGUSR1` (on `SIGUSR2`, after giving the allocator's free memory back to the
 //! system with glibc's `malloc_trim`) the server prints one line to stdout: `REPORT live_bytes=B live_allocs=N
@@ -73,13 +74,14 @@ struct Args {
     peer_addr: bool,
     /// `Some(None)`: `--no-hibernation`; `None`: the serve path's default.
     hibernate_after: Option<Option<Duration>>,
+    header_timeout: Option<Duration>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_server --mode bare|layer|serve [--addr ADDR] [--threads N] [--idle-timeout SECS] \
          [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls] [--no-peer-addr] \
-         [--hibernate-after SECS] [--no-hibernation]"
+         [--hibernate-after SECS] [--no-hibernation] [--header-timeout SECS]"
     );
     std::process::exit(2)
 }
@@ -95,6 +97,7 @@ fn parse_args() -> Args {
         tls: false,
         peer_addr: true,
         hibernate_after: None,
+        header_timeout: None,
     };
     let mut mode = None;
     let mut it = std::env::args().skip(1);
@@ -137,6 +140,13 @@ fn parse_args() -> Args {
                 args.hibernate_after = Some(Some(Duration::from_secs_f64(secs)));
             }
             "--no-hibernation" => args.hibernate_after = Some(None),
+            "--header-timeout" => {
+                let secs: f64 = value().parse().unwrap_or_else(|_| usage());
+                if !secs.is_finite() || secs <= 0.0 {
+                    usage();
+                }
+                args.header_timeout = Some(Duration::from_secs_f64(secs));
+            }
             "--tls" if cfg!(feature = "tls") => args.tls = true,
             _ => usage(),
         }
@@ -194,6 +204,9 @@ async fn run(args: Args) -> std::io::Result<()> {
             None => {}
             Some(Some(after)) => server = server.hibernate_after(after),
             Some(None) => server = server.no_hibernation(),
+        }
+        if let Some(timeout) = args.header_timeout {
+            server = server.header_timeout(timeout);
         }
         #[cfg(feature = "tls")]
         if let Some(config) = tls {
