@@ -291,9 +291,14 @@ fn main() {
     rt.block_on(run(args));
 }
 
-/// The server's `REPORT` line (see `bench_server`), asked for with `SIGUSR1`: its `key=value` pairs.
+/// The server's `REPORT` line (see `bench_server`), asked for with `signal` (`-USR1`, or `-USR2` to trim
+/// first): its `key=value` pairs.
 /// `None` if the server did not answer within 5 s.
-async fn server_report(pid: u32, file: &std::path::Path, signal: &str) -> Option<Vec<(String, i64)>> {
+async fn server_report(
+    pid: u32,
+    file: &std::path::Path,
+    signal: &str,
+) -> Option<Vec<(String, i64)>> {
     let reports = || {
         std::fs::read_to_string(file)
             .ok()
