@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example bench_server -- --mode bare|layer|serve [--addr 127.0.0.1:0] [--threads 1]
 //!     [--idle-timeout SECS] [--max-requests N] [--no-content-type] [--tls] [--no-peer-addr]
+//!     [--hibernate-after SECS] [--no-hibernation] [--header-timeout SECS]
 //! ```
 //!
 //! - `bare`: a hyper-util accept loop (auto builder: HTTP/1.1 and h2c on one port), no layer;
@@ -24,9 +25,24 @@
 //!
 //! `--no-peer-addr`: `serve` without the peer address in each request's extensions
 //! (`Serve::peer_addr(false)`), to measure what that extension costs per request.
+//!
+//! `--hibernate-after SECS` and `--no-hibernation`: `serve`'s idle HTTP/1 connections hibernate after
+//! that long (`Serve::hibernate_after`; 1 s by default), or never (`Serve::no_hibernation`).
+//! `--header-timeout SECS`: `serve`'s `Serve::header_timeout` (10 s by default).
+//!
+//! **Reports.** On `SIGUSR1` (on `SIGUSR2`, after giving the allocator's free memory back to the
+//! system with glibc's `malloc_trim`) the server prints one line to stdout: `REPORT live_bytes=B live_allocs=N
+//! open=N idle=N hibernating=N` (the connection gauges of `KeepAliveLayer::stats`, which only `serve`
+//! keeps up), then `LIVE_SIZES size:count ...`, the sizes of which 50 or more allocations are live.
+//! The live heap is counted only in the `bench_server_heap` build of this same file
+//! (`benches/tools/bench_server_heap.rs`), which installs [`Counting`] as the global allocator; here
+//! both counts read 0, and no allocation pays for counting, so that `benches/instructions` measures
+//! the server as users run it.
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,12 +72,16 @@ struct Args {
     sizes: bool,
     tls: bool,
     peer_addr: bool,
+    /// `Some(None)`: `--no-hibernation`; `None`: the serve path's default.
+    hibernate_after: Option<Option<Duration>>,
+    header_timeout: Option<Duration>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: bench_server --mode bare|layer|serve [--addr ADDR] [--threads N] [--idle-timeout SECS] \
-         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls] [--no-peer-addr]"
+         [--max-requests N (0: unlimited)] [--no-content-type] [--sizes] [--tls] [--no-peer-addr] \
+         [--hibernate-after SECS] [--no-hibernation] [--header-timeout SECS]"
     );
     std::process::exit(2)
 }
@@ -76,6 +96,8 @@ fn parse_args() -> Args {
         sizes: false,
         tls: false,
         peer_addr: true,
+        hibernate_after: None,
+        header_timeout: None,
     };
     let mut mode = None;
     let mut it = std::env::args().skip(1);
@@ -110,6 +132,21 @@ fn parse_args() -> Args {
             "--no-content-type" => args.content_type = false,
             "--sizes" => args.sizes = true,
             "--no-peer-addr" => args.peer_addr = false,
+            "--hibernate-after" => {
+                let secs: f64 = value().parse().unwrap_or_else(|_| usage());
+                if !secs.is_finite() || secs < 0.0 {
+                    usage();
+                }
+                args.hibernate_after = Some(Some(Duration::from_secs_f64(secs)));
+            }
+            "--no-hibernation" => args.hibernate_after = Some(None),
+            "--header-timeout" => {
+                let secs: f64 = value().parse().unwrap_or_else(|_| usage());
+                if !secs.is_finite() || secs <= 0.0 {
+                    usage();
+                }
+                args.header_timeout = Some(Duration::from_secs_f64(secs));
+            }
             "--tls" if cfg!(feature = "tls") => args.tls = true,
             _ => usage(),
         }
@@ -119,7 +156,7 @@ fn parse_args() -> Args {
     args
 }
 
-fn main() -> std::io::Result<()> {
+pub(crate) fn main() -> std::io::Result<()> {
     let args = parse_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.threads)
@@ -146,6 +183,8 @@ async fn run(args: Args) -> std::io::Result<()> {
     let tls = if args.tls { Some(tls_config()?) } else { None };
     let scheme = if args.tls { "https" } else { "http" };
     println!("listening on {scheme}://{}", listener.local_addr()?);
+    #[cfg(unix)]
+    report_on_signal(args.layer.stats())?;
 
     let content_type = args.content_type;
     let hello = tower::service_fn(move |_req: Request<Incoming>| async move {
@@ -158,9 +197,17 @@ async fn run(args: Args) -> std::io::Result<()> {
     });
 
     if args.mode == Mode::Serve {
-        let server = tower_keepalive::serve(listener, hello)
+        let mut server = tower_keepalive::serve(listener, hello)
             .keep_alive(args.layer)
             .peer_addr(args.peer_addr);
+        match args.hibernate_after {
+            None => {}
+            Some(Some(after)) => server = server.hibernate_after(after),
+            Some(None) => server = server.no_hibernation(),
+        }
+        if let Some(timeout) = args.header_timeout {
+            server = server.header_timeout(timeout);
+        }
         #[cfg(feature = "tls")]
         if let Some(config) = tls {
             return server.tls(config).await;
@@ -296,5 +343,124 @@ fn report_size<T>(done: &mut bool, mode: &str, future: &T) {
             "{mode}: connection future {} bytes",
             std::mem::size_of_val(future)
         );
+    }
+}
+
+/// Live heap, counted by [`Counting`] when it is the global allocator (`bench_server_heap`).
+static LIVE_BYTES: AtomicIsize = AtomicIsize::new(0);
+static LIVE_ALLOCS: AtomicIsize = AtomicIsize::new(0);
+/// Live allocations by size in bytes (the last slot: 64 KiB and larger), to tell whose they are.
+const SIZE_SLOTS: usize = 65537;
+static LIVE_BY_SIZE: [AtomicIsize; SIZE_SLOTS] = [const { AtomicIsize::new(0) }; SIZE_SLOTS];
+
+#[allow(dead_code)] // by `Counting`, installed by bench_server_heap only
+fn live_by_size(size: usize) -> &'static AtomicIsize {
+    &LIVE_BY_SIZE[size.min(SIZE_SLOTS - 1)]
+}
+
+/// The system allocator, counting the bytes and allocations live. Installed only by the
+/// `bench_server_heap` build: two relaxed atomic additions per allocation are a cost the per-request
+/// instruction counts must not include.
+#[allow(dead_code)] // installed by bench_server_heap only
+pub(crate) struct Counting;
+
+// SAFETY: every call goes to `System` with the caller's arguments; the counters only observe.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract, passed on unchanged.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Relaxed);
+            LIVE_ALLOCS.fetch_add(1, Relaxed);
+            live_by_size(layout.size()).fetch_add(1, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as for `alloc`.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as isize, Relaxed);
+            LIVE_ALLOCS.fetch_add(1, Relaxed);
+            live_by_size(layout.size()).fetch_add(1, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: `ptr` came from this allocator, that is from `System`, with this layout.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as isize, Relaxed);
+        LIVE_ALLOCS.fetch_sub(1, Relaxed);
+        live_by_size(layout.size()).fetch_sub(1, Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller upholds `GlobalAlloc::realloc`'s contract, passed on unchanged.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size as isize - layout.size() as isize, Relaxed);
+            live_by_size(layout.size()).fetch_sub(1, Relaxed);
+            live_by_size(new_size).fetch_add(1, Relaxed);
+        }
+        p
+    }
+}
+
+/// Prints a `REPORT` line on every `SIGUSR1` (see the module docs). The signal's task sleeps until a
+/// signal comes: nothing runs while connections are idle.
+#[cfg(unix)]
+fn report_on_signal(stats: tower_keepalive::Stats) -> std::io::Result<()> {
+    use std::io::Write;
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = usr1.recv() => {}
+                Some(()) = usr2.recv() => trim(),
+                else => break,
+            }
+            let s = stats.snapshot();
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "REPORT live_bytes={} live_allocs={} open={} idle={} hibernating={}",
+                LIVE_BYTES.load(Relaxed),
+                LIVE_ALLOCS.load(Relaxed),
+                s.connections_open(),
+                s.connections_idle(),
+                s.connections_hibernating(),
+            );
+            // The sizes with many allocations live, to tell what each connection keeps (`size:count`;
+            // `65536:` counts everything larger too). Empty without the counting allocator.
+            let _ = write!(out, "LIVE_SIZES");
+            for (size, live) in LIVE_BY_SIZE.iter().enumerate() {
+                let live = live.load(Relaxed);
+                if live >= 50 {
+                    let _ = write!(out, " {size}:{live}");
+                }
+            }
+            let _ = writeln!(out);
+            let _ = out.flush();
+        }
+    });
+    Ok(())
+}
+
+/// `SIGUSR2`: gives the allocator's free memory back to the system before the report (glibc's
+/// `malloc_trim`), to tell the memory connections hold from what the allocator keeps of what they
+/// freed.
+#[cfg(unix)]
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's `malloc_trim` takes any padding and only releases free memory.
+        unsafe { malloc_trim(0) };
     }
 }

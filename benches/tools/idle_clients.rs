@@ -5,6 +5,7 @@
 //! ```text
 //! cargo run --release --example idle_clients -- --addr 127.0.0.1:8080 [-n 10000] [--idle-timeout 5]
 //!     [--pid SERVER_PID] [--sources 4] [--concurrency 64] [--cpu-window 3] [--no-close]
+//!     [--waves K] [--wave-pause SECS] [--settle SECS] [--report FILE] [--tls]
 //! ```
 //!
 //! For each connection it takes the time from its response to the server's close (EOF or reset) and
@@ -13,6 +14,18 @@
 //! established (bytes per idle connection), and the server's CPU time (its threads' time on CPU in
 //! /proc/PID/task/*/schedstat, else utime + stime in /proc/PID/stat) over a window while every connection sits idle and before the first idle timer is due. `--no-close`
 //! (for a server that never closes idle connections) stops after that window.
+//!
+//! `--waves K` opens the connections in K waves: each wave connects, sends its requests and reads the
+//! responses before the next begins, `--wave-pause` seconds later (past the serve path's hibernation
+//! delay, the server has freed what the wave's connections held before the next comes, and can reuse
+//! it). Memory is read `--settle` seconds (0.2) after the last response. With `--report FILE` (the
+//! server's stdout, `bench_server` and `bench_server_heap`) it also sends the server `SIGUSR1` before
+//! the first connection and when it reads the memory, and takes the live heap and the connection gauges
+//! from the `REPORT` line the server prints (`heap_per_conn`, `allocs_per_conn`, `hibernating`); then,
+//! with `SIGUSR2`, has the server give its allocator's free memory back (glibc's `malloc_trim`) and reads
+//! its memory again (`rss_trimmed_per_conn`): what the connections hold, without what the allocator
+//! keeps of what earlier connections freed.
+//! `--tls` (feature `tls`): HTTPS, accepting any certificate (the bench server's is made at start).
 //!
 //! At most `--concurrency` connections are being set up at once (64: tokio's and std's listeners have a
 //! backlog of 128, and a full accept queue drops SYNs, which the client retries only after a second).
@@ -38,12 +51,18 @@ struct Args {
     concurrency: usize,
     cpu_window: Duration,
     close: bool,
+    waves: usize,
+    wave_pause: Duration,
+    settle: Duration,
+    report: Option<std::path::PathBuf>,
+    tls: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: idle_clients --addr ADDR [-n N] [--idle-timeout SECS] [--pid PID] [--sources K] \
-         [--concurrency C] [--cpu-window SECS] [--no-close]"
+         [--concurrency C] [--cpu-window SECS] [--no-close] [--waves K] [--wave-pause SECS] \
+         [--settle SECS] [--report FILE] [--tls]"
     );
     std::process::exit(2)
 }
@@ -58,6 +77,11 @@ fn parse_args() -> Args {
         concurrency: 64,
         cpu_window: Duration::from_secs(3),
         close: true,
+        waves: 1,
+        wave_pause: Duration::ZERO,
+        settle: Duration::from_millis(200),
+        report: None,
+        tls: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -75,6 +99,11 @@ fn parse_args() -> Args {
             "--concurrency" => args.concurrency = value().parse().unwrap_or_else(|_| usage()),
             "--cpu-window" => args.cpu_window = secs(value()),
             "--no-close" => args.close = false,
+            "--waves" => args.waves = value().parse().unwrap_or_else(|_| usage()),
+            "--wave-pause" => args.wave_pause = secs(value()),
+            "--settle" => args.settle = secs(value()),
+            "--report" => args.report = Some(value().into()),
+            "--tls" if cfg!(feature = "tls") => args.tls = true,
             _ => usage(),
         }
     }
@@ -84,6 +113,7 @@ fn parse_args() -> Args {
     }
     args.sources = args.sources.clamp(1, 200);
     args.concurrency = args.concurrency.max(1);
+    args.waves = args.waves.clamp(1, args.n.max(1));
     args
 }
 
@@ -157,15 +187,38 @@ struct Run {
     responded: AtomicUsize,
     /// Connections whose request was answered.
     answered: AtomicUsize,
+    /// Notified when `responded` reaches `wave_end`: the current wave is done.
     all_responded: Notify,
+    wave_end: AtomicUsize,
+    #[cfg(feature = "tls")]
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Run {
     fn responded(&self) {
-        if self.responded.fetch_add(1, Ordering::AcqRel) + 1 == self.args.n {
+        if self.responded.fetch_add(1, Ordering::AcqRel) + 1
+            == self.wave_end.load(Ordering::Acquire)
+        {
             self.all_responded.notify_one();
         }
     }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A TCP connection from `source` to the server, with TLS over it when asked.
+async fn connect(run: &Run, source: Ipv4Addr) -> std::io::Result<Box<dyn Stream>> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
+    let tcp = socket.connect(run.args.addr).await?;
+    #[cfg(feature = "tls")]
+    if let Some(connector) = &run.tls {
+        let name =
+            rustls::pki_types::ServerName::try_from("localhost").map_err(std::io::Error::other)?;
+        return Ok(Box::new(connector.connect(name, tcp).await?));
+    }
+    Ok(Box::new(tcp))
 }
 
 async fn one(run: Arc<Run>, index: usize) -> Outcome {
@@ -173,12 +226,7 @@ async fn one(run: Arc<Run>, index: usize) -> Outcome {
     let mut outcome = Outcome::default();
     let permit = run.permits.acquire().await;
     let source = Ipv4Addr::new(127, 0, 0, 2 + (index % usize::from(args.sources)) as u8);
-    let connected = async {
-        let socket = TcpSocket::new_v4()?;
-        socket.bind(SocketAddr::new(IpAddr::V4(source), 0))?;
-        socket.connect(args.addr).await
-    };
-    let mut stream = match tokio::time::timeout_at(deadline.into(), connected).await {
+    let mut stream = match tokio::time::timeout_at(deadline.into(), connect(&run, source)).await {
         Ok(Ok(stream)) => stream,
         _ => {
             outcome.failed = true;
@@ -243,26 +291,156 @@ fn main() {
     rt.block_on(run(args));
 }
 
+/// The server's `REPORT` line (see `bench_server`), asked for with `signal` (`-USR1`, or `-USR2` to trim
+/// first): its `key=value` pairs.
+/// `None` if the server did not answer within 5 s.
+async fn server_report(
+    pid: u32,
+    file: &std::path::Path,
+    signal: &str,
+) -> Option<Vec<(String, i64)>> {
+    let reports = || {
+        std::fs::read_to_string(file)
+            .ok()
+            .map(|text| {
+                text.lines()
+                    .filter(|l| l.starts_with("REPORT "))
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    let seen = reports().len();
+    let sent = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .ok()?;
+    if !sent.success() {
+        return None;
+    }
+    // The server writes its line at once; a file has no readiness to wait on, so look every 10 ms.
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if let Some(line) = reports().get(seen) {
+            return Some(
+                line.split_whitespace()
+                    .filter_map(|kv| {
+                        let (k, v) = kv.split_once('=')?;
+                        Some((k.to_string(), v.parse().ok()?))
+                    })
+                    .collect(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+fn field(report: &Option<Vec<(String, i64)>>, key: &str) -> Option<i64> {
+    report
+        .as_ref()?
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|&(_, v)| v)
+}
+
+/// A client config that accepts whatever certificate the bench server made at start.
+#[cfg(feature = "tls")]
+fn tls_connector() -> tokio_rustls::TlsConnector {
+    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+    use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+    use rustls::{DigitallySignedStruct, SignatureScheme};
+
+    #[derive(Debug)]
+    struct AnyCert(Arc<rustls::crypto::CryptoProvider>);
+    impl ServerCertVerifier for AnyCert {
+        fn verify_server_cert(
+            &self,
+            _: &CertificateDer<'_>,
+            _: &[CertificateDer<'_>],
+            _: &ServerName<'_>,
+            _: &[u8],
+            _: UnixTime,
+        ) -> Result<ServerCertVerified, rustls::Error> {
+            Ok(ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
 async fn run(args: Args) {
+    // The report first: the server's first one touches pages of its own, which are not the connections'.
+    let report_before = match (args.pid, &args.report) {
+        (Some(pid), Some(file)) => server_report(pid, file, "-USR1").await,
+        _ => None,
+    };
     let rss_before = args.pid.and_then(rss_bytes);
     let start = Instant::now();
     let wait = Duration::from_secs(if args.close { 30 } else { 20 });
+    let pauses = args.wave_pause * u32::try_from(args.waves - 1).unwrap_or(u32::MAX);
     let run = Arc::new(Run {
-        deadline: start + args.idle_timeout + wait,
+        deadline: start + pauses + args.idle_timeout + wait,
         start,
         permits: Semaphore::new(args.concurrency),
         responded: AtomicUsize::new(0),
         answered: AtomicUsize::new(0),
         all_responded: Notify::new(),
+        wave_end: AtomicUsize::new(0),
+        #[cfg(feature = "tls")]
+        tls: args.tls.then(tls_connector),
         args,
     });
     let args = &run.args;
     let mut tasks = tokio::task::JoinSet::new();
-    for index in 0..args.n {
-        tasks.spawn(one(run.clone(), index));
-    }
-    if args.n > 0 {
-        let _ = tokio::time::timeout_at(run.deadline.into(), run.all_responded.notified()).await;
+    for wave in 0..args.waves {
+        let (from, to) = (args.n * wave / args.waves, args.n * (wave + 1) / args.waves);
+        if wave > 0 && !args.wave_pause.is_zero() {
+            tokio::time::sleep(args.wave_pause).await;
+        }
+        run.wave_end.store(to, Ordering::Release);
+        for index in from..to {
+            tasks.spawn(one(run.clone(), index));
+        }
+        if to > from {
+            let _ =
+                tokio::time::timeout_at(run.deadline.into(), run.all_responded.notified()).await;
+        }
     }
     let established = start.elapsed();
     let answered = run.answered.load(Ordering::Acquire);
@@ -274,10 +452,19 @@ async fn run(args: Args) {
 
     // Memory and CPU of the server while every connection is idle.
     let mut rss_after = None;
+    let mut report_after = None;
+    let mut rss_trimmed = None;
     let mut cpu = None;
     if let Some(pid) = args.pid {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(args.settle).await;
         rss_after = rss_bytes(pid);
+        if let Some(file) = &args.report {
+            report_after = server_report(pid, file, "-USR1").await;
+            // Then what the process keeps once the allocator has given its free memory back.
+            if server_report(pid, file, "-USR2").await.is_some() {
+                rss_trimmed = rss_bytes(pid);
+            }
+        }
         // The window must end before the first connection's idle timer is due; the first response came
         // at most `established` after the start, so the first timer is due no earlier than
         // `idle_timeout` after the start.
@@ -342,6 +529,41 @@ async fn run(args: Args) {
             args.n
         );
         result += &format!(" rss_before={before} rss_after={after} rss_per_conn={per:.0}");
+        if let Some(trimmed) = rss_trimmed {
+            let per = (trimmed as f64 - before as f64) / args.n.max(1) as f64;
+            println!(
+                "server RSS after malloc_trim: {:.1} MiB: {per:.0} bytes each",
+                trimmed as f64 / 1048576.0
+            );
+            result += &format!(" rss_trimmed_per_conn={per:.0}");
+        }
+    }
+    if let (Some(before), Some(after)) = (
+        field(&report_before, "live_bytes"),
+        field(&report_after, "live_bytes"),
+    ) {
+        // 0 and 0: a server without the counting allocator (bench_server rather than bench_server_heap).
+        if before > 0 {
+            let n = args.n.max(1) as f64;
+            let per = (after - before) as f64 / n;
+            let allocs = field(&report_after, "live_allocs").unwrap_or(0)
+                - field(&report_before, "live_allocs").unwrap_or(0);
+            println!(
+                "server live heap: {before} B before, {after} B with {} idle connections: {per:.0} bytes \
+                 and {:.2} allocations each",
+                args.n,
+                allocs as f64 / n
+            );
+            result += &format!(
+                " heap_before={before} heap_after={after} heap_per_conn={per:.0} allocs_per_conn={:.2}",
+                allocs as f64 / n
+            );
+        }
+    }
+    if let Some(hibernating) = field(&report_after, "hibernating") {
+        let open = field(&report_after, "open").unwrap_or(0);
+        println!("server: {open} connections open, {hibernating} hibernating");
+        result += &format!(" open={open} hibernating={hibernating}");
     }
     if let Some((ns, window, total)) = cpu {
         let cpu_ms = ns as f64 / 1e6;
