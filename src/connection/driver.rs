@@ -156,6 +156,18 @@ impl ConnectionHandle {
         self.shared.request_flags.load(Ordering::Relaxed) & REQ_PARKING != 0
     }
 
+    /// The connection begins (`true`) or ends hibernating: its driver waits for its next bytes.
+    pub(crate) fn set_hibernating(&self, on: bool) {
+        self.set_io_flag(IO_HIBERNATING, on);
+    }
+
+    /// Whether the connection hibernates (see [`set_hibernating`]).
+    ///
+    /// [`set_hibernating`]: Self::set_hibernating
+    fn is_hibernating(&self) -> bool {
+        self.shared.io.load(Ordering::Relaxed) & IO_HIBERNATING != 0
+    }
+
     /// For the driver: whether the timer asked it to hibernate the connection. Takes the request, and
     /// registers `waker` again for the close flags (the timer's wake-up took the registration).
     pub(crate) fn take_hibernation_request(&self, waker: &std::task::Waker) -> bool {
@@ -432,9 +444,13 @@ impl ConnectionHandle {
         };
         // A head's first byte is seen by the IO, which tells no timer (that would take the timer's
         // lock once per request): an idle connection held to a header timeout is looked at every
-        // header timeout, to find the head that has started and schedule its deadline.
+        // header timeout, to find the head that has started and schedule its deadline. A
+        // hibernating one is not: its driver tells the timer when it wakes.
         let at = match self.head_timing() {
             Some((Some(head), limit)) => at.min(head + limit),
+            // A hibernating connection's driver reads the head's first bytes itself, and has the timer
+            // look then: no look is needed before.
+            Some((None, _)) if self.is_hibernating() => at,
             Some((None, limit)) => at.min(Instant::now() + limit),
             None => at,
         };

@@ -422,6 +422,27 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "serve")]
+    fn the_timer_looks_for_no_head_on_a_hibernating_connection() {
+        use std::time::Duration;
+        let idle = Duration::from_secs(60);
+        let layer = KeepAliveLayer::new()
+            .idle_timeout(idle)
+            .with_header_timeout(Some(Duration::from_secs(10)))
+            .with_hibernation(Some(Duration::from_secs(1)));
+        let handle = layer.connection();
+        drop(handle.start_request());
+        let since = handle.idle_since().unwrap();
+        // Awake and idle after a request: looked at within a header timeout, for a head's start.
+        assert!(handle.next_check() < since + Duration::from_secs(11));
+        // Hibernating: its driver reads the next head's first bytes and has the timer look then.
+        handle.set_hibernating(true);
+        assert_eq!(handle.next_check(), since + idle);
+        handle.set_hibernating(false);
+        assert!(handle.next_check() < since + Duration::from_secs(11));
+    }
+
+    #[test]
     #[cfg(target_pointer_width = "64")]
     fn the_shared_state_stays_small() {
         // One per connection, for its whole life; its flags live in what would otherwise be padding.

@@ -154,6 +154,10 @@ pub(super) const IO_LINGERING: u8 = 0x02;
 /// `Shared::io`: the connection's IO has read the client's end of stream.
 #[cfg_attr(not(feature = "serve"), allow(dead_code))]
 pub(super) const IO_PEER_EOF: u8 = 0x04;
+/// `Shared::io`: the connection hibernates (serve path): its driver, not hyper, waits for its next bytes,
+/// and tells the timer when they come. Written by the driver, in the task that also runs the IO.
+#[cfg_attr(not(feature = "serve"), allow(dead_code))]
+pub(super) const IO_HIBERNATING: u8 = 0x08;
 
 /// What starting a request adds to `Shared::activity`: one request in flight, one more started.
 pub(super) const ACTIVITY_REQUEST: u64 = 1 << 32 | 1;

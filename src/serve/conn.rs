@@ -122,6 +122,7 @@ where
         match std::mem::replace(&mut self.state, State::Done) {
             State::Waiting(parked, next) => {
                 if next == Next::Resume {
+                    self.handle.set_hibernating(false);
                     self.handle.config().stats.hibernating(false);
                 }
                 Some(parked)
@@ -267,6 +268,7 @@ where
             return Poll::Ready(None);
         }
         self.state = State::Waiting(parked, Next::Resume);
+        handle.set_hibernating(true);
         handle.config().stats.hibernating(true);
         tracing::trace!("connection hibernating");
         Poll::Ready(None)
