@@ -168,6 +168,11 @@ impl ConnectionHandle {
         self.shared.io.load(Ordering::Relaxed) & IO_HIBERNATING != 0
     }
 
+    /// Whether the timer asked the driver to hibernate the connection, and it has not looked yet.
+    fn hibernation_requested(&self) -> bool {
+        self.shared.request_flags.load(Ordering::Relaxed) & REQ_HIBERNATE != 0
+    }
+
     /// For the driver: whether the timer asked it to hibernate the connection. Takes the request, and
     /// registers `waker` again for the close flags (the timer's wake-up took the registration).
     pub(crate) fn take_hibernation_request(&self, waker: &std::task::Waker) -> bool {
@@ -449,8 +454,9 @@ impl ConnectionHandle {
         let at = match self.head_timing() {
             Some((Some(head), limit)) => at.min(head + limit),
             // A hibernating connection's driver reads the head's first bytes itself, and has the timer
-            // look then: no look is needed before.
-            Some((None, _)) if self.is_hibernating() => at,
+            // look then: no look is needed before. Nor for one about to hibernate: its driver has the
+            // timer look again if it does not.
+            Some((None, _)) if self.is_hibernating() || self.hibernation_requested() => at,
             Some((None, limit)) => at.min(Instant::now() + limit),
             None => at,
         };

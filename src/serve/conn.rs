@@ -99,7 +99,8 @@ where
     shared: Arc<ConnectionsShared>,
     handle: ConnectionHandle,
     state: State<I, S>,
-    /// hyper's HTTP/1 connection was made since the lifecycle last asked, or may hibernate from now on.
+    /// hyper's HTTP/1 connection was made since the lifecycle last asked, may hibernate from now on, or
+    /// did not when asked to: its timer is to look again within the hibernation delay.
     http1_started: bool,
     /// The connection's request count when hyper's HTTP/1 connection was made: until a request has
     /// started on it, hyper is on its first head and cannot be taken apart.
@@ -220,8 +221,10 @@ where
             self.rearm = true;
             return Poll::Ready(None);
         }
-        // A request began since the timer asked: it asks again once the connection is idle.
+        // A request began since the timer asked: it asks again once the connection is idle, and is
+        // told to look again soon (it counted on this hibernation).
         if handle.idle_since().is_none() {
+            self.http1_started = true;
             return Poll::Ready(None);
         }
         handle.set_hibernates(false);
