@@ -73,6 +73,29 @@ struct Parked<I, S> {
     service: S,
 }
 
+/// The IO hyper's connections take on the serve path (the connection's `WatchedIo`).
+pub(super) trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for I {}
+
+/// What hyper's HTTP/1 and HTTP/2 connections ask of the service and its bodies, named once.
+pub(super) trait Service:
+    HttpService<Incoming, ResBody = Self::Body, Future: Send + 'static> + Send + 'static
+{
+    type Body: http_body::Body<Data: Send, Error: Into<BoxError>> + Send + 'static;
+}
+
+impl<S, B> Service for S
+where
+    S: HttpService<Incoming, ResBody = B> + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    type Body = B;
+}
+
 type Http1<I, S> = http1::UpgradeableConnection<TokioIo<Rewind<I>>, S>;
 type Http2<I, S> = http2::Connection<TokioIo<Rewind<I>>, S, TokioExecutor>;
 
@@ -147,15 +170,7 @@ where
     }
 }
 
-impl<I, S, B> HttpConnection<I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<I: Io, S: Service> HttpConnection<I, S> {
     /// A connection on `io` (the connection's [`WatchedIo`](super::WatchedIo)), serving `service`.
     pub(super) fn new(
         shared: Arc<ConnectionsShared>,
@@ -278,15 +293,7 @@ where
     }
 }
 
-impl<I, S, B> Future for HttpConnection<I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<I: Io, S: Service> Future for HttpConnection<I, S> {
     type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -350,15 +357,7 @@ where
     }
 }
 
-impl<I, S, B> Driven for HttpConnection<I, S>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: HttpService<Incoming, ResBody = B> + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+impl<I: Io, S: Service> Driven for HttpConnection<I, S> {
     type Error = BoxError;
 
     fn shut_down_gracefully(self: Pin<&mut Self>) {
