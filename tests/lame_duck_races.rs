@@ -86,6 +86,16 @@ async fn start(lame_duck: Duration, hard: Option<usize>, release: Arc<Notify>) -
     }
 }
 
+/// Reads, within [`WAIT`], the response `client` is owed (`what`): a `200 hello` that says `close`. A
+/// close or a reset first fails the test with `lost`; `context` names the client or the path, if any.
+async fn served_with_close(client: &mut RawClient, what: &str, lost: &str, context: &str) {
+    let res = within(what, WAIT, client.try_read_response())
+        .await
+        .unwrap_or_else(|| panic!("{context}: {lost}"));
+    assert_eq!((res.status, res.body_str()), (200, "hello"), "{context}");
+    assert_eq!(res.header("connection"), Some("close"), "{context}");
+}
+
 /// Waits until the server refuses new connections: its listener is closed, the drain has begun. Tries
 /// to connect every 10 ms, for at most [`WAIT`]; there is no signal to await from outside.
 async fn listener_closed(addr: SocketAddr) {
@@ -108,15 +118,13 @@ async fn a_request_sent_on_an_idle_connection_just_after_the_signal_is_served() 
     // (The delay is the point: no signal.)
     tokio::time::sleep(Duration::from_millis(100)).await;
     pooled.send(support::http1::get_request("/")).await;
-    let res = within(
+    served_with_close(
+        &mut pooled,
         "the reused connection's response",
-        WAIT,
-        pooled.try_read_response(),
+        "the idle connection was closed under the request",
+        "",
     )
-    .await
-    .expect("the idle connection was closed under the request");
-    assert_eq!((res.status, res.body_str()), (200, "hello"));
-    assert_eq!(res.header("connection"), Some("close"));
+    .await;
     pooled.expect_eof().await;
     drop(pooled);
     server.finished().await;
@@ -132,15 +140,13 @@ async fn a_first_request_sent_just_after_the_drain_began_is_served() {
     // The request arrives a little after the drain began. (The delay is the point: no signal.)
     tokio::time::sleep(Duration::from_millis(100)).await;
     late.send(support::http1::get_request("/")).await;
-    let res = within(
+    served_with_close(
+        &mut late,
         "the late request's response",
-        WAIT,
-        late.try_read_response(),
+        "the connection was closed under its first request",
+        "",
     )
-    .await
-    .expect("the connection was closed under its first request");
-    assert_eq!((res.status, res.body_str()), (200, "hello"));
-    assert_eq!(res.header("connection"), Some("close"));
+    .await;
     late.expect_eof().await;
     server.finished().await;
 }
@@ -192,15 +198,13 @@ async fn clients_queued_when_the_lame_duck_period_ends_are_served_not_reset() {
     drop(busy);
 
     for (i, mut client) in queued.into_iter().enumerate() {
-        let res = within(
+        served_with_close(
+            &mut client,
             "a queued client's response",
-            WAIT,
-            client.try_read_response(),
+            "closed or reset unserved",
+            &format!("queued client {i}"),
         )
-        .await
-        .unwrap_or_else(|| panic!("queued client {i} was closed or reset unserved"));
-        assert_eq!((res.status, res.body_str()), (200, "hello"), "client {i}");
-        assert_eq!(res.header("connection"), Some("close"));
+        .await;
     }
     server.finished().await;
 }
@@ -316,15 +320,13 @@ async fn client_queued_while_the_runtime_is_busy(on_axum: bool) {
     // Queued by the kernel now, while the runtime cannot see it.
     let mut queued = RawClient::connect(addr).await;
     queued.send(GET_CLOSE).await;
-    let res = within(
+    served_with_close(
+        &mut queued,
         "the queued client's response",
-        WAIT,
-        queued.try_read_response(),
+        "the queued client was reset unserved",
+        "",
     )
-    .await
-    .expect("the queued client was reset unserved");
-    assert_eq!((res.status, res.body_str()), (200, "hello"));
-    assert_eq!(res.header("connection"), Some("close"));
+    .await;
     for (mut client, body) in [(first, "long"), (second, "short")] {
         let res = within("a blocked response", WAIT, client.read_response()).await;
         assert_eq!(res.body_str(), body);
@@ -406,15 +408,13 @@ mod both_paths {
         // The request is on its way as the signal comes. (The delay is the point: no signal.)
         tokio::time::sleep(Duration::from_millis(100)).await;
         pooled.send(support::http1::get_request("/")).await;
-        let res = within(
+        served_with_close(
+            &mut pooled,
             "the reused connection's response",
-            WAIT,
-            pooled.try_read_response(),
+            "the idle connection was closed under the request",
+            &format!("{path:?}"),
         )
-        .await
-        .unwrap_or_else(|| panic!("{path:?}: the idle connection was closed under the request"));
-        assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
-        assert_eq!(res.header("connection"), Some("close"), "{path:?}");
+        .await;
         pooled.expect_eof().await;
         // The one nobody reused is closed once the grace (1 s) is over, well within the period.
         let closed = within("the unused connection's close", WAIT, unused.eof()).await;
@@ -438,15 +438,13 @@ mod both_paths {
         let mut late = RawClient::connect(server.addr).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         late.send(support::http1::get_request("/")).await;
-        let res = within(
+        served_with_close(
+            &mut late,
             "the late request's response",
-            WAIT,
-            late.try_read_response(),
+            "the connection was closed under its first request",
+            &format!("{path:?}"),
         )
-        .await
-        .unwrap_or_else(|| panic!("{path:?}: the connection was closed under its first request"));
-        assert_eq!((res.status, res.body_str()), (200, "hello"), "{path:?}");
-        assert_eq!(res.header("connection"), Some("close"), "{path:?}");
+        .await;
         late.expect_eof().await;
     }
 

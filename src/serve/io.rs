@@ -614,6 +614,23 @@ mod tests {
         }
     }
 
+    /// A waker that counts its wake-ups.
+    fn counting_waker() -> (Arc<Wakes>, Waker) {
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        (wakes.clone(), Waker::from(wakes))
+    }
+
+    /// One read of up to 16 bytes, with the default bounds: how many came.
+    fn read_once<I: AsyncRead>(
+        io: Pin<&mut WatchedIo<I>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        let mut chunk = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut chunk);
+        io.poll_read_within(cx, &mut buf, &BOUNDS)
+            .map_ok(|()| buf.filled().len())
+    }
+
     #[tokio::test]
     async fn an_end_of_stream_is_held_while_busy_and_given_once_idle() {
         let (io, client) = watched();
@@ -621,27 +638,26 @@ mod tests {
         let (_, in_flight) = io.handle.start_request();
         io.handle.note_request_body(false);
         drop(client);
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
-        let mut chunk = [0u8; 16];
-        let mut read = |io: Pin<&mut WatchedIo<_>>, cx: &mut Context<'_>| {
-            let mut buf = ReadBuf::new(&mut chunk);
-            io.poll_read_within(cx, &mut buf, &BOUNDS)
-                .map_ok(|()| buf.filled().len())
-        };
-        assert!(read(io.as_mut(), &mut cx).is_pending(), "given while busy");
+        assert!(
+            read_once(io.as_mut(), &mut cx).is_pending(),
+            "given while busy"
+        );
         assert_eq!(io.handle.close_reason(), Some(CloseReason::ClientClosed));
         // Still busy: a write wakes nobody.
         let _ = io.as_mut().poll_write(&mut cx, b"HTTP/1.1 200 OK\r\n");
         assert_eq!(wakes.0.load(Ordering::Relaxed), 0);
-        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert!(read_once(io.as_mut(), &mut cx).is_pending());
         // The last response body ends; hyper writes its last bytes: that wakes the read, once.
         drop(in_flight);
         let _ = io.as_mut().poll_write(&mut cx, b"hello");
         let _ = io.as_mut().poll_flush(&mut cx);
         assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
-        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+        assert!(matches!(
+            read_once(io.as_mut(), &mut cx),
+            Poll::Ready(Ok(0))
+        ));
     }
 
     #[tokio::test]
@@ -694,32 +710,31 @@ mod tests {
         let (io, client) = watched();
         let mut io = std::pin::pin!(io);
         drop(client);
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = Waker::from(wakes.clone());
+        let (wakes, waker) = counting_waker();
         let mut cx = Context::from_waker(&waker);
-        let mut chunk = [0u8; 16];
-        let mut read = |io: Pin<&mut WatchedIo<_>>, cx: &mut Context<'_>| {
-            let mut buf = ReadBuf::new(&mut chunk);
-            io.poll_read_within(cx, &mut buf, &BOUNDS)
-                .map_ok(|()| buf.filled().len())
-        };
         // Nothing in flight yet: one more turn, for the service to see the request.
-        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert!(read_once(io.as_mut(), &mut cx).is_pending());
         assert_eq!(wakes.0.load(Ordering::Relaxed), 1);
         // It did: a request without a body, in flight. The end of stream is held back.
         let (_, in_flight) = io.handle.start_request();
         io.handle.note_request_body(false);
-        assert!(read(io.as_mut(), &mut cx).is_pending());
+        assert!(read_once(io.as_mut(), &mut cx).is_pending());
         assert_eq!(io.handle.close_reason(), Some(CloseReason::ClientClosed));
         drop(in_flight);
-        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+        assert!(matches!(
+            read_once(io.as_mut(), &mut cx),
+            Poll::Ready(Ok(0))
+        ));
 
         // With no request at all, the end of stream comes on that next read.
         let (io, client) = watched();
         let mut io = std::pin::pin!(io);
         drop(client);
-        assert!(read(io.as_mut(), &mut cx).is_pending());
-        assert!(matches!(read(io.as_mut(), &mut cx), Poll::Ready(Ok(0))));
+        assert!(read_once(io.as_mut(), &mut cx).is_pending());
+        assert!(matches!(
+            read_once(io.as_mut(), &mut cx),
+            Poll::Ready(Ok(0))
+        ));
         assert_eq!(io.handle.close_reason(), None);
     }
 

@@ -415,14 +415,22 @@ fn finished<E: Into<BoxError>>(handle: &ConnectionHandle, result: Result<(), E>)
 mod tests {
     use super::*;
     use crate::serve::timers::tests::one_watched;
+    use crate::serve::timers::Timers;
     use crate::KeepAliveLayer;
+    use std::sync::Arc;
 
-    #[tokio::test]
-    async fn a_due_connection_is_asked_to_close_and_dropped_after_its_grace() {
+    /// A connection on its timers, idle past a 1 ms idle timeout, and looked at since.
+    async fn idle_past_its_timeout() -> (Arc<Timers>, ConnectionHandle) {
         let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
         let (timers, handle) = one_watched(&layer);
         tokio::time::sleep(Duration::from_millis(5)).await;
         timers.tick();
+        (timers, handle)
+    }
+
+    #[tokio::test]
+    async fn a_due_connection_is_asked_to_close_and_dropped_after_its_grace() {
+        let (_timers, handle) = idle_past_its_timeout().await;
         assert_eq!(handle.close_reason(), Some(CloseReason::Idle));
         assert_eq!(handle.driver_flags(), (true, false));
         // The driver begins its graceful close, and the connection never goes: dropped after the
@@ -437,10 +445,7 @@ mod tests {
 
     #[tokio::test]
     async fn writes_do_not_extend_the_grace_of_an_idle_connection() {
-        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
-        let (timers, handle) = one_watched(&layer);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        timers.tick();
+        let (_timers, handle) = idle_past_its_timeout().await;
         let began = Instant::now();
         handle.start_grace(clock::ns_of(began));
         // PING acknowledgements, say: the server writes, the client sends nothing else.
@@ -485,10 +490,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lingering_connection_is_not_dropped_at_the_end_of_its_grace() {
-        let layer = KeepAliveLayer::new().idle_timeout(Duration::from_millis(1));
-        let (timers, handle) = one_watched(&layer);
-        tokio::time::sleep(Duration::from_millis(5)).await;
-        timers.tick();
+        let (_timers, handle) = idle_past_its_timeout().await;
         let began = Instant::now();
         handle.start_grace(clock::ns_of(began));
         // Its IO has shut down for writing and reads what the client still sends, within its own
